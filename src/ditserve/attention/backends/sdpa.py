@@ -1,0 +1,70 @@
+"""PyTorch `scaled_dot_product_attention`, either letting torch choose or pinned to one kernel."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+from ditserve.attention.backends.base import AttentionBackend, AttentionBackendError, Capabilities
+from ditserve.attention.metadata import AttentionMetadata
+
+_ALL_FLOATS = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
+_HALF_FLOATS = frozenset({torch.float16, torch.bfloat16})
+_ANY_DEVICE = frozenset({"cpu", "cuda", "mps", "xpu"})
+
+# kernel name -> (torch's SDPBackend or None for torch's own choice, capabilities, takes enable_gqa)
+_KERNELS: dict[str, tuple[SDPBackend | None, Capabilities, bool]] = {
+    "auto": (None, Capabilities(devices=_ANY_DEVICE, dtypes=_ALL_FLOATS, masks=True), True),
+    "math": (SDPBackend.MATH, Capabilities(devices=_ANY_DEVICE, dtypes=_ALL_FLOATS, masks=True), True),
+    "flash": (SDPBackend.FLASH_ATTENTION, Capabilities(devices=frozenset({"cuda"}), dtypes=_HALF_FLOATS, head_dims=(8, 256), head_dim_multiple=8), True),
+    "cudnn": (SDPBackend.CUDNN_ATTENTION, Capabilities(devices=frozenset({"cuda"}), dtypes=_HALF_FLOATS, head_dims=(8, 256), head_dim_multiple=8), False),
+    "efficient": (
+        SDPBackend.EFFICIENT_ATTENTION,
+        Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}), head_dims=(8, 512), head_dim_multiple=8, masks=True),
+        False,
+    ),
+}
+
+
+class SdpaBackend(AttentionBackend):
+    """torch SDPA on the dense layout. `kernel="auto"` lets torch dispatch; others pin one kernel."""
+
+    def __init__(self, kernel: str = "auto") -> None:
+        if kernel not in _KERNELS:
+            raise ValueError(f"unknown SDPA kernel {kernel!r}; choose from {sorted(_KERNELS)}")
+        self.kernel = kernel
+        self.name = "sdpa" if kernel == "auto" else f"sdpa_{kernel}"
+        self._sdp_backend, self.capabilities, self._native_gqa = _KERNELS[kernel]
+
+    def device_reason(self, device: torch.device) -> str | None:
+        if self.kernel in ("flash", "cudnn") and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            return f"torch's {self.kernel} kernel needs compute capability >= 8.0"
+        return None
+
+    def forward(self, query, key, value, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        group = q.shape[1] // k.shape[1]
+        if group > 1 and not self._native_gqa:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        mask, is_causal = metadata.attn_mask, False
+        if metadata.causal:
+            sq, sk = q.shape[2], k.shape[2]
+            if mask is not None:
+                keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+                mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+            elif sq == sk:
+                is_causal = True
+            else:
+                mask = causal_lower_right(sq, sk)
+        kwargs = {"enable_gqa": True} if group > 1 and self._native_gqa else {}
+        if self._sdp_backend is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **kwargs)
+        else:
+            try:
+                with sdpa_kernel([self._sdp_backend]):
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **kwargs)
+            except RuntimeError as err:  # torch says "No available kernel" with its reasons as warnings
+                raise AttentionBackendError(f"{self.name}: torch's {self.kernel} kernel refused this call: {err}") from err
+        return out.transpose(1, 2)

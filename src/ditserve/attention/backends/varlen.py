@@ -1,0 +1,87 @@
+"""Packed ragged batches: torch's `varlen_attn` on CUDA, a per-sample SDPA loop elsewhere."""
+
+from __future__ import annotations
+
+import inspect
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+from ditserve.attention.backends.base import AttentionBackend, Capabilities
+from ditserve.attention.metadata import AttentionMetadata
+
+
+class VarlenBackend(AttentionBackend):
+    """One kernel launch for all samples on CUDA; correct (not fast) per-segment fallback on CPU."""
+
+    name = "varlen"
+    capabilities = Capabilities(
+        devices=frozenset({"cpu", "cuda"}),
+        dtypes=frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16}),
+        head_dims=(1, 256),
+        dense=False,
+        packed=True,
+    )
+
+    @cached_property
+    def _varlen_attn(self):
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            return None
+        return varlen_attn
+
+    @cached_property
+    def _params(self) -> frozenset[str]:
+        return frozenset(inspect.signature(self._varlen_attn).parameters) if self._varlen_attn else frozenset()
+
+    def why_not(self, call, device):
+        reason = super().why_not(call, device)
+        if reason or call.device_type != "cuda":
+            return reason
+        if self._varlen_attn is None:
+            return "this torch has no torch.nn.attention.varlen.varlen_attn"
+        if call.dtype not in (torch.float16, torch.bfloat16):
+            return f"torch's varlen_attn on CUDA takes float16/bfloat16, not {call.dtype}"
+        if call.gqa and "enable_gqa" not in self._params:
+            return "this torch's varlen_attn has no grouped-query attention"
+        if call.causal and not ({"window_size", "is_causal"} & self._params):
+            return "this torch's varlen_attn cannot do causal attention"
+        return None
+
+    def forward(self, query, key, value, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        if query.is_cuda:
+            return self._cuda(query, key, value, metadata, scale)
+        return self._per_segment(query, key, value, metadata, scale)
+
+    def _cuda(self, query, key, value, metadata, scale):
+        kwargs: dict = {"scale": scale}
+        if query.shape[1] != key.shape[1]:
+            kwargs["enable_gqa"] = True
+        if metadata.causal:
+            if "window_size" in self._params:
+                kwargs["window_size"] = (-1, 0)
+            else:
+                kwargs["is_causal"] = True
+        return self._varlen_attn(
+            query, key, value, metadata.cu_seqlens_q, metadata.cu_seqlens_k, metadata.max_seq_len_q, metadata.max_seq_len_k, **kwargs
+        )
+
+    @staticmethod
+    def _per_segment(query, key, value, metadata, scale):
+        out = query.new_zeros(query.shape[:-1] + (value.shape[-1],))
+        group = query.shape[1] // key.shape[1]
+        q0 = k0 = 0
+        for nq, nk in zip(metadata.seq_lens_q, metadata.seq_lens_k):
+            if nq:
+                q = query[q0 : q0 + nq].transpose(0, 1)
+                k = key[k0 : k0 + nk].transpose(0, 1).repeat_interleave(group, dim=0)
+                v = value[k0 : k0 + nk].transpose(0, 1).repeat_interleave(group, dim=0)
+                mask = None
+                if metadata.causal:
+                    mask = torch.ones(nq, nk, dtype=torch.bool, device=query.device).tril(diagonal=nk - nq)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+                out[q0 : q0 + nq] = o.nan_to_num(0.0).transpose(0, 1)
+            q0, k0 = q0 + nq, k0 + nk
+        return out
