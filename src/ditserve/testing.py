@@ -9,8 +9,9 @@ vocabulary. Tests compare ditserve against `diffusers.WanPipeline.from_pretraine
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -23,6 +24,8 @@ __all__ = [
     "build_tiny_t5_tokenizer",
     "TINY_MAX_SEQUENCE_LENGTH",
 ]
+
+M = TypeVar("M", bound=nn.Module)
 
 TINY_MAX_SEQUENCE_LENGTH = 512  # WanPipeline's default max_sequence_length; the tokenizer's model_max_length
 
@@ -149,7 +152,8 @@ def _break_symmetry(module: nn.Module, generator: torch.Generator, scale: float 
             p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
 
 
-def _seeded(seed: int, build):  # noqa: ANN001, ANN202 -- tiny local helper
+def _seeded(seed: int, build: Callable[[], M]) -> M:
+    """Build a component from a fresh seed (same seed, same weights, whatever was built before)."""
     torch.manual_seed(seed)
     module = build()
     _break_symmetry(module, torch.Generator().manual_seed(seed))
@@ -186,11 +190,14 @@ def build_tiny_wan_pipeline(path: str | Path, seed: int = 0, *, scheduler: str =
 
     with torch.random.fork_rng(devices=[]):
         tokenizer = build_tiny_t5_tokenizer()
-        text_encoder = _seeded(seed, lambda: UMT5EncoderModel(UMT5Config(**build_tiny_umt5_config(len(tokenizer)))))
+        te_config = UMT5Config(**build_tiny_umt5_config(len(tokenizer)))
+        text_encoder = _seeded(seed, lambda: UMT5EncoderModel(te_config))
         transformer = _seeded(seed, lambda: WanTransformer3DModel(**build_tiny_wan_transformer_config()))
         vae = _seeded(seed, lambda: AutoencoderKLWan(**build_tiny_wan_vae_config()))
 
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=sched)
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=sched
+    )
     path.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(path, safe_serialization=True)
     return path

@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -103,7 +104,12 @@ def _keep_fp32(key: str, keep_float32: Collection[str]) -> bool:
     return bool(keep_float32) and any(part in keep_float32 for part in key.split("."))
 
 
-def _check(module: nn.Module, ckpt: Checkpoint, expected: Mapping[str, torch.Tensor], handles: Mapping[Path, object]) -> dict[str, str]:
+def _check(
+    module: nn.Module,
+    ckpt: Checkpoint,
+    expected: Mapping[str, torch.Tensor],
+    handles: Mapping[Path, Any],
+) -> dict[str, str]:
     """Match checkpoint keys to module tensors; raise one error listing every mismatch.
 
     Returns, for each module tensor (by identity, so tied weights share one entry), the
@@ -130,7 +136,7 @@ def _check(module: nn.Module, ckpt: Checkpoint, expected: Mapping[str, torch.Ten
             continue  # an alias: checked under its own key
         file = ckpt.files[key]
         try:
-            shape = tuple(handles[file].get_slice(key).get_shape())  # type: ignore[attr-defined]
+            shape = tuple(handles[file].get_slice(key).get_shape())
         except Exception as e:  # noqa: BLE001 -- a shard index pointing at a key its shard lacks
             raise WeightLoadError(f"{file}: key {key!r} (listed in {ckpt.source.name}) cannot be read: {e}") from e
         want = tuple(expected[name].shape)
@@ -141,10 +147,15 @@ def _check(module: nn.Module, ckpt: Checkpoint, expected: Mapping[str, torch.Ten
     if missing or unexpected or mismatched:
         lines = [f"{ckpt.source}: checkpoint does not match {type(module).__name__}:"]
         if missing:
-            lines.append(f"  {len(missing)} missing key(s) (in the module, not in the checkpoint): {format_names(sorted(missing))}")
+            lines.append(
+                f"  {len(missing)} missing key(s) (in the module, not in the checkpoint): "
+                f"{format_names(sorted(missing))}"
+            )
         if unexpected:
             shown = [k if ckpt.files[k] == ckpt.source else f"{k} (in {ckpt.files[k].name})" for k in unexpected]
-            lines.append(f"  {len(unexpected)} unexpected key(s) (in the checkpoint, not in the module): {format_names(shown)}")
+            lines.append(
+                f"  {len(unexpected)} unexpected key(s) (in the checkpoint, not in the module): {format_names(shown)}"
+            )
         if mismatched:
             lines.append(f"  {len(mismatched)} shape mismatch(es): {format_names(mismatched)}")
         raise WeightLoadError("\n".join(lines))

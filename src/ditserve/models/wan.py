@@ -149,8 +149,10 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class FP32LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype (the output stays float32 for
-    float32 input; callers round back where diffusers does)."""
+    """LayerNorm computed in float32 (weights too), returned in the input's dtype.
+
+    Callers pass `x.float()` where diffusers does, so the result stays float32 until they
+    round it back."""
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight.float() if self.weight is not None else None

@@ -141,13 +141,10 @@ class AttentionBackend(ABC):
 
     def why_not(self, call: AttentionCall, device: torch.device) -> str | None:
         """The reason this backend cannot serve `call`, or None if it can."""
-        reason = self.unavailable_reason()
-        if reason:
-            return reason
         caps = self.capabilities
         if call.device_type not in caps.devices:
             return f"runs on {sorted(caps.devices)}, not {call.device_type}"
-        reason = self.device_reason(device)
+        reason = self.unavailable_reason() or self.device_reason(device)
         if reason:
             return reason
         if call.dtype not in caps.dtypes:

@@ -25,12 +25,18 @@ class FlashAttention4Backend(AttentionBackend):
         packed=True,
     )
 
-    def unavailable_reason(self) -> str | None:
+    @cached_property
+    def _import_error(self) -> str | None:
+        if importlib.util.find_spec("flash_attn") is None:
+            return "package flash-attn-4 is not installed (pip install 'ditserve[fa4]')"
         try:
-            found = importlib.util.find_spec("flash_attn.cute") is not None
-        except ModuleNotFoundError:
-            found = False
-        return None if found else "package flash-attn-4 is not installed (pip install 'ditserve[fa4]')"
+            import flash_attn.cute  # noqa: F401  (seconds: loads the CuTe DSL)
+        except Exception as err:  # noqa: BLE001 - a broken optional install must not break ditserve
+            return f"package flash-attn-4 failed to import: {type(err).__name__}: {err}"
+        return None
+
+    def unavailable_reason(self) -> str | None:
+        return self._import_error
 
     def device_reason(self, device: torch.device) -> str | None:
         major = torch.cuda.get_device_capability(device)[0]

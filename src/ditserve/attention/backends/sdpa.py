@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from ditserve.attention.backends.base import AttentionBackend, AttentionBackendError, Capabilities
 from ditserve.attention.metadata import AttentionMetadata
@@ -43,6 +42,12 @@ class SdpaBackend(AttentionBackend):
             return f"torch's {self.kernel} kernel needs compute capability >= 8.0"
         return None
 
+    def why_not(self, call, device):
+        reason = super().why_not(call, device)
+        if reason is None and call.causal and call.cross and self.kernel in ("flash", "cudnn"):
+            return f"causal attention with different query and key lengths needs a mask, which torch's {self.kernel} kernel does not take"
+        return reason
+
     def forward(self, query, key, value, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         group = q.shape[1] // k.shape[1]
@@ -56,8 +61,8 @@ class SdpaBackend(AttentionBackend):
                 mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
             elif sq == sk:
                 is_causal = True
-            else:
-                mask = causal_lower_right(sq, sk)
+            else:  # bottom-right aligned, as FlashAttention; rows that see no key come out as 0
+                mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
         kwargs = {"enable_gqa": True} if group > 1 and self._native_gqa else {}
         if self._sdp_backend is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **kwargs)
@@ -67,4 +72,7 @@ class SdpaBackend(AttentionBackend):
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **kwargs)
             except RuntimeError as err:  # torch says "No available kernel" with its reasons as warnings
                 raise AttentionBackendError(f"{self.name}: torch's {self.kernel} kernel refused this call: {err}") from err
+        if metadata.causal and q.shape[2] > k.shape[2]:
+            out = out.nan_to_num(0.0)  # kernels differ on fully masked rows (NaN or garbage); define them as 0
+            out[:, :, : q.shape[2] - k.shape[2]] = 0
         return out.transpose(1, 2)

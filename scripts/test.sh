@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install ditserve with its test dependencies into .venv and run the CPU test suite.
+# torch is installed first and pinned to the CPU build so that pip never pulls a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
+python -m pytest -q "$@"
