@@ -44,8 +44,6 @@ class VarlenBackend(AttentionBackend):
             return "this torch has no torch.nn.attention.varlen.varlen_attn"
         if call.dtype not in (torch.float16, torch.bfloat16):
             return f"torch's varlen_attn on CUDA takes float16/bfloat16, not {call.dtype}"
-        if call.gqa and "enable_gqa" not in self._params:
-            return "this torch's varlen_attn has no grouped-query attention"
         if call.causal and not ({"window_size", "is_causal"} & self._params):
             return "this torch's varlen_attn cannot do causal attention"
         return None
@@ -57,8 +55,12 @@ class VarlenBackend(AttentionBackend):
 
     def _cuda(self, query, key, value, metadata, scale):
         kwargs: dict = {"scale": scale}
-        if query.shape[1] != key.shape[1]:
-            kwargs["enable_gqa"] = True
+        group = query.shape[1] // key.shape[1]
+        if group > 1:
+            if "enable_gqa" in self._params:
+                kwargs["enable_gqa"] = True
+            else:  # torch 2.11's varlen_attn has no GQA: share each KV head explicitly
+                key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
         if metadata.causal:
             if "window_size" in self._params:
                 kwargs["window_size"] = (-1, 0)
