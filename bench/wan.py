@@ -1,0 +1,193 @@
+"""Wan2.1 DiT forward on one GPU: ditserve vs diffusers' WanTransformer3DModel, same weights.
+
+Random weights built from the published Wan2.1-T2V transformer configs (bf16). For each
+variant: one forward (batch 1) and a CFG pair (batch 2), median of --repeats after warm-up,
+peak GPU memory, and model FLOPs utilisation against the bf16 matrix-product rate measured in
+this run. Our output is compared with diffusers' on the same inputs.
+
+    python bench/wan.py --config 1.3b --markdown docs/performance.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+
+WAN_CONFIGS = {
+    # published Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers transformer/config.json values
+    "1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+    "14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+}
+COMMON = dict(
+    patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)
+SIZES = {"1.3b": (480, 832, 81), "14b": (720, 1280, 81)}
+TEXT_LEN = 512
+
+
+def forward_flops(cfg: dict, tokens: int, text_len: int = TEXT_LEN) -> float:
+    """Linear layers + attention matmuls of one sample's forward (multiply-add = 2 FLOPs)."""
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    per_block = (
+        2 * tokens * d * d * 4  # self-attention q, k, v, o
+        + 4 * tokens * tokens * d  # self-attention scores and weighted sum
+        + 2 * tokens * d * d * 2 + 2 * text_len * d * d * 2  # cross-attention q, o; k, v of the text
+        + 4 * tokens * text_len * d  # cross-attention
+        + 2 * tokens * d * cfg["ffn_dim"] * 2  # feed-forward
+    )
+    return per_block * cfg["num_layers"]
+
+
+def matmul_rate(device: torch.device) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, repeats=20, warmup=3)
+    return 2 * 8192**3 / (ms * 1e-3)
+
+
+def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def build_models(cfg: dict, device: torch.device, need_diffusers: bool):
+    """diffusers' model with random weights, and ours loaded from its state dict (shared values)."""
+    from ditserve.loading import instantiate_on_meta
+    from ditserve.models.wan import WanTransformer3DModel as Ours
+
+    torch.manual_seed(0)
+    ours = instantiate_on_meta(lambda: Ours(**cfg))
+    if need_diffusers:
+        from diffusers import WanTransformer3DModel as Theirs
+
+        with torch.device(device):
+            theirs = Theirs(**cfg).to(torch.bfloat16).eval()
+        ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)
+    else:
+        theirs = None
+        with torch.device(device):
+            ours = Ours(**cfg).to(torch.bfloat16)
+    return ours.to(device, torch.bfloat16).eval(), theirs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(WAN_CONFIGS), default="1.3b")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-diffusers", action="store_true", help="time ditserve only (e.g. 14B where two copies do not fit)")
+    parser.add_argument("--variants", default="ditserve:auto,ditserve:sdpa,diffusers:native,diffusers:_native_cudnn")
+    parser.add_argument("--markdown")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/wan.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    cfg = {**COMMON, **WAN_CONFIGS[args.config]}
+    height, width, frames = SIZES[args.config]
+    lat_shape = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
+    tokens = lat_shape[1] * (lat_shape[2] // 2) * (lat_shape[3] // 2)
+    flops = forward_flops(cfg, tokens)
+    rate = matmul_rate(device)
+    print(f"config {args.config}: {tokens} tokens, {flops / 1e12:.1f} TFLOP per sample; bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
+
+    variants = [v.split(":") for v in args.variants.split(",")]
+    need_diffusers = not args.no_diffusers and any(lib == "diffusers" for lib, _ in variants)
+    ours, theirs = build_models(cfg, device, need_diffusers)
+    gen = torch.Generator(device=device).manual_seed(0)
+    latents = torch.randn(2, *lat_shape, device=device, dtype=torch.bfloat16, generator=gen)
+    text = torch.randn(2, TEXT_LEN, 4096, device=device, dtype=torch.bfloat16, generator=gen)
+    timestep = torch.tensor([999.0, 999.0], device=device)
+
+    rows, outputs = [], {}
+    for lib, backend in variants:
+        if lib == "diffusers" and theirs is None:
+            continue
+        model = ours if lib == "ditserve" else theirs
+        try:
+            if lib == "ditserve":
+                model.set_attention_backend(backend)
+            else:
+                model.set_attention_backend(backend)
+        except Exception as err:  # noqa: BLE001 - a peer's backend missing here is a result, not a crash
+            print(f"skip {lib}:{backend}: {err}", flush=True)
+            continue
+        row = {"variant": f"{lib} ({backend})"}
+        with torch.inference_mode():
+            for label, batch in (("forward", 1), ("cfg_pair", 2)):
+                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.empty_cache()
+
+                def run(batch=batch):
+                    return model(latents[:batch], timestep[:batch], text[:batch], return_dict=False)[0]
+
+                try:
+                    ms = time_ms(run, args.repeats)
+                except Exception as err:  # noqa: BLE001
+                    print(f"{lib}:{backend} {label} failed: {err}", flush=True)
+                    ms = float("nan")
+                row[f"{label}_ms"] = ms
+                row[f"{label}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                row[f"{label}_mfu"] = batch * flops / (ms * 1e-3) / rate
+            outputs[row["variant"]] = run(1).float()
+        if lib == "ditserve":
+            row["attention_choices"] = sorted(set(model.attention_selector.choices.values()))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        gc.collect()
+
+    ref_key = next((k for k in outputs if k.startswith("diffusers")), None)
+    if ref_key:
+        ref = outputs[ref_key]
+        for row in rows:
+            out = outputs[row["variant"]]
+            row["rel_err_vs_" + ref_key] = ((out - ref).abs().max() / ref.abs().max()).item()
+    base = next((r for r in rows if r["variant"] == "diffusers (native)"), None)
+    lines = [
+        f"### Wan2.1-{args.config.upper()} DiT forward, {height}x{width}x{frames} ({tokens} tokens), bf16 — "
+        f"{datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}",
+        "",
+        f"Command: `python bench/wan.py --config {args.config} --repeats {args.repeats}`. Random weights from the published config; "
+        f"{flops / 1e12:.0f} TFLOP per sample (linear layers + attention); bf16 matmul rate measured in this run: {rate / 1e12:.0f} TFLOP/s.",
+        "",
+        "| variant | forward (ms) | vs diffusers default | MFU | peak GiB | CFG pair (ms) | CFG pair peak GiB | max err vs diffusers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        speed = f"{base['forward_ms'] / r['forward_ms']:.2f}x" if base else "–"
+        err = next((f"{v:.2e}" for k, v in r.items() if k.startswith("rel_err")), "–")
+        lines.append(
+            f"| {r['variant']}{' → ' + '/'.join(r['attention_choices']) if 'attention_choices' in r else ''} | {r['forward_ms']:.0f} | {speed} | "
+            f"{r['forward_mfu']:.0%} | {r['forward_peak_gib']:.1f} | {r['cfg_pair_ms']:.0f} | {r['cfg_pair_peak_gib']:.1f} | {err} |"
+        )
+    text_md = "\n".join(lines) + "\n"
+    print(text_md)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("\n" + text_md)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
