@@ -1,0 +1,132 @@
+"""`Pipeline`: the family-agnostic entry point (`Pipeline.from_pretrained(path)`) and interface.
+
+`Pipeline.from_pretrained` reads model_index.json and hands the folder to the family's
+class named by its `_class_name`; each family (one module per family) implements
+`_from_folder` and `run`. `generate` is shared: validate the request against the loaded
+model's size rules, then `run` it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import torch
+
+from ditserve.engine import GenerationRequest, validate_request
+from ditserve.loading import UnknownModelError, read_model_index
+from ditserve.pipelines.denoise import CancelToken, StepCallback
+from ditserve.pipelines.result import GenerationOutput
+
+__all__ = ["PIPELINE_CLASSES", "Pipeline", "pipeline_class_for"]
+
+# model_index.json `_class_name` -> "module:Class"; imported only when a folder names it.
+PIPELINE_CLASSES: Mapping[str, str] = MappingProxyType({"WanPipeline": "ditserve.pipelines.wan:WanPipeline"})
+
+P = TypeVar("P", bound="Pipeline")
+
+
+def pipeline_class_for(model_index: Mapping[str, Any], source: str | os.PathLike[str]) -> type[Pipeline]:
+    """The ditserve pipeline class for a model_index.json (`source` names it in errors)."""
+    name = model_index.get("_class_name")
+    if name not in PIPELINE_CLASSES:
+        shown = "no _class_name" if name is None else f"pipeline class {name!r}"
+        raise UnknownModelError(
+            f"{source}: {shown} is not supported; supported pipelines: {', '.join(sorted(PIPELINE_CLASSES))}"
+        )
+    module, _, attr = PIPELINE_CLASSES[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class Pipeline(ABC):
+    """A loaded text-to-image/video pipeline: `generate(...)` -> `GenerationOutput`."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def from_pretrained(
+        cls: type[P],
+        path: str | os.PathLike[str],
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        attention_backend: str | None = None,
+    ) -> P:
+        """Load a diffusers-format folder with the ditserve class its model_index.json names.
+
+        device: None -> cuda if available, else cpu. dtype: None -> bf16 on CUDA, float32 on
+        CPU; "bf16"/"bfloat16"/"fp16"/"float16"/"fp32"/"float32" or a torch.dtype.
+        attention_backend: a backend name, "auto", or None ($DITSERVE_ATTENTION_BACKEND, else auto).
+        Called on a family class (e.g. `WanPipeline.from_pretrained`), the folder must hold that family.
+        """
+        root = Path(path)
+        index = read_model_index(root)
+        target = pipeline_class_for(index, root / "model_index.json")
+        if not issubclass(target, cls):
+            raise UnknownModelError(f"{root}: holds a {index.get('_class_name')}, not a {cls.__name__}")
+        return target._from_folder(root, index, device=device, dtype=dtype, attention_backend=attention_backend)
+
+    @classmethod
+    @abstractmethod
+    def _from_folder(
+        cls: type[P],
+        root: Path,
+        model_index: Mapping[str, Any],
+        *,
+        device: str | torch.device | None,
+        dtype: str | torch.dtype | None,
+        attention_backend: str | None,
+    ) -> P:
+        """Build the pipeline from a folder whose model_index.json names this class."""
+
+    @property
+    @abstractmethod
+    def size_multiples(self) -> tuple[int, int, int]:
+        """(height, width, frames) multiples a request must respect (frames: 4 means 4k+1)."""
+
+    def validate(self, prompt: Any, negative_prompt: Any = "", height: Any = 480, width: Any = 832,
+                 num_frames: Any = 81, num_inference_steps: Any = 50, guidance_scale: Any = 5.0,
+                 seed: Any = 0) -> GenerationRequest:
+        """`ditserve.engine.validate_request` with this model's size rules."""
+        h, w, f = self.size_multiples
+        return validate_request(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
+                                guidance_scale, seed, height_multiple=h, width_multiple=w, frame_multiple=f)
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        seed: int = 0,
+        *,
+        callback: StepCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> GenerationOutput:
+        """Generate one video (num_frames=1: one image). Raises `InvalidRequest` before any work.
+
+        guidance_scale <= 1 turns classifier-free guidance off (one forward per step).
+        callback(step_index, total_steps) runs after each denoising step (0-based index);
+        cancel.is_set() is checked before each step and raises `GenerationCancelled`.
+        """
+        request = self.validate(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
+                                guidance_scale, seed)
+        return self.run(request, callback=callback, cancel=cancel)
+
+    @abstractmethod
+    def run(
+        self,
+        request: GenerationRequest,
+        *,
+        callback: StepCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> GenerationOutput:
+        """Generate from an already validated request (servers validate at admission)."""

@@ -1,0 +1,53 @@
+"""Turning user-facing device/dtype options ("cuda", "bf16", None) into torch objects."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+import torch
+
+from ditserve.pipelines.errors import PipelineConfigError
+
+__all__ = ["DTYPE_NAMES", "resolve_device", "resolve_dtype"]
+
+DTYPE_NAMES: Mapping[str, torch.dtype] = MappingProxyType(
+    {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
+)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None -> cuda if available else cpu; a CUDA device that is not there is an error now, not later."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise PipelineConfigError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {e}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PipelineConfigError(f"device {str(device)!r} requested but CUDA is not available on this machine")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise PipelineConfigError(
+                f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None -> bfloat16 on CUDA, float32 elsewhere; names as in `DTYPE_NAMES`."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPE_NAMES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower() in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype.lower()]
+    raise PipelineConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)} (or that torch.dtype), got {dtype!r}")
