@@ -93,7 +93,11 @@ def main() -> int:
     parser.add_argument("--config", choices=sorted(WAN_CONFIGS), default="1.3b")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-diffusers", action="store_true", help="time ditserve only (e.g. 14B where two copies do not fit)")
-    parser.add_argument("--variants", default="ditserve:auto,ditserve:sdpa,diffusers:native,diffusers:_native_cudnn")
+    parser.add_argument(
+        "--variants",
+        default="ditserve:auto,ditserve:sdpa,diffusers:native,diffusers:_native_cudnn,ditserve:auto:compile,diffusers:native:compile,diffusers:_native_cudnn:compile",
+        help="comma-separated LIB:ATTENTION[:compile]; compiled variants run after the eager ones (compiling changes the model in place)",
+    )
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -109,8 +113,9 @@ def main() -> int:
     rate = matmul_rate(device)
     print(f"config {args.config}: {tokens} tokens, {flops / 1e12:.1f} TFLOP per sample; bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
 
-    variants = [v.split(":") for v in args.variants.split(",")]
-    need_diffusers = not args.no_diffusers and any(lib == "diffusers" for lib, _ in variants)
+    variants = [(v.split(":") + [""])[:3] for v in args.variants.split(",")]
+    variants.sort(key=lambda v: v[2] == "compile")  # eager first: compiling is in place
+    need_diffusers = not args.no_diffusers and any(lib == "diffusers" for lib, _, _ in variants)
     ours, theirs = build_models(cfg, device, need_diffusers)
     gen = torch.Generator(device=device).manual_seed(0)
     latents = torch.randn(2, *lat_shape, device=device, dtype=torch.bfloat16, generator=gen)
@@ -118,19 +123,23 @@ def main() -> int:
     timestep = torch.tensor([999.0, 999.0], device=device)
 
     rows, outputs = [], {}
-    for lib, backend in variants:
+    compiled: set[str] = set()
+    for lib, backend, mode in variants:
         if lib == "diffusers" and theirs is None:
             continue
         model = ours if lib == "ditserve" else theirs
         try:
-            if lib == "ditserve":
-                model.set_attention_backend(backend)
-            else:
-                model.set_attention_backend(backend)
+            model.set_attention_backend(backend)
+            if mode == "compile" and lib not in compiled:
+                if lib == "ditserve":
+                    model.compile_blocks()
+                else:
+                    model.compile_repeated_blocks(fullgraph=True)
+                compiled.add(lib)
         except Exception as err:  # noqa: BLE001 - a peer's backend missing here is a result, not a crash
             print(f"skip {lib}:{backend}: {err}", flush=True)
             continue
-        row = {"variant": f"{lib} ({backend})"}
+        row = {"variant": f"{lib} ({backend}{', compiled' if mode else ''})"}
         with torch.inference_mode():
             for label, batch in (("forward", 1), ("cfg_pair", 2)):
                 torch.cuda.reset_peak_memory_stats()
@@ -140,7 +149,7 @@ def main() -> int:
                     return model(latents[:batch], timestep[:batch], text[:batch], return_dict=False)[0]
 
                 try:
-                    ms = time_ms(run, args.repeats)
+                    ms = time_ms(run, args.repeats, warmup=3 if mode else 2)
                 except Exception as err:  # noqa: BLE001
                     print(f"{lib}:{backend} {label} failed: {err}", flush=True)
                     ms = float("nan")

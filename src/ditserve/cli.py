@@ -1,4 +1,8 @@
-"""`ditserve` command line: generate / bench-attention (more subcommands arrive with their issues)."""
+"""`ditserve` command line: generate / bench-attention (more subcommands arrive with their issues).
+
+User errors (bad arguments, an unusable model folder) print one line on stderr and exit 2,
+without a traceback; `generate` checks its output path and request before loading a model.
+"""
 
 from __future__ import annotations
 
@@ -61,11 +65,145 @@ def _bench_attention(args: argparse.Namespace) -> int:
             print(f"{label:<16}{name + chosen:<16}{statistics.median(times):>10.3f}{err:>10.1e}")
     return 0
 
+# Flags of `generate` for each request field, so a validation error names what the user typed.
+_FLAG_OF_FIELD = {
+    "prompt": "--prompt",
+    "negative_prompt": "--negative-prompt",
+    "height": "--height",
+    "width": "--width",
+    "num_frames": "--num-frames",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance-scale",
+    "seed": "--seed",
+}
+
+
+class _UsageError(Exception):
+    """A CLI-level user error (exit 2, no traceback)."""
+
+
+def default_model_path() -> str | None:
+    """The model `generate` uses without --model. None yet: a later issue bundles a default."""
+    return None
+
+
+def _model_path(args: argparse.Namespace) -> str:
+    model = args.model or default_model_path()
+    if model is None:
+        raise _UsageError("--model is required: a diffusers-format pipeline folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
+    return model
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the input is wrong": reported as one line, exit 2."""
+    from ditserve.engine import InvalidRequest
+    from ditserve.loading import PipelineFolderError, UnknownModelError, WeightLoadError
+    from ditserve.output import OutputFormatError
+    from ditserve.pipelines.errors import PipelineConfigError
+
+    return (_UsageError, InvalidRequest, OutputFormatError, PipelineFolderError, UnknownModelError,
+            WeightLoadError, PipelineConfigError)
+
+
+def _run_generate(args: argparse.Namespace) -> str:
+    """Validate everything cheap, load, generate with a progress bar, save; return the summary line."""
+    import time
+
+    from tqdm import tqdm
+
+    from ditserve.engine import InvalidRequest, validate_request
+    from ditserve.output import check_output_path
+
+    output = check_output_path(args.output)
+    request_args = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
+                        width=args.width, num_frames=args.num_frames, num_inference_steps=args.steps,
+                        guidance_scale=args.guidance_scale, seed=args.seed)
+    try:  # Wan2.1's size rules; the loaded pipeline checks again with its own
+        validate_request(**request_args)
+    except InvalidRequest as e:
+        raise _UsageError(f"argument {_FLAG_OF_FIELD.get(e.field, e.field)}: {e}") from None
+    if not args.fps > 0:
+        raise _UsageError(f"argument --fps: must be > 0, got {args.fps}")
+    model = _model_path(args)
+
+    from ditserve.attention import resolve_backend_name
+    from ditserve.pipelines import Pipeline
+    from ditserve.pipelines.errors import PipelineConfigError
+    from ditserve.pipelines.options import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    try:
+        backend = resolve_backend_name(args.attention_backend)
+    except ValueError as e:
+        raise PipelineConfigError(str(e)) from None
+
+    start = time.perf_counter()
+    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=backend)
+    load_s = time.perf_counter() - start
+    with tqdm(total=args.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
+
+        def progress(step: int, total: int) -> None:
+            if bar.total != total:
+                bar.total = total
+            bar.update(1)
+
+        try:
+            result = pipe.generate(**request_args, callback=progress)
+        except InvalidRequest as e:
+            raise _UsageError(f"argument {_FLAG_OF_FIELD.get(e.field, e.field)}: {e}") from None
+    path = result.save(output, fps=args.fps)
+    t = result.timings
+    frames, height, width = result.frames.shape[:3]
+    return (
+        f"{frames} frame(s) {width}x{height}, {len(t['per_step_s'])} steps at {t['step_mean_s'] * 1e3:.1f} ms/step; "
+        f"total {t['total_s']:.2f} s (text {t['text_encode_s']:.2f} s, denoise {t['denoise_s']:.2f} s, "
+        f"decode {t['decode_s']:.2f} s; load {load_s:.2f} s) on {device} {str(dtype).removeprefix('torch.')}, "
+        f"seed {result.seed} -> {path}"
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """`ditserve generate`: one prompt to one .mp4 / .gif / .png."""
+    try:
+        summary = _run_generate(args)
+    except _user_errors() as e:
+        print(f"ditserve generate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ditserve generate: interrupted", file=sys.stderr)
+        return 130
+    print(summary)
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser("generate", help="generate a video (or image) from a prompt",
+                         description="Generate one video from a prompt and write it as .mp4, .gif or .png (first frame).")
+    gen.add_argument("--model", help="diffusers-format pipeline folder (model_index.json + components)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default="", help="what to steer away from (used when --guidance-scale > 1)")
+    gen.add_argument("--height", type=int, default=480, help="pixels, a multiple of 16 (default: 480)")
+    gen.add_argument("--width", type=int, default=832, help="pixels, a multiple of 16 (default: 832)")
+    gen.add_argument("--num-frames", type=int, default=81, help="4k+1 frames (default: 81)")
+    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    gen.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale; <= 1 disables CFG (default: 5.0)")
+    gen.add_argument("--seed", type=int, default=0, help="noise seed in [0, 2**64-1] (default: 0)")
+    gen.add_argument("--output", default="output.mp4", help="output file: .mp4, .gif or .png (default: output.mp4)")
+    gen.add_argument("--fps", type=float, default=16.0, help="frames per second of .mp4/.gif (default: 16)")
+    gen.add_argument("--attention-backend", default=None,
+                     help="attention backend name or 'auto' (default: $DITSERVE_ATTENTION_BACKEND, else auto)")
+    gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    gen.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=_generate)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditserve", description="Fast inference and serving for diffusion transformers.")
     parser.add_argument("--version", action="version", version=f"ditserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_generate(sub)
 
     bench = sub.add_parser("bench-attention", help="time the attention backends available on a device")
     bench.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")

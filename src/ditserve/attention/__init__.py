@@ -1,7 +1,7 @@
 """ditserve's attention layer: explicit metadata, one registry of backends, a shape-aware selector."""
 
 from ditserve.attention.backends import BACKEND_FACTORIES, AttentionBackend, AttentionBackendError, AttentionCall, Capabilities
-from ditserve.attention.layer import Attention
+from ditserve.attention.layer import Attention, run_attention_eagerly
 from ditserve.attention.metadata import AttentionMetadata
 from ditserve.attention.selector import ENV_VAR, AttentionSelector, resolve_backend_name
 
@@ -16,4 +16,5 @@ __all__ = [
     "AttentionSelector",
     "Capabilities",
     "resolve_backend_name",
+    "run_attention_eagerly",
 ]

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ditserve.attention import Attention, AttentionMetadata, AttentionSelector
+from ditserve.attention import Attention, AttentionMetadata, AttentionSelector, run_attention_eagerly
 
 __all__ = ["WanTransformer3DModel", "WanTransformerConfig", "WanTransformerOutput"]
 
@@ -397,11 +397,21 @@ class WanTransformer3DModel(nn.Module):
     # -- configuration of attention ------------------------------------------------------
 
     def set_attention_backend(self, name: str | None) -> None:
-        """Replace the attention selector in every layer ("auto", a backend name, or None)."""
+        """Use a new selector ("auto", a backend name, or None) in every attention layer."""
         self.attention_selector = AttentionSelector(name)
         for module in self.modules():
-            if isinstance(module, WanAttention):
-                module.attention = Attention(selector=self.attention_selector, scale=None)
+            if isinstance(module, Attention):
+                module.selector = self.attention_selector
+
+    def compile_blocks(self, **compile_kwargs: Any) -> None:
+        """torch.compile each transformer block (one compiled graph shared by all blocks).
+
+        Fuses the elementwise work around the matrix products (norms, modulation, rotary,
+        gating, GELU); attention itself stays eager (see `run_attention_eagerly`).
+        """
+        run_attention_eagerly(self)
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,267 @@
+"""ditserve.Pipeline / WanPipeline against diffusers' WanPipeline on the tiny random Wan2.1 folder,
+plus request validation (ditserve.engine) and cancellation.
+
+Tolerance: frames agree to ~3e-7 in float32 on the CPU, so parity is checked at 1e-5. A
+looser bound would not catch much on this tiny random model: changing the negative prompt
+or turning guidance off moves its frames by only ~1e-4 (see test_prompt_and_guidance_matter).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ditserve
+from ditserve.engine import GenerationRequest, InvalidRequest, validate_request
+from ditserve.loading import PipelineFolderError, UnknownModelError
+from ditserve.models.wan import WanTransformer3DModel
+from ditserve.pipelines import GenerationCancelled, GenerationOutput, PipelineConfigError, WanPipeline
+from ditserve.pipelines.options import resolve_device, resolve_dtype
+from ditserve.testing import build_tiny_wan_pipeline
+
+diffusers = pytest.importorskip("diffusers")
+
+PARITY_ATOL = 1e-5
+REQUEST = dict(
+    prompt="a red ball rolling on the street",
+    negative_prompt="blurry, low quality, static",
+    height=32,
+    width=32,
+    num_frames=5,
+    num_inference_steps=3,
+)
+
+
+@pytest.fixture(scope="module")
+def wan_pipe(tiny_wan_path: Path) -> WanPipeline:
+    return ditserve.Pipeline.from_pretrained(tiny_wan_path, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def euler_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_wan_pipeline(tmp_path_factory.mktemp("tiny_wan_euler") / "pipeline", seed=0, scheduler="euler")
+
+
+def _diffusers_frames(path: Path, guidance_scale: float, seed: int = 0) -> np.ndarray:
+    pipe = diffusers.WanPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(**REQUEST, guidance_scale=guidance_scale, generator=torch.Generator("cpu").manual_seed(seed),
+               output_type="np")
+    return out.frames[0]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_from_pretrained_builds_ours_with_checkpoint_components(wan_pipe: WanPipeline) -> None:
+    assert isinstance(wan_pipe, WanPipeline)
+    assert isinstance(wan_pipe.transformer, WanTransformer3DModel)
+    assert wan_pipe.device == torch.device("cpu") and wan_pipe.dtype == torch.float32
+    assert wan_pipe.vae.dtype == torch.float32
+    assert type(wan_pipe.new_scheduler()).__name__ == "UniPCMultistepScheduler"
+    assert wan_pipe.new_scheduler() is not wan_pipe.new_scheduler()  # fresh per run: no shared state
+    assert wan_pipe.size_multiples == (16, 16, 4)
+
+
+def test_bf16_keeps_fp32_modules_and_vae_in_float32(tiny_wan_path: Path) -> None:
+    pipe = ditserve.Pipeline.from_pretrained(tiny_wan_path, device="cpu", dtype="bf16")
+    params = dict(pipe.transformer.named_parameters())
+    assert params["proj_out.weight"].dtype == torch.bfloat16
+    assert params["scale_shift_table"].dtype == torch.float32
+    assert params["condition_embedder.time_embedder.linear_1.weight"].dtype == torch.float32
+    assert pipe.text_encoder.dtype == torch.bfloat16
+    assert pipe.vae.dtype == torch.float32
+    out = pipe.generate(**{**REQUEST, "num_inference_steps": 2})
+    assert out.frames.dtype == np.float32 and np.isfinite(out.frames).all()
+
+
+def test_unknown_pipeline_class_lists_supported(tiny_wan_path: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "other"
+    shutil.copytree(tiny_wan_path, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(UnknownModelError, match=r"pipeline class 'FluxPipeline' is not supported; supported pipelines: WanPipeline"):
+        ditserve.Pipeline.from_pretrained(folder, device="cpu")
+
+
+def test_unknown_scheduler_lists_supported(tiny_wan_path: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "ddim"
+    shutil.copytree(tiny_wan_path, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "_class_name": "DDIMScheduler"}))
+    with pytest.raises(UnknownModelError, match=r"scheduler class 'DDIMScheduler' is not supported; supported "
+                                                r"schedulers: FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler"):
+        ditserve.Pipeline.from_pretrained(folder, device="cpu")
+
+
+def test_not_a_pipeline_folder(tmp_path: Path) -> None:
+    with pytest.raises(PipelineFolderError, match="has no model_index.json"):
+        ditserve.Pipeline.from_pretrained(tmp_path, device="cpu")
+
+
+def test_device_and_dtype_options() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    cpu = torch.device("cpu")
+    assert resolve_dtype(None, cpu) == torch.float32
+    assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
+    for name, dtype in [("bf16", torch.bfloat16), ("BFloat16", torch.bfloat16), ("fp16", torch.float16),
+                        ("float16", torch.float16), ("fp32", torch.float32), ("float32", torch.float32)]:
+        assert resolve_dtype(name, cpu) == dtype
+    assert resolve_dtype(torch.float16, cpu) == torch.float16
+    with pytest.raises(PipelineConfigError, match=r"dtype must be one of bf16, bfloat16, fp16, float16, fp32, float32"):
+        resolve_dtype("int8", cpu)
+    with pytest.raises(PipelineConfigError, match="is not a torch device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(PipelineConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+# ----------------------------------------------------------------------------- parity with diffusers
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0], ids=["cfg", "no_cfg"])
+def test_parity_with_diffusers_unipc(wan_pipe: WanPipeline, tiny_wan_path: Path, guidance_scale: float) -> None:
+    ours = wan_pipe.generate(**REQUEST, guidance_scale=guidance_scale, seed=0).frames
+    ref = _diffusers_frames(tiny_wan_path, guidance_scale)
+    assert ours.shape == ref.shape == (5, 32, 32, 3) and ours.dtype == np.float32
+    assert np.abs(ours - ref).max() <= PARITY_ATOL
+
+
+def test_parity_with_diffusers_euler(euler_path: Path) -> None:
+    pipe = ditserve.Pipeline.from_pretrained(euler_path, device="cpu")
+    assert type(pipe.new_scheduler()).__name__ == "FlowMatchEulerDiscreteScheduler"
+    ours = pipe.generate(**REQUEST, guidance_scale=5.0, seed=3).frames
+    ref = _diffusers_frames(euler_path, 5.0, seed=3)
+    assert np.abs(ours - ref).max() <= PARITY_ATOL
+
+
+def test_prompt_and_guidance_matter(wan_pipe: WanPipeline) -> None:
+    """The parity tolerance is well below the effect of the inputs it is meant to check."""
+    base = wan_pipe.generate(**REQUEST, guidance_scale=5.0).frames
+    no_cfg = wan_pipe.generate(**REQUEST, guidance_scale=1.0).frames
+    other_negative = wan_pipe.generate(**{**REQUEST, "negative_prompt": ""}, guidance_scale=5.0).frames
+    assert np.abs(base - no_cfg).max() > 5 * PARITY_ATOL
+    assert np.abs(base - other_negative).max() > 5 * PARITY_ATOL
+
+
+def test_same_seed_same_frames_other_seed_differs(wan_pipe: WanPipeline) -> None:
+    a = wan_pipe.generate(**REQUEST, seed=7)
+    b = wan_pipe.generate(**REQUEST, seed=7)
+    c = wan_pipe.generate(**REQUEST, seed=8)
+    assert a.seed == 7 and np.array_equal(a.frames, b.frames)
+    assert np.abs(a.frames - c.frames).max() > 1e-2
+    assert 0.0 <= a.frames.min() and a.frames.max() <= 1.0
+
+
+def test_large_seed_accepted(wan_pipe: WanPipeline) -> None:
+    out = wan_pipe.generate(**{**REQUEST, "num_inference_steps": 1}, seed=2**64 - 1)
+    assert out.seed == 2**64 - 1 and np.isfinite(out.frames).all()
+
+
+# ----------------------------------------------------------------------------- callback, cancel, timings
+
+
+def test_callback_and_timings(wan_pipe: WanPipeline) -> None:
+    calls: list[tuple[int, int]] = []
+    out = wan_pipe.generate(**REQUEST, callback=lambda i, n: calls.append((i, n)))
+    assert isinstance(out, GenerationOutput)
+    assert calls == [(0, 3), (1, 3), (2, 3)]
+    t = out.timings
+    assert set(t) == {"text_encode_s", "denoise_s", "per_step_s", "step_mean_s", "decode_s", "total_s"}
+    assert len(t["per_step_s"]) == 3 and all(s > 0 for s in t["per_step_s"])
+    assert math.isclose(t["step_mean_s"], sum(t["per_step_s"]) / 3)
+    assert t["total_s"] >= t["text_encode_s"] + t["denoise_s"] + t["decode_s"] - 1e-6
+
+
+def test_cancel_set_from_callback_stops_before_next_step(wan_pipe: WanPipeline) -> None:
+    cancel = threading.Event()
+    calls: list[int] = []
+
+    def callback(step: int, total: int) -> None:
+        calls.append(step)
+        if step == 1:
+            cancel.set()
+
+    with pytest.raises(GenerationCancelled, match="before denoising step 3 of 5") as info:
+        wan_pipe.generate(**{**REQUEST, "num_inference_steps": 5}, callback=callback, cancel=cancel)
+    assert calls == [0, 1] and info.value.step == 2 and info.value.total_steps == 5
+
+
+def test_cancel_already_set_runs_no_step(wan_pipe: WanPipeline) -> None:
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(GenerationCancelled):
+        wan_pipe.generate(**REQUEST, callback=lambda i, n: pytest.fail("no step should run"), cancel=cancel)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "message"),
+    [
+        ({"prompt": ""}, "prompt", "prompt must be a non-empty string, got an empty or whitespace-only string"),
+        ({"prompt": "  \n"}, "prompt", "prompt must be a non-empty string, got an empty or whitespace-only string"),
+        ({"prompt": None}, "prompt", "prompt must be a non-empty string, got NoneType"),
+        ({"prompt": ["a", "b"]}, "prompt", "prompt must be a non-empty string, got list"),
+        ({"negative_prompt": 3}, "negative_prompt", "negative_prompt must be a string, got int"),
+        ({"height": 33}, "height", "height must be a positive multiple of 16, got 33"),
+        ({"height": 0}, "height", "height must be a positive multiple of 16, got 0"),
+        ({"height": -16}, "height", "height must be a positive multiple of 16, got -16"),
+        ({"height": 480.0}, "height", "height must be an int (a positive multiple of 16), got float 480.0"),
+        ({"height": True}, "height", "height must be an int (a positive multiple of 16), got bool True"),
+        ({"width": 840}, "width", "width must be a positive multiple of 16, got 840"),
+        ({"width": "832"}, "width", "width must be an int (a positive multiple of 16), got str '832'"),
+        ({"num_frames": 80}, "num_frames", "num_frames must be of the form 4k+1 (1, 5, 9, ...), got 80"),
+        ({"num_frames": 0}, "num_frames", "num_frames must be of the form 4k+1 (1, 5, 9, ...), got 0"),
+        ({"num_frames": -3}, "num_frames", "num_frames must be of the form 4k+1 (1, 5, 9, ...), got -3"),
+        ({"num_frames": 5.0}, "num_frames", "num_frames must be an int of the form 4k+1 (1, 5, 9, ...), got float 5.0"),
+        ({"num_inference_steps": 0}, "num_inference_steps", "num_inference_steps must be an int >= 1, got 0"),
+        ({"num_inference_steps": 2.5}, "num_inference_steps", "num_inference_steps must be an int >= 1, got float 2.5"),
+        ({"guidance_scale": -1}, "guidance_scale", "guidance_scale must be a finite number >= 0, got -1.0"),
+        ({"guidance_scale": float("nan")}, "guidance_scale", "guidance_scale must be a finite number >= 0, got nan"),
+        ({"guidance_scale": float("inf")}, "guidance_scale", "guidance_scale must be a finite number >= 0, got inf"),
+        ({"guidance_scale": "5"}, "guidance_scale", "guidance_scale must be a finite number >= 0, got str '5'"),
+        ({"seed": -1}, "seed", "seed must be an int in [0, 2**64-1], got -1"),
+        ({"seed": 2**64}, "seed", f"seed must be an int in [0, 2**64-1], got {2**64}"),
+        ({"seed": 1.5}, "seed", "seed must be an int in [0, 2**64-1], got float 1.5"),
+    ],
+)
+def test_validate_request_messages(overrides: dict, field: str, message: str) -> None:
+    args = {**REQUEST, "guidance_scale": 5.0, "seed": 0, **overrides}
+    with pytest.raises(InvalidRequest) as info:
+        validate_request(**args)
+    assert str(info.value) == message
+    assert info.value.field == field
+    assert isinstance(info.value, ValueError)
+
+
+def test_validate_request_normalises() -> None:
+    request = validate_request("a cat", None, np.int64(64), 32, 1, 2, 1, np.uint64(2**64 - 1))
+    assert request == GenerationRequest("a cat", "", 64, 32, 1, 2, 1.0, 2**64 - 1)
+    assert type(request.height) is int and type(request.guidance_scale) is float and type(request.seed) is int
+
+
+def test_validate_request_uses_given_multiples() -> None:
+    assert validate_request("a", height=24, width=40, num_frames=9, height_multiple=8, width_multiple=8,
+                            frame_multiple=8).num_frames == 9
+    with pytest.raises(InvalidRequest, match=r"num_frames must be of the form 8k\+1 \(1, 9, 17, ...\), got 5"):
+        validate_request("a", num_frames=5, frame_multiple=8)
+
+
+def test_generate_validates_before_any_work(wan_pipe: WanPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wan_pipe, "encode_text", lambda *a, **k: pytest.fail("work started on a bad request"))
+    with pytest.raises(InvalidRequest, match="height must be a positive multiple of 16, got 30"):
+        wan_pipe.generate(**{**REQUEST, "height": 30})
+    # the tiny DiT's rotary table covers 32 patches per axis: 512 pixels
+    with pytest.raises(InvalidRequest, match="width must be at most 512 for this model, got 528"):
+        wan_pipe.generate(**{**REQUEST, "width": 528})
