@@ -71,7 +71,7 @@ def test_from_pretrained_builds_ours_with_checkpoint_components(wan_pipe: WanPip
 
 
 def test_bf16_keeps_fp32_modules_and_vae_in_float32(tiny_wan_path: Path) -> None:
-    pipe = ditserve.Pipeline.from_pretrained(tiny_wan_path, device="cpu", dtype="bf16")
+    pipe = WanPipeline.from_pretrained(tiny_wan_path, device="cpu", dtype="bf16")  # the family class directly
     params = dict(pipe.transformer.named_parameters())
     assert params["proj_out.weight"].dtype == torch.bfloat16
     assert params["scale_shift_table"].dtype == torch.float32
@@ -201,6 +201,42 @@ def test_cancel_already_set_runs_no_step(wan_pipe: WanPipeline) -> None:
     cancel.set()
     with pytest.raises(GenerationCancelled):
         wan_pipe.generate(**REQUEST, callback=lambda i, n: pytest.fail("no step should run"), cancel=cancel)
+
+
+_HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize("folder", ["unipc", "euler"])
+def test_denoise_loop_reads_nothing_back(folder: str, tiny_wan_path: Path, euler_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU stand-in for "no device sync in the loop": no tensor value is read on the host
+    while denoising (on CUDA each such read would stall the CPU until the GPU catches up)."""
+    import ditserve.pipelines.wan as wan_module
+
+    pipe = ditserve.Pipeline.from_pretrained(tiny_wan_path if folder == "unipc" else euler_path, device="cpu")
+    reads: list[str] = []
+    real_denoise = wan_module.denoise
+
+    def watched_denoise(*args, **kwargs):
+        saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+
+        def spy(name):
+            def read(self, *a, **k):
+                reads.append(name)
+                return saved[name](self, *a, **k)
+            return read
+
+        try:
+            for name in _HOST_READS:
+                setattr(torch.Tensor, name, spy(name))
+            return real_denoise(*args, **kwargs)
+        finally:
+            for name, method in saved.items():
+                setattr(torch.Tensor, name, method)
+
+    monkeypatch.setattr(wan_module, "denoise", watched_denoise)
+    pipe.generate(**REQUEST, guidance_scale=5.0, callback=lambda i, n: None, cancel=threading.Event())
+    assert reads == []
 
 
 # ----------------------------------------------------------------------------- validation

@@ -105,6 +105,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             WeightLoadError, PipelineConfigError)
 
 
+def _silence_loading_bars() -> None:
+    """transformers/diffusers draw a bar per component load; the CLI shows only its denoising bar.
+
+    (Process-wide switches: the CLI owns its process, so this is the place to flip them.)
+    """
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def _run_generate(args: argparse.Namespace) -> str:
     """Validate everything cheap, load, generate with a progress bar, save; return the summary line."""
     import time
@@ -138,6 +150,7 @@ def _run_generate(args: argparse.Namespace) -> str:
     except ValueError as e:
         raise PipelineConfigError(str(e)) from None
 
+    _silence_loading_bars()
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=backend)
     load_s = time.perf_counter() - start

@@ -94,8 +94,13 @@ class Pipeline(ABC):
                  seed: Any = 0) -> GenerationRequest:
         """`ditserve.engine.validate_request` with this model's size rules."""
         h, w, f = self.size_multiples
-        return validate_request(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
-                                guidance_scale, seed, height_multiple=h, width_multiple=w, frame_multiple=f)
+        request = validate_request(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
+                                   guidance_scale, seed, height_multiple=h, width_multiple=w, frame_multiple=f)
+        self.check_limits(request)
+        return request
+
+    def check_limits(self, request: GenerationRequest) -> None:
+        """Model-specific bounds beyond the size multiples (raise `InvalidRequest`); none by default."""
 
     def generate(
         self,

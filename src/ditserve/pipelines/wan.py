@@ -82,7 +82,11 @@ def _from_pretrained_kwargs(dtype: torch.dtype) -> dict[str, Any]:
 
 
 class WanPipeline(Pipeline):
-    """Wan2.1 text-to-video. Build with `WanPipeline.from_pretrained(path)` (or `ditserve.Pipeline`)."""
+    """Wan2.1 text-to-video. Build with `WanPipeline.from_pretrained(path)` (or `ditserve.Pipeline`).
+
+    One generation at a time per instance: diffusers' Wan VAE keeps a feature cache on the
+    module during `decode`, so concurrent callers (a server) must serialise `run`.
+    """
 
     def __init__(
         self,
@@ -171,9 +175,8 @@ class WanPipeline(Pipeline):
         _, ph, pw = self.transformer.config.patch_size
         return self.vae_spatial * ph, self.vae_spatial * pw, self.vae_temporal
 
-    def validate(self, *args: Any, **kwargs: Any) -> GenerationRequest:
-        """Base rules plus the DiT's rotary table size (rope_max_seq_len patches per axis)."""
-        request = super().validate(*args, **kwargs)
+    def check_limits(self, request: GenerationRequest) -> None:
+        """The DiT's rotary table covers rope_max_seq_len patches per axis."""
         limit = self.transformer.config.rope_max_seq_len
         mult_h, mult_w, _ = self.size_multiples
         pt = self.transformer.config.patch_size[0]
@@ -184,10 +187,9 @@ class WanPipeline(Pipeline):
             if value > largest:
                 raise InvalidRequest(field, f"{field} must be at most {largest} for this model, got {value}")
         latent_frames = (request.num_frames - 1) // self.vae_temporal + 1
-        if latent_frames % pt or latent_frames // pt > limit:
+        if latent_frames // pt > limit:
             raise InvalidRequest("num_frames", f"num_frames={request.num_frames} is too long for this model "
                                  f"(at most {(limit * pt - 1) * self.vae_temporal + 1})")
-        return request
 
     # -- stages ----------------------------------------------------------------------------
 
@@ -220,7 +222,7 @@ class WanPipeline(Pipeline):
         cancel: CancelToken | None = None,
     ) -> GenerationOutput:
         guided = request.guidance_scale > 1.0  # diffusers' do_classifier_free_guidance
-        with torch.inference_mode():
+        with torch.no_grad():
             start = time.perf_counter()
             cond, uncond = self.encode_text(request, guided)
             synchronize(self.device)

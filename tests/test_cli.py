@@ -1,0 +1,115 @@
+"""`ditserve generate` in-process: end to end on the tiny folder, and user errors (exit 2, no traceback).
+
+Order of checks (cheapest first, all before a model is loaded): output path, request
+fields, --model present, device/dtype/attention backend, then the folder itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import imageio_ffmpeg
+import pytest
+
+from ditserve import cli
+from ditserve.pipelines import Pipeline
+
+TINY = ["--prompt", "a red ball", "--height", "32", "--width", "32", "--num-frames", "5", "--device", "cpu"]
+
+
+@pytest.fixture
+def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the CLI gets as far as loading a model."""
+
+    def refuse(*args, **kwargs):
+        pytest.fail("the CLI loaded a model before rejecting the arguments")
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(refuse))
+
+
+def test_generate_end_to_end_writes_mp4(tiny_wan_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "video.mp4"
+    rc = cli.main(["generate", "--model", str(tiny_wan_path), *TINY, "--steps", "2", "--seed", "3",
+                   "--negative-prompt", "blurry", "--output", str(out), "--fps", "8"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert out.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["video.mp4"]
+    meta = imageio_ffmpeg.read_frames(str(out)).__next__()
+    assert meta["size"] == (32, 32) and meta["fps"] == 8
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("5 frame(s) 32x32, 2 steps at ") and "ms/step; total " in lines[0]
+    assert "seed 3" in lines[0] and lines[0].endswith(f"-> {out}")
+    assert "denoising" in captured.err  # the progress bar
+
+
+def test_generate_png_with_attention_backend(tiny_wan_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "still.png"
+    rc = cli.main(["generate", "--model", str(tiny_wan_path), *TINY, "--steps", "1", "--guidance-scale", "1",
+                   "--attention-backend", "reference", "--dtype", "fp32", "--quiet", "--output", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert out.read_bytes()[:4] == b"\x89PNG" and captured.err == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--height", "33"], "argument --height: height must be a positive multiple of 16, got 33"),
+        (["--num-frames", "4"], "argument --num-frames: num_frames must be of the form 4k+1 (1, 5, 9, ...), got 4"),
+        (["--steps", "0"], "argument --steps: num_inference_steps must be an int >= 1, got 0"),
+        (["--guidance-scale", "nan"], "argument --guidance-scale: guidance_scale must be a finite number >= 0, got nan"),
+        (["--seed", "-5"], "argument --seed: seed must be an int in [0, 2**64-1], got -5"),
+        (["--prompt", " "], "argument --prompt: prompt must be a non-empty string, got an empty or whitespace-only string"),
+        (["--output", "clip.avi"], "clip.avi: extension '.avi' is not supported; use one of .mp4 .gif .png"),
+        (["--output", "no/such/dir/clip.mp4"], "no/such/dir/clip.mp4: folder no/such/dir does not exist"),
+        (["--dtype", "int8"], "dtype must be one of bf16, bfloat16, fp16, float16, fp32, float32 (or that torch.dtype), got 'int8'"),
+        (["--attention-backend", "nope"], "unknown attention backend 'nope' (from argument)"),
+        (["--fps", "0"], "argument --fps: must be > 0, got 0.0"),
+    ],
+)
+def test_bad_arguments_exit_2_before_loading(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    no_loading: None,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    # a model folder that does not exist: request errors must come first
+    rc = cli.main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "a cat", *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"ditserve generate: error: {message}")
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_missing_model_folder_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = cli.main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "a cat",
+                   "--output", str(tmp_path / "x.mp4"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {tmp_path / 'missing'}: no such folder" in err and "Traceback" not in err
+
+
+def test_model_required(capsys: pytest.CaptureFixture, no_loading: None, tmp_path: Path) -> None:
+    rc = cli.main(["generate", "--prompt", "a cat", "--output", str(tmp_path / "x.mp4")])
+    assert rc == 2
+    assert "error: --model is required" in capsys.readouterr().err
+
+
+def test_default_model_hook(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A later issue plugs a bundled model into `default_model_path`; --model then becomes optional."""
+    monkeypatch.setattr(cli, "default_model_path", lambda: str(tmp_path / "bundled"))
+    rc = cli.main(["generate", "--prompt", "a cat", "--output", str(tmp_path / "x.mp4"), "--device", "cpu"])
+    assert rc == 2 and f"{tmp_path / 'bundled'}: no such folder" in capsys.readouterr().err
+
+
+def test_argparse_type_errors_exit_2(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "--model", "m", "--prompt", "a", "--height", "abc"])
+    assert info.value.code == 2 and "invalid int value: 'abc'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "--model", "m"])
+    assert info.value.code == 2 and "--prompt" in capsys.readouterr().err
+
+
+def test_bench_attention_still_registered() -> None:
+    args = cli.build_parser().parse_args(["bench-attention", "--seq-len", "64"])
+    assert args.func is cli._bench_attention and args.seq_len == 64

@@ -1,0 +1,123 @@
+"""ditserve.output: .mp4 / .gif / .png written atomically; clear errors for unusable paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+from PIL import Image
+
+from ditserve.output import OutputFormatError, check_output_path, output_format, to_uint8, write_frames
+from ditserve.pipelines.result import GenerationOutput
+
+
+def _frames(num: int = 5, height: int = 32, width: int = 48, seed: int = 0) -> np.ndarray:
+    """Smooth colour ramps (compress well, survive H.264) that change per frame."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    frames = [np.stack([x / width, y / height, np.full_like(x, (i + seed) / (num + seed))], axis=-1) for i in range(num)]
+    return np.stack(frames).astype(np.float32)
+
+
+def _only(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_mp4_written_readable_no_temp_left(tmp_path: Path) -> None:
+    frames = _frames()
+    path = write_frames(tmp_path / "clip.mp4", frames, fps=8)
+    assert path == tmp_path / "clip.mp4" and _only(tmp_path) == ["clip.mp4"]
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = reader.__next__()
+    decoded = [np.frombuffer(f, np.uint8).reshape(32, 48, 3) for f in reader]
+    assert meta["size"] == (48, 32) and meta["fps"] == 8 and len(decoded) == 5
+    assert np.abs(decoded[2].astype(np.float32) / 255 - frames[2]).mean() < 0.03
+    assert os.stat(path).st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
+def test_mp4_odd_size_padded_to_even(tmp_path: Path) -> None:
+    path = write_frames(tmp_path / "odd.mp4", _frames(3, 17, 31))
+    meta = imageio_ffmpeg.read_frames(str(path)).__next__()
+    assert meta["size"] == (32, 18)
+
+
+def test_gif_all_frames(tmp_path: Path) -> None:
+    path = write_frames(tmp_path / "clip.GIF", _frames(4), fps=10)
+    with Image.open(path) as gif:
+        assert gif.format == "GIF" and gif.size == (48, 32) and gif.n_frames == 4
+        assert gif.info["duration"] == 100
+    assert _only(tmp_path) == ["clip.GIF"]
+
+
+def test_png_first_frame_exact(tmp_path: Path) -> None:
+    frames = _frames(3)
+    path = write_frames(tmp_path / "still.png", frames)
+    with Image.open(path) as png:
+        assert np.array_equal(np.asarray(png.convert("RGB")), to_uint8(frames)[0])
+    assert _only(tmp_path) == ["still.png"]
+
+
+def test_overwrite_keeps_permissions(tmp_path: Path) -> None:
+    target = tmp_path / "still.png"
+    target.write_bytes(b"old")
+    target.chmod(0o600)
+    write_frames(target, _frames(1))
+    assert target.read_bytes()[:4] == b"\x89PNG" and target.stat().st_mode & 0o777 == 0o600
+
+
+def test_failing_writer_leaves_nothing_and_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_writer(path: str, *args, **kwargs):
+        Path(path).write_bytes(b"half a video")
+        yield
+        raise RuntimeError("ffmpeg died")
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", broken_writer)
+    with pytest.raises(RuntimeError, match="ffmpeg died"):
+        write_frames(tmp_path / "new.mp4", _frames())
+    assert _only(tmp_path) == []
+
+    previous = tmp_path / "old.mp4"
+    previous.write_bytes(b"previous video")
+    with pytest.raises(RuntimeError, match="ffmpeg died"):
+        write_frames(previous, _frames())
+    assert _only(tmp_path) == ["old.mp4"] and previous.read_bytes() == b"previous video"
+
+
+@pytest.mark.parametrize("name", ["out.avi", "out.webm", "out", "out.mp4.tmp"])
+def test_unknown_extension(tmp_path: Path, name: str) -> None:
+    suffix = Path(name).suffix
+    shown = f"extension {suffix!r}" if suffix else "no extension"
+    expected = f"{tmp_path / name}: {shown} is not supported; use one of .mp4 .gif .png"
+    with pytest.raises(OutputFormatError) as info:
+        write_frames(tmp_path / name, _frames())
+    assert str(info.value) == expected
+    assert _only(tmp_path) == []
+
+
+def test_output_checks(tmp_path: Path) -> None:
+    assert output_format("a/b/C.Mp4") == "mp4"
+    assert check_output_path(tmp_path / "x.png") == tmp_path / "x.png"
+    with pytest.raises(OutputFormatError, match="does not exist"):
+        check_output_path(tmp_path / "missing" / "x.mp4")
+    (tmp_path / "dir.mp4").mkdir()
+    with pytest.raises(OutputFormatError, match="is a folder"):
+        check_output_path(tmp_path / "dir.mp4")
+
+
+def test_to_uint8() -> None:
+    frames = np.array([[[[0.0, 0.5, 1.0], [-0.2, 1.3, 0.002]]]], dtype=np.float32)
+    assert to_uint8(frames).tolist() == [[[[0, 128, 255], [0, 255, 1]]]]
+    assert to_uint8(np.zeros((1, 2, 2, 3), np.uint8)).dtype == np.uint8
+    with pytest.raises(ValueError, match=r"\(num_frames, height, width, 3\)"):
+        to_uint8(np.zeros((2, 2, 3)))
+    with pytest.raises(ValueError, match="floats in \\[0, 1\\] or uint8"):
+        to_uint8(np.zeros((1, 2, 2, 3), np.int32))
+
+
+def test_generation_output_save(tmp_path: Path) -> None:
+    out = GenerationOutput(frames=_frames(2), seed=1, timings={})
+    assert out.save(tmp_path / "a.gif", fps=4) == tmp_path / "a.gif"
+    with pytest.raises(ValueError, match="fps must be a positive number"):
+        out.save(tmp_path / "b.gif", fps=0)
