@@ -152,7 +152,7 @@ def _run_generate(args: argparse.Namespace) -> str:
 
     _silence_loading_bars()
     start = time.perf_counter()
-    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=backend)
+    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=backend, compile=args.compile)
     load_s = time.perf_counter() - start
     with tqdm(total=args.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
 
@@ -178,11 +178,16 @@ def _run_generate(args: argparse.Namespace) -> str:
 
 def _generate(args: argparse.Namespace) -> int:
     """`ditserve generate`: one prompt to one .mp4 / .gif / .png."""
+    from ditserve.client import ClientError
+
     try:
-        summary = _run_generate(args)
+        summary = _run_remote_generate(args) if args.url else _run_generate(args)
     except _user_errors() as e:
         print(f"ditserve generate: error: {e}", file=sys.stderr)
         return 2
+    except ClientError as e:  # --url: the server refused, failed or could not be reached
+        print(f"ditserve generate: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ditserve generate: interrupted", file=sys.stderr)
         return 130
@@ -194,6 +199,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate a video (or image) from a prompt",
                          description="Generate one video from a prompt and write it as .mp4, .gif or .png (first frame).")
     gen.add_argument("--model", help="diffusers-format pipeline folder (model_index.json + components)")
+    gen.add_argument("--url", help="send the request to a running `ditserve serve` at this URL instead of loading "
+                                   "a model (.mp4: a video job; .png: one image)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default="", help="what to steer away from (used when --guidance-scale > 1)")
     gen.add_argument("--height", type=int, default=480, help="pixels, a multiple of 16 (default: 480)")
@@ -209,7 +216,173 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     gen.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the DiT blocks: ~1.3x faster steps on an H100 after a one-off compile (~1 min)")
     gen.set_defaults(func=_generate)
+
+
+def _run_remote_generate(args: argparse.Namespace) -> str:
+    """`generate --url`: the same request to a running server (it validates); save its result to --output."""
+    import contextlib
+    import time
+
+    from tqdm import tqdm
+
+    from ditserve.client import Client, ClientError, QueueFullError, write_file_atomically
+    from ditserve.output import check_output_path, output_format
+
+    output = check_output_path(args.output)
+    if output_format(output) not in ("mp4", "png"):
+        raise _UsageError(f"argument --output: with --url the server makes .mp4 (a video) or .png (an image), "
+                          f"got {output.name}")
+    size = f"{args.width}x{args.height}"
+    fields = dict(negative_prompt=args.negative_prompt, size=size, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance_scale, seed=args.seed)
+    with Client(args.url) as client:
+        if output_format(output) == "png":
+            write_file_atomically(output, client.generate_image(args.prompt, **fields))
+            return f"1 image {size}, {args.steps} steps from {args.url}, seed {args.seed} -> {output}"
+        while True:
+            try:
+                job = client.create_video(args.prompt, num_frames=args.num_frames, fps=args.fps, **fields)
+                break
+            except QueueFullError as e:  # wait our turn, as the server asks
+                print(f"ditserve generate: {e.message}", file=sys.stderr)
+                time.sleep(e.retry_after)
+        try:
+            with tqdm(total=args.steps, desc=f"denoising on {args.url}", unit="step", disable=args.quiet) as bar:
+                job = client.wait(job["id"], timeout=24 * 3600, on_update=lambda j: bar.update(j["step"] - bar.n))
+        except KeyboardInterrupt:  # do not leave the server working for nobody
+            with contextlib.suppress(ClientError):
+                client.cancel(job["id"])
+            raise
+        client.download(job["id"], output)
+    t = job["timings"]
+    return (f"{job['num_frames']} frame(s) {job['size']}, {job['num_inference_steps']} steps at "
+            f"{t['step_mean_s'] * 1e3:.1f} ms/step; total {t['job_s']:.2f} s on {args.url} ({job['id']}), "
+            f"seed {job['seed']} -> {output}")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """`ditserve serve`: the HTTP API (see ditserve.server) until SIGTERM / Ctrl-C."""
+    from pathlib import Path
+
+    from ditserve.server.main import serve
+    from ditserve.server.settings import ServerSettings
+
+    try:
+        model = _model_path(args)
+        settings = ServerSettings(model_name=args.model_name or Path(model).resolve().name,
+                                  output_dir=args.output_dir, max_queue=args.max_queue, keep_jobs=args.keep_jobs)
+    except (ValueError, _UsageError) as e:
+        print(f"ditserve serve: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return serve(model, settings, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+                     attention_backend=args.attention_backend, compile=args.compile, log_level=args.log_level)
+    except _user_errors() as e:
+        print(f"ditserve serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-style /v1/videos, /v1/images/generations)",
+                         description="Load a model once and serve generation requests over HTTP. SIGTERM or Ctrl-C "
+                                     "shuts down cleanly: running and queued jobs are cancelled, no partial files stay.")
+    srv.add_argument("--model", help="diffusers-format pipeline folder (model_index.json + components)")
+    srv.add_argument("--model-name", help="model id in /v1/models and requests (default: the folder's name)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=30000, help="port (default: 30000)")
+    srv.add_argument("--max-queue", type=int, default=16, help="most jobs waiting; more get HTTP 429 (default: 16)")
+    srv.add_argument("--output-dir", default=None,
+                     help="where finished videos/images are written (default: a temporary folder removed at exit)")
+    srv.add_argument("--keep-jobs", type=int, default=100,
+                     help="finished jobs (and files) kept; older ones are deleted (default: 100)")
+    srv.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    srv.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    srv.add_argument("--attention-backend", default=None,
+                     help="attention backend name or 'auto' (default: $DITSERVE_ATTENTION_BACKEND, else auto)")
+    srv.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks at load")
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    srv.set_defaults(func=_serve)
+
+
+def _run_ab(args: argparse.Namespace) -> str:
+    """Check flags and configurations, run the A/B, write --json; return the printed report."""
+    from pathlib import Path
+
+    from ditserve.ab import check_config, format_report, parse_config, run_ab
+    from ditserve.engine import InvalidRequest, validate_request
+
+    baseline = parse_config(args.baseline, "argument --baseline")
+    candidate = parse_config(args.candidate, "argument --candidate")
+    defaults = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+    for key, value in defaults.items():
+        check_config({key: value}, f"argument --{key}")
+    if args.runs < 1:
+        raise _UsageError(f"argument --runs: must be >= 1, got {args.runs}")
+    if args.warmup < 0:
+        raise _UsageError(f"argument --warmup: must be >= 0, got {args.warmup}")
+    if args.json is not None and not Path(args.json).resolve().parent.is_dir():
+        raise _UsageError(f"argument --json: folder {Path(args.json).parent} does not exist")
+    request = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                   num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                   seed=args.seed)
+    try:
+        validate_request(**request)
+        model = _model_path(args)
+        _silence_loading_bars()
+        progress = None if args.quiet else (lambda message: print(f"ditserve ab: {message}", file=sys.stderr))
+        report = run_ab(model, baseline, candidate, request, runs=args.runs, warmup=args.warmup,
+                        defaults=defaults, progress=progress)
+    except InvalidRequest as e:
+        raise _UsageError(f"argument {_FLAG_OF_FIELD.get(e.field, e.field)}: {e}") from None
+    text = format_report(report)
+    if args.json is not None:
+        text += f"\nwrote {report.write_json(args.json)}"
+    return text
+
+
+def _ab(args: argparse.Namespace) -> int:
+    """`ditserve ab`: the same generation under two loading configurations, compared."""
+    try:
+        text = _run_ab(args)
+    except _user_errors() as e:
+        print(f"ditserve ab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ditserve ab: interrupted", file=sys.stderr)
+        return 130
+    print(text)
+    return 0
+
+
+def _add_ab(sub: argparse._SubParsersAction) -> None:
+    ab = sub.add_parser(
+        "ab", help="compare two loading configurations: output identity, step time, memory",
+        description="Load the model under a baseline and a candidate configuration, run the same generation "
+                    "(same seed) alternately, and report output SHA-256, determinism, differences (max/mean |diff|, "
+                    "PSNR) and speed. A configuration is comma-separated key=value: attention_backend=<name|auto>, "
+                    "compile=true|false, dtype=bf16|fp16|fp32, device=<torch device>. Both pipelines stay loaded "
+                    "(twice the weights' memory).")
+    ab.add_argument("--model", help="diffusers-format pipeline folder (model_index.json + components)")
+    ab.add_argument("--baseline", required=True, help='e.g. "attention_backend=sdpa" ("" = defaults)')
+    ab.add_argument("--candidate", required=True, help='e.g. "attention_backend=auto,compile=true"')
+    ab.add_argument("--runs", type=int, default=3, help="timed runs per configuration (default: 3)")
+    ab.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first (default: 1)")
+    ab.add_argument("--prompt", default="A cat walks on the grass, realistic")
+    ab.add_argument("--negative-prompt", default="", help="used when --guidance-scale > 1")
+    ab.add_argument("--height", type=int, default=480, help="pixels, a multiple of 16 (default: 480)")
+    ab.add_argument("--width", type=int, default=832, help="pixels, a multiple of 16 (default: 832)")
+    ab.add_argument("--num-frames", type=int, default=81, help="4k+1 frames (default: 81)")
+    ab.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    ab.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale; <= 1 disables CFG (default: 5.0)")
+    ab.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    ab.add_argument("--device", default=None, help="for configurations that set none (default: cuda if available)")
+    ab.add_argument("--dtype", default=None, help="for configurations that set none (default: bf16 on CUDA, fp32 on CPU)")
+    ab.add_argument("--json", default=None, help="also write every number to this JSON file")
+    ab.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ab.set_defaults(func=_ab)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ditserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(sub)
+    _add_serve(sub)
+    _add_ab(sub)
 
     bench = sub.add_parser("bench-attention", help="time the attention backends available on a device")
     bench.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")

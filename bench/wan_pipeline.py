@@ -1,0 +1,163 @@
+"""Whole Wan2.1-1.3B generation on one GPU: ditserve vs diffusers' WanPipeline, same components.
+
+Real-size components with random weights (the published Wan2.1-T2V-1.3B transformer and
+VAE configs, a UMT5-XXL-sized text encoder; a small offline tokenizer), bf16 (VAE float32, as
+both pipelines recommend), 480x832x81, 50 steps, CFG 5.0. Both pipelines share the text
+encoder and VAE objects; ditserve's DiT holds the same weights as diffusers'. Per variant:
+time per step (median and spread over the steps), total, peak GPU memory above what was
+resident before the run, and PSNR of the frames against diffusers'.
+
+    python bench/wan_pipeline.py --markdown docs/performance.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from wan import COMMON, WAN_CONFIGS  # noqa: E402  (bench/wan.py)
+
+UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=256384,
+                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                relative_attention_max_distance=128, dropout_rate=0.0)
+
+
+def build_components(device: torch.device):
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from ditserve.testing import build_tiny_t5_tokenizer
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # no float32 copy of 5.7B text-encoder weights
+    try:
+        with torch.device(device):
+            text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).eval()
+            transformer = WanTransformer3DModel(**COMMON, **WAN_CONFIGS["1.3b"]).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.device(device):
+        vae = AutoencoderKLWan().eval()  # the Wan2.1 VAE config is diffusers' default
+    scheduler_config = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0)
+    return dict(tokenizer=build_tiny_t5_tokenizer(), text_encoder=text_encoder, transformer=transformer, vae=vae,
+                new_scheduler=lambda: UniPCMultistepScheduler(**scheduler_config))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--num-frames", type=int, default=81)
+    parser.add_argument("--variants", default="diffusers,ditserve,ditserve:compile")
+    parser.add_argument("--markdown")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/wan_pipeline.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import diffusers
+
+    from ditserve.loading import instantiate_on_meta
+    from ditserve.models.wan import WanTransformer3DModel as OurDiT
+    from ditserve.pipelines.wan import WanPipeline as OurPipeline
+
+    device = torch.device("cuda")
+    parts = build_components(device)
+    theirs = diffusers.WanPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"],
+                                   transformer=parts["transformer"], vae=parts["vae"], scheduler=parts["new_scheduler"]())
+    our_dit = instantiate_on_meta(lambda: OurDiT(**COMMON, **WAN_CONFIGS["1.3b"]))
+    our_dit.load_state_dict(parts["transformer"].state_dict(), strict=True, assign=True)
+    ours = OurPipeline(transformer=our_dit.to(device).eval(), text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                       vae=parts["vae"], new_scheduler=parts["new_scheduler"], device=device, dtype=torch.bfloat16)
+    request = dict(prompt="a red circle moving left on a blue background", negative_prompt="blurry, low quality",
+                   height=args.height, width=args.width, num_frames=args.num_frames,
+                   num_inference_steps=args.steps, guidance_scale=5.0)
+
+    rows, frames = [], {}
+    for variant in args.variants.split(","):
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step_ends: list[float] = []
+        if variant == "diffusers":
+
+            def on_step(pipe, i, t, kwargs):
+                torch.cuda.synchronize()
+                step_ends.append(time.perf_counter())
+                return kwargs
+
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = theirs(**request, generator=torch.Generator(device).manual_seed(0), output_type="np",
+                         callback_on_step_end=on_step).frames[0]
+            torch.cuda.synchronize()
+            total = time.perf_counter() - start
+            steps = np.diff([start, *step_ends])[1:]  # drop step 0: it includes text encoding
+        else:
+            if variant.endswith(":compile"):
+                t0 = time.perf_counter()
+                ours.compile()
+                ours.generate(**{**request, "num_inference_steps": 2}, seed=0)  # compile + warm-up
+                print(f"compile + warm-up: {time.perf_counter() - t0:.1f} s", flush=True)
+                torch.cuda.reset_peak_memory_stats()
+            result = ours.generate(**request, seed=0)
+            out, total, steps = result.frames, result.timings["total_s"], result.timings["per_step_s"]
+        frames[variant] = out
+        row = {
+            "variant": variant,
+            "step_median_s": statistics.median(steps),
+            "step_min_s": min(steps),
+            "step_max_s": max(steps),
+            "total_s": total,
+            "peak_over_resident_gib": (torch.cuda.max_memory_allocated() - resident) / 2**30,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = next((r for r in rows if r["variant"] == "diffusers"), None)
+    lines = [
+        f"### Wan2.1-1.3B whole generation, {args.height}x{args.width}x{args.num_frames}, {args.steps} steps, CFG 5.0, bf16 — "
+        f"{datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, diffusers {diffusers.__version__}",
+        "",
+        f"Command: `python bench/wan_pipeline.py --steps {args.steps}`. Random weights, real-size components (UMT5-XXL-sized "
+        "text encoder, Wan2.1 VAE in float32, 1.3B DiT); both pipelines share the text encoder and VAE. Peak memory is "
+        "measured above what was resident before the run (all models stay loaded).",
+        "",
+        "| variant | step median (s) | step min–max (s) | total (s) | speed-up vs diffusers | peak above resident (GiB) | PSNR vs diffusers (dB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        speed = f"{base['total_s'] / r['total_s']:.2f}x" if base else "–"
+        similarity = f"{psnr(frames[r['variant']], frames['diffusers']):.1f}" if base else "–"
+        lines.append(
+            f"| {r['variant']} | {r['step_median_s']:.3f} | {r['step_min_s']:.3f}–{r['step_max_s']:.3f} | {r['total_s']:.1f} | "
+            f"{speed} | {r['peak_over_resident_gib']:.1f} | {similarity} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("\n" + text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
