@@ -88,11 +88,26 @@ def build_models(cfg: dict, device: torch.device, need_diffusers: bool):
     return ours.to(device, torch.bfloat16).eval(), theirs
 
 
+def _shown_args() -> str:
+    """This run's arguments without output paths (they point into a scratch folder)."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in ("--json", "--markdown"):
+            skip = True
+        else:
+            args.append(arg)
+    return " ".join(args)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(WAN_CONFIGS), default="1.3b")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-diffusers", action="store_true", help="time ditserve only (e.g. 14B where two copies do not fit)")
+    parser.add_argument("--no-cfg", action="store_true", help="time the single forward only, not the CFG pair (14B: saves minutes)")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
         "--variants",
         default="ditserve:auto,ditserve:sdpa,diffusers:native,diffusers:_native_cudnn,ditserve:auto:compile,diffusers:native:compile,diffusers:_native_cudnn:compile",
@@ -141,7 +156,7 @@ def main() -> int:
             continue
         row = {"variant": f"{lib} ({backend}{', compiled' if mode else ''})"}
         with torch.inference_mode():
-            for label, batch in (("forward", 1), ("cfg_pair", 2)):
+            for label, batch in (("forward", 1),) if args.no_cfg else (("forward", 1), ("cfg_pair", 2)):
                 torch.cuda.reset_peak_memory_stats()
                 torch.cuda.empty_cache()
 
@@ -149,7 +164,7 @@ def main() -> int:
                     return model(latents[:batch], timestep[:batch], text[:batch], return_dict=False)[0]
 
                 try:
-                    ms = time_ms(run, args.repeats, warmup=3 if mode else 2)
+                    ms = time_ms(run, args.repeats, warmup=args.warmup + (1 if mode else 0))
                 except Exception as err:  # noqa: BLE001
                     print(f"{lib}:{backend} {label} failed: {err}", flush=True)
                     ms = float("nan")
@@ -174,7 +189,7 @@ def main() -> int:
         f"### Wan2.1-{args.config.upper()} DiT forward, {height}x{width}x{frames} ({tokens} tokens), bf16 — "
         f"{datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}",
         "",
-        f"Command: `python bench/wan.py --config {args.config} --repeats {args.repeats}`. Random weights from the published config; "
+        f"Command: `python bench/wan.py {_shown_args()}`. Random weights from the published config; "
         f"{flops / 1e12:.0f} TFLOP per sample (linear layers + attention); bf16 matmul rate measured in this run: {rate / 1e12:.0f} TFLOP/s.",
         "",
         "| variant | forward (ms) | vs diffusers default | MFU | peak GiB | CFG pair (ms) | CFG pair peak GiB | max err vs diffusers |",
@@ -185,7 +200,8 @@ def main() -> int:
         err = next((f"{v:.2e}" for k, v in r.items() if k.startswith("rel_err")), "–")
         lines.append(
             f"| {r['variant']}{' → ' + '/'.join(r['attention_choices']) if 'attention_choices' in r else ''} | {r['forward_ms']:.0f} | {speed} | "
-            f"{r['forward_mfu']:.0%} | {r['forward_peak_gib']:.1f} | {r['cfg_pair_ms']:.0f} | {r['cfg_pair_peak_gib']:.1f} | {err} |"
+            f"{r['forward_mfu']:.0%} | {r['forward_peak_gib']:.1f} | {r.get('cfg_pair_ms', float('nan')):.0f} | "
+            f"{r.get('cfg_pair_peak_gib', float('nan')):.1f} | {err} |"
         )
     text_md = "\n".join(lines) + "\n"
     print(text_md)
