@@ -287,8 +287,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-style /v1/videos, /v1/images/generations)",
-                         description="Load a model once and serve generation requests over HTTP. SIGTERM or Ctrl-C "
-                                     "shuts down cleanly: running and queued jobs are cancelled, no partial files stay.")
+                         description="Load a model once and serve generation requests over HTTP. SIGTERM or "
+                                     "Ctrl-C shuts down cleanly: running and queued jobs are cancelled, no partial "
+                                     "files stay.")
     srv.add_argument("--model", help="diffusers-format pipeline folder (model_index.json + components)")
     srv.add_argument("--model-name", help="model id in /v1/models and requests (default: the folder's name)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
