@@ -231,6 +231,8 @@ def _run_remote_generate(args: argparse.Namespace) -> str:
     from ditserve.client import Client, ClientError, QueueFullError, write_file_atomically
     from ditserve.output import check_output_path, output_format
 
+    if args.model:
+        raise _UsageError("give --model (generate here) or --url (ask a server that loaded its model), not both")
     output = check_output_path(args.output)
     if output_format(output) not in ("mp4", "png"):
         raise _UsageError(f"argument --output: with --url the server makes .mp4 (a video) or .png (an image), "

@@ -1,0 +1,46 @@
+"""`create_app(pipeline or factory, settings)`: the FastAPI app, testable without a command line."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from ditserve import __version__
+from ditserve.server.errors import install_error_handlers
+from ditserve.server.routes import router
+from ditserve.server.schemas import ImageGenerationRequest, VideoCreateRequest
+from ditserve.server.settings import ServerSettings
+from ditserve.server.state import PipelineSource, ServerState
+
+__all__ = ["create_app"]
+
+
+def create_app(
+    pipeline: PipelineSource,
+    settings: ServerSettings | None = None,
+    *,
+    on_load_failure: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """An app serving `pipeline` (a loaded pipeline, or a no-argument factory run in the background at start).
+
+    on_load_failure(error) runs (on the loading thread) if the factory raises; `serve` exits then.
+    The server state is `app.state.ditserve`.
+    """
+    state = ServerState(pipeline, settings or ServerSettings(), on_load_failure)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(title="ditserve", version=__version__, lifespan=lifespan,
+                  description="Text-to-video and text-to-image generation with diffusion transformers.")
+    app.state.ditserve = state
+    install_error_handlers(app, {"/v1/videos": VideoCreateRequest, "/v1/images/generations": ImageGenerationRequest})
+    app.include_router(router)
+    return app

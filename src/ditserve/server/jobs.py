@@ -1,0 +1,223 @@
+"""Jobs: one generation request's life (queued -> in_progress -> completed/failed/cancelled) and their store.
+
+A `Job` is written by the worker thread (progress, result) and read by the event loop
+(status polls), so every change goes through a method that holds the job's lock, and
+readers take a `snapshot()`. Terminal states are final: a late cancel cannot turn a
+completed job into a cancelled one, nor a late result a cancelled job into a completed one.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from ditserve.engine import GenerationRequest
+
+__all__ = ["Job", "JobError", "JobKind", "JobSnapshot", "JobStatus", "JobStore", "new_job_id"]
+
+log = logging.getLogger("ditserve.server")
+
+JobKind = Literal["video", "image"]
+
+
+class JobStatus(str, Enum):
+    """Status names as OpenAI's video objects spell them (plus `cancelled`)."""
+
+    QUEUED = "queued"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job failed or was cancelled: a stable `code` for programs, a `message` for people."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """A consistent, immutable view of a job at one instant (what the API serialises)."""
+
+    id: str
+    kind: JobKind
+    request: GenerationRequest
+    fps: float
+    status: JobStatus
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    step: int
+    total_steps: int
+    error: JobError | None
+    timings: dict[str, Any]
+    path: Path | None
+
+    @property
+    def progress(self) -> int:
+        """Percent done: steps finished (capped at 99 until the file is written), 100 when completed."""
+        if self.status is JobStatus.COMPLETED:
+            return 100
+        if not self.total_steps:
+            return 0
+        return min(99, 100 * self.step // self.total_steps)
+
+
+def new_job_id(kind: JobKind) -> str:
+    """`video_<32 hex>` / `img_<32 hex>`: unguessable, so ids double as capabilities for /content."""
+    return f"{'video' if kind == 'video' else 'img'}_{secrets.token_hex(16)}"
+
+
+@dataclass(eq=False)
+class Job:
+    """One request to generate; `cancel_event` is what the pipeline checks before every step."""
+
+    kind: JobKind
+    request: GenerationRequest
+    fps: float
+    id: str = ""
+    created_at: float = field(default_factory=time.time)
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.id = self.id or new_job_id(self.kind)
+        self._lock = threading.Lock()
+        self._status = JobStatus.QUEUED
+        self._started_at: float | None = None
+        self._finished_at: float | None = None
+        self._step = 0
+        self._total_steps = self.request.num_inference_steps
+        self._error: JobError | None = None
+        self._timings: dict[str, Any] = {}
+        self._path: Path | None = None
+        self._on_finish: list[Callable[[Job], None]] = []
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def status(self) -> JobStatus:
+        return self._status
+
+    def snapshot(self) -> JobSnapshot:
+        with self._lock:
+            return JobSnapshot(
+                id=self.id, kind=self.kind, request=self.request, fps=self.fps, status=self._status,
+                created_at=self.created_at, started_at=self._started_at, finished_at=self._finished_at,
+                step=self._step, total_steps=self._total_steps, error=self._error,
+                timings=dict(self._timings), path=self._path,
+            )
+
+    def on_finish(self, callback: Callable[[Job], None]) -> None:
+        """Call `callback(job)` once the job is finished (at once if it already is), from the finishing thread."""
+        with self._lock:
+            if not self._status.finished:
+                self._on_finish.append(callback)
+                return
+        callback(self)
+
+    # -- transitions (worker thread, or the runner for queued jobs) -------------------------
+
+    def start(self) -> bool:
+        """queued -> in_progress; False if the job was already finished (cancelled while queued)."""
+        with self._lock:
+            if self._status is not JobStatus.QUEUED:
+                return False
+            self._status = JobStatus.IN_PROGRESS
+            self._started_at = time.time()
+            return True
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        with self._lock:
+            self._step, self._total_steps = step, total_steps
+
+    def complete(self, path: Path, timings: dict[str, Any]) -> None:
+        self._finish(JobStatus.COMPLETED, None, timings, path)
+
+    def fail(self, code: str, message: str, timings: dict[str, Any] | None = None) -> None:
+        self._finish(JobStatus.FAILED, JobError(code, message), timings or {}, None)
+
+    def mark_cancelled(self, message: str) -> None:
+        self._finish(JobStatus.CANCELLED, JobError("cancelled", message), {}, None)
+
+    def _finish(self, status: JobStatus, error: JobError | None, timings: dict[str, Any], path: Path | None) -> None:
+        with self._lock:
+            if self._status.finished:
+                return
+            self._status, self._error, self._path = status, error, path
+            self._timings = dict(timings)
+            self._finished_at = time.time()
+            callbacks, self._on_finish = self._on_finish, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:  # a listener's bug must not take the worker down
+                log.exception("job %s: on_finish callback failed", self.id)
+
+
+class JobStore:
+    """Every job the server knows, by id; keeps at most `keep` finished jobs (and their files).
+
+    Queued and running jobs are never pruned. When a job finishes, the oldest finished jobs
+    beyond `keep` are forgotten and their output files deleted.
+    """
+
+    def __init__(self, keep: int) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 (finished jobs to keep), got {keep}")
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            if job.id in self._jobs:
+                raise ValueError(f"duplicate job id {job.id}")
+            self._jobs[job.id] = job
+        job.on_finish(lambda _job: self.prune())
+
+    def discard(self, job: Job) -> None:
+        """Forget a job that never got admitted (e.g. the queue was full)."""
+        with self._lock:
+            self._jobs.pop(job.id, None)
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        """All jobs, oldest first."""
+        with self._lock:
+            return list(self._jobs.values())
+
+    def counts(self) -> dict[JobStatus, int]:
+        counts = dict.fromkeys(JobStatus, 0)
+        for job in self.jobs():
+            counts[job.status] += 1
+        return counts
+
+    def prune(self) -> list[JobSnapshot]:
+        """Drop the oldest finished jobs beyond `keep`, deleting their files; return what was dropped."""
+        with self._lock:
+            finished = [job.snapshot() for job in self._jobs.values() if job.status.finished]
+            finished.sort(key=lambda s: s.finished_at or 0.0)
+            dropped = finished[: max(0, len(finished) - self.keep)]
+            for snap in dropped:
+                del self._jobs[snap.id]
+        for snap in dropped:
+            if snap.path is not None:
+                snap.path.unlink(missing_ok=True)
+        return dropped

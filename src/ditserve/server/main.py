@@ -1,0 +1,98 @@
+"""`serve(...)`: run the app on uvicorn until SIGTERM/SIGINT, then shut down cleanly and exit 0.
+
+Shutdown order on SIGTERM (or Ctrl-C): new job requests get 503 at once, queued jobs are
+cancelled, the running job is cancelled before its next denoising step (we cancel rather
+than finish it: a Wan step can take seconds and a whole video minutes, longer than
+orchestrators wait), uvicorn stops accepting connections and finishes in-flight responses,
+the worker is joined, and temporary files are removed. Finished files stay in --output-dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+from types import FrameType
+
+import torch
+import uvicorn
+
+from ditserve.server.app import create_app
+from ditserve.server.settings import ServerSettings
+from ditserve.server.state import ServerState
+
+__all__ = ["serve"]
+
+log = logging.getLogger("ditserve.server")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, draining our jobs first on a signal, and exiting 0 after a clean shutdown.
+
+    (uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process would
+    die of the signal; a server that shut down as asked has succeeded.)
+    """
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._state.request_shutdown()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for connections
+        else:
+            self.should_exit = True
+
+
+def serve(
+    model: str | os.PathLike[str],
+    settings: ServerSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 30000,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    attention_backend: str | None = None,
+    compile: bool = False,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
+) -> int:
+    """Serve the model folder at `model`; return the exit status (0 after a requested shutdown, 1 if loading failed)."""
+    from ditserve.attention import resolve_backend_name
+    from ditserve.loading import read_model_index
+    from ditserve.pipelines.errors import PipelineConfigError
+    from ditserve.pipelines.options import resolve_device, resolve_dtype
+
+    # wrong paths and options fail now, before the port opens and the model loads
+    read_model_index(Path(model))
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    try:
+        attention_backend = resolve_backend_name(attention_backend)
+    except ValueError as e:
+        raise PipelineConfigError(str(e)) from None
+
+    def load():  # runs on a background thread after the port opens, so /health answers 503 meanwhile
+        from ditserve import Pipeline
+
+        return Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=attention_backend,
+                                        compile=compile)
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    failed: list[BaseException] = []
+    server: _Server | None = None
+
+    def on_load_failure(error: BaseException) -> None:
+        failed.append(error)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(load, settings, on_load_failure=on_load_failure)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
+                            access_log=log_level == "debug")
+    server = _Server(config, app.state.ditserve)
+    server.run(sockets=[sock] if sock is not None else None)
+    return 1 if failed or not server.started else 0

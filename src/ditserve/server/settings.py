@@ -1,0 +1,40 @@
+"""Server settings: everything `ditserve serve` can be told, checked once at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ServerSettings"]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """model_name: the id /v1/models lists and requests may name.
+    output_dir: where finished files go; None -> a temporary folder removed at shutdown.
+    max_queue: most jobs waiting (not counting the running one); one more gets 429.
+    keep_jobs: finished jobs (and files) kept; older ones are deleted.
+    default_fps: frame rate of videos whose request gives none.
+    shutdown_timeout_s: how long shutdown waits for the running job to stop.
+    """
+
+    model_name: str = "ditserve"
+    output_dir: Path | None = None
+    max_queue: int = 16
+    keep_jobs: int = 100
+    default_fps: float = 16.0
+    shutdown_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ValueError("model_name must be a non-empty string")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.keep_jobs < 1:
+            raise ValueError(f"keep_jobs must be >= 1, got {self.keep_jobs}")
+        if not self.default_fps > 0:
+            raise ValueError(f"default_fps must be > 0, got {self.default_fps}")
+        if self.output_dir is not None:
+            object.__setattr__(self, "output_dir", Path(self.output_dir))
+            if self.output_dir.exists() and not self.output_dir.is_dir():
+                raise ValueError(f"output_dir {self.output_dir} exists and is not a folder")
