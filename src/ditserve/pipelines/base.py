@@ -3,22 +3,25 @@
 `Pipeline.from_pretrained` reads model_index.json and hands the folder to the family's
 class named by its `_class_name`; each family (one module per family) implements
 `_from_folder` and `run`. `generate` is shared: validate the request against the loaded
-model's size rules, then `run` it.
+model's size rules, then `run` it. `generate_batch` runs several requests through the
+batching engine, which needs the family's shared stages (`ditserve.engine.batching.BatchStages`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 import torch
 
-from ditserve.engine import GenerationRequest, validate_request
+from ditserve.engine import GenerationRequest, InvalidRequest, validate_request
 from ditserve.loading import UnknownModelError, read_model_index
 from ditserve.pipelines.denoise import CancelToken, StepCallback
 from ditserve.pipelines.result import GenerationOutput
@@ -135,6 +138,54 @@ class Pipeline(ABC):
         request = self.validate(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
                                 guidance_scale, seed)
         return self.run(request, callback=callback, cancel=cancel)
+
+    def generate_batch(
+        self,
+        requests: Sequence[Mapping[str, Any] | GenerationRequest],
+        *,
+        max_batch_tokens: int | None = None,
+        max_batch_size: int | None = None,
+        callback: Callable[[int, int, int], None] | None = None,
+        cancel: CancelToken | None = None,
+    ) -> list[GenerationOutput]:
+        """Generate several requests at once, batched step by step (`ditserve.engine.batching`).
+
+        Each request is a dict of `generate`'s keyword arguments (or a `GenerationRequest`);
+        the outputs come back in the same order and equal what `generate` returns for each
+        alone. All requests are validated before any work (an `InvalidRequest` names the
+        request's index). max_batch_tokens / max_batch_size: the engine's limits (None: the
+        device's default budget, no size limit). callback(request_index, step_index, total)
+        runs after each step of each request; `cancel` stops them all at the next step.
+        Raises the first failed request's error (e.g. `GenerationCancelled`) after all ended.
+        """
+        from ditserve.engine.batching import BatchingEngine  # the engine builds on this package
+
+        validated = [self._validated(i, request) for i, request in enumerate(requests)]
+        engine = BatchingEngine(self, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size)
+        futures = [
+            engine.submit(request, cancel=cancel,
+                          callback=None if callback is None else partial(callback, i))
+            for i, request in enumerate(validated)
+        ]
+        engine.run_until_idle()
+        return [future.result() for future in futures]
+
+    def _validated(self, index: int, request: Mapping[str, Any] | GenerationRequest) -> GenerationRequest:
+        """One entry of `generate_batch`, validated like `generate`'s arguments."""
+        fields = dataclasses.asdict(request) if isinstance(request, GenerationRequest) else request
+        if not isinstance(fields, Mapping):
+            raise TypeError(f"requests[{index}] must be a dict of generate()'s arguments or a GenerationRequest, "
+                            f"got {type(request).__name__}")
+        unknown = sorted(set(fields) - set(GenerationRequest.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"requests[{index}] has unknown keys {unknown}; "
+                            f"known: {', '.join(GenerationRequest.__dataclass_fields__)}")
+        if "prompt" not in fields:
+            raise TypeError(f"requests[{index}] needs a 'prompt'")
+        try:
+            return self.validate(**fields)
+        except InvalidRequest as e:
+            raise InvalidRequest(e.field, f"requests[{index}]: {e}") from None
 
     @abstractmethod
     def run(

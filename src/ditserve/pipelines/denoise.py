@@ -16,7 +16,7 @@ from torch import Tensor
 from ditserve.pipelines.errors import GenerationCancelled
 from ditserve.pipelines.timing import StepTimer
 
-__all__ = ["CancelToken", "Predict", "StepCallback", "denoise", "guided_predictor"]
+__all__ = ["CancelToken", "Predict", "StepCallback", "combine_guidance", "denoise", "guided_predictor", "start_schedule"]
 
 # (latents, timestep as a 0-d tensor) -> the model's prediction for the scheduler
 Predict = Callable[[Tensor, Tensor], Tensor]
@@ -45,9 +45,25 @@ def guided_predictor(model: ModelCall, cond: Tensor, uncond: Tensor | None, guid
 
     def predict(x: Tensor, t: Tensor) -> Tensor:
         pred_cond, pred_uncond = model(torch.cat([x, x]), t.expand(2 * x.shape[0]), text).chunk(2)
-        return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+        return combine_guidance(pred_cond, pred_uncond, guidance_scale)
 
     return predict
+
+
+def combine_guidance(pred_cond: Tensor, pred_uncond: Tensor, guidance_scale: float) -> Tensor:
+    """`uncond + g * (cond - uncond)`: one formula for the single-request and batched paths."""
+    return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+
+
+def start_schedule(scheduler: Any, num_inference_steps: int, device: torch.device) -> Tensor:
+    """Set a fresh scheduler's timesteps on `device` and its begin index; return the timesteps.
+
+    The begin index spares the scheduler a device-to-host search for the current step. Shared
+    by `denoise` and the batching engine, so a request steps the same way alone or batched.
+    """
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    scheduler.set_begin_index(0)
+    return scheduler.timesteps
 
 
 def denoise(
@@ -67,9 +83,7 @@ def denoise(
     runs after step i. The latents stay in their dtype (float32, like diffusers); `predict`
     casts to the model's dtype itself.
     """
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    scheduler.set_begin_index(0)
-    timesteps = scheduler.timesteps
+    timesteps = start_schedule(scheduler, num_inference_steps, device)
     total = len(timesteps)
     if timer is not None:
         timer.start()

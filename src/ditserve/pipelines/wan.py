@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ditserve.attention import resolve_backend_name
 from ditserve.engine import GenerationRequest, InvalidRequest
+from ditserve.engine.budget import block_activation_bytes, default_max_batch_tokens
 from ditserve.loading import UnknownModelError, component_path, load_component, read_config
 from ditserve.models.wan import WanTransformer3DModel
 from ditserve.pipelines.base import Pipeline
@@ -85,7 +86,10 @@ class WanPipeline(Pipeline):
     """Wan2.1 text-to-video. Build with `WanPipeline.from_pretrained(path)` (or `ditserve.Pipeline`).
 
     One generation at a time per instance: diffusers' Wan VAE keeps a feature cache on the
-    module during `decode`, so concurrent callers (a server) must serialise `run`.
+    module during `decode`, so concurrent callers (a server) must serialise `run`. To run
+    many requests at once use the batching engine (`generate_batch`, or
+    `ditserve.engine.batching.BatchingEngine` from a server): it does every stage of every
+    request on its one stepping thread, so nothing else may use this instance meanwhile.
     """
 
     def __init__(
@@ -204,6 +208,33 @@ class WanPipeline(Pipeline):
     def _model_call(self, latents: Tensor, timesteps: Tensor, text: Tensor) -> Tensor:
         return self.transformer(latents.to(self.transformer.dtype), timesteps, text, return_dict=False)[0]
 
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int, int]:
+        """`(1, C, F, H, W)` of this request's latents."""
+        return video_latent_shape(self.transformer.config.in_channels, request.num_frames, request.height,
+                                  request.width, temporal_factor=self.vae_temporal, spatial_factor=self.vae_spatial)
+
+    def initial_latents(self, request: GenerationRequest) -> Tensor:
+        """The seeded starting noise (float32), the same whether the request runs alone or batched."""
+        return seeded_noise(self.latent_shape(request), request.seed, self.device, torch.float32)
+
+    # -- what the batching engine needs (`ditserve.engine.batching.BatchStages`) -------------
+
+    def tokens_per_sample(self, request: GenerationRequest) -> int:
+        """DiT tokens (patches) of one sample of this request."""
+        _, _, frames, height, width = self.latent_shape(request)
+        pt, ph, pw = self.transformer.config.patch_size
+        return (frames // pt) * (height // ph) * (width // pw)
+
+    def default_max_batch_tokens(self) -> int:
+        """Tokens per batched step that fit in free device memory (`ditserve.engine.budget`)."""
+        config = self.transformer.config
+        per_token = block_activation_bytes(config.inner_dim, config.ffn_dim, self.dtype)
+        return default_max_batch_tokens(per_token, self.device)
+
+    def predict_packed(self, latents: list[Tensor], timesteps: Tensor, text: list[Tensor]) -> list[Tensor]:
+        """One DiT forward over samples of any sizes (`WanTransformer3DModel.forward_packed`)."""
+        return self.transformer.forward_packed(latents, timesteps, text)
+
     def decode(self, latents: Tensor) -> np.ndarray:
         """Latents -> float32 frames (F, H, W, 3) in [0, 1] on the host."""
         latents = latents.to(self.device, VAE_DTYPE)
@@ -228,10 +259,7 @@ class WanPipeline(Pipeline):
             synchronize(self.device)
             encoded = time.perf_counter()
 
-            shape = video_latent_shape(self.transformer.config.in_channels, request.num_frames, request.height,
-                                       request.width, temporal_factor=self.vae_temporal,
-                                       spatial_factor=self.vae_spatial)
-            latents = seeded_noise(shape, request.seed, self.device, torch.float32)
+            latents = self.initial_latents(request)
             timer = StepTimer(self.device)
             latents = denoise(
                 self.new_scheduler(),
