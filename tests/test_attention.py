@@ -389,3 +389,21 @@ def test_two_threads_with_different_metadata_get_their_own_results():
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_varlen_refuses_cuda_head_dims_its_kernel_cannot_take():
+    """torch's varlen_attn needs head_dim % 8 == 0 on CUDA (found on an H100 with the tiny
+    Wan model, head_dim 12); the backend must say so, so the selector picks another one."""
+    backend = create_backends()["varlen"]
+    if backend._varlen_attn is None:
+        pytest.skip("this torch has no varlen_attn")
+    base = dict(device_type="cuda", dtype=torch.bfloat16, num_heads_q=2, num_heads_kv=2, packed=True,
+                causal=False, has_mask=False, max_seq_len_q=8, max_seq_len_k=8, batch_size=2)
+    from ditserve.attention.backends.base import AttentionCall
+
+    meta = torch.device("meta")
+    odd = AttentionCall(head_dim=12, head_dim_v=12, **base)
+    assert backend.why_not(odd, meta) == "torch's varlen_attn on CUDA needs head_dim a multiple of 8, not 12"
+    assert backend.why_not(AttentionCall(head_dim=16, head_dim_v=16, **base), meta) is None
+    # on CPU the per-segment path takes any head size
+    assert backend.why_not(odd._replace(device_type="cpu"), torch.device("cpu")) is None

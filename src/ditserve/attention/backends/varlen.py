@@ -44,6 +44,8 @@ class VarlenBackend(AttentionBackend):
             return "this torch has no torch.nn.attention.varlen.varlen_attn"
         if call.dtype not in (torch.float16, torch.bfloat16):
             return f"torch's varlen_attn on CUDA takes float16/bfloat16, not {call.dtype}"
+        if call.head_dim % 8 or call.head_dim_v % 8:
+            return f"torch's varlen_attn on CUDA needs head_dim a multiple of 8, not {call.head_dim}"
         if call.causal and not ({"window_size", "is_causal"} & self._params):
             return "this torch's varlen_attn cannot do causal attention"
         return None
