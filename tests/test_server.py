@@ -133,6 +133,8 @@ def test_twenty_concurrent_requests_with_a_queue_of_four(tiny_pipeline: Any, tmp
     app = create_app(pipe, settings(tmp_path, max_queue=4))
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30,
                                                    limits=httpx.Limits(max_connections=20)) as http:
+        first = http.post("/v1/videos", json={"prompt": "a dog first", **SMALL}).json()
+        assert pipe.running.wait(30)  # in the batch, held in its first step: the 20 below must wait
         barrier = threading.Barrier(20)
 
         def post(i: int) -> httpx.Response:
@@ -144,35 +146,41 @@ def test_twenty_concurrent_requests_with_a_queue_of_four(tiny_pipeline: Any, tmp
         assert {r.status_code for r in responses} <= {200, 429}
         accepted = [r.json()["id"] for r in responses if r.status_code == 200]
         rejected = [r for r in responses if r.status_code == 429]
-        assert 4 <= len(accepted) <= 5 and len(accepted) + len(rejected) == 20  # 4 waiting (+1 running)
+        assert len(accepted) == 4 and len(rejected) == 16  # 4 waiting; the running one is not counted
         assert len(set(accepted)) == len(accepted)
+        assert {http.get(f"/v1/videos/{i}").json()["status"] for i in accepted} == {"queued"}
         for r in rejected:
             assert int(r.headers["Retry-After"]) >= 1
             assert error_of(r)["code"] == "queue_full" and "queue is full" in error_of(r)["message"]
+        metrics = http.get("/metrics").text
+        assert "ditserve_queue_length 4.0" in metrics and "ditserve_jobs_running 1.0" in metrics
 
         pipe.gate.set()
+        accepted.append(first["id"])
         finals = [wait_for(http, job_id) for job_id in accepted]
         assert [j["status"] for j in finals] == ["completed"] * len(accepted)
         assert sorted(v["id"] for v in http.get("/v1/videos").json()["data"]) == sorted(accepted)
         # each accepted request ran exactly once, with its own prompt; refused ones never ran
-        accepted_prompts = [r.json()["prompt"] for r in responses if r.status_code == 200]
+        accepted_prompts = [first["prompt"]] + [r.json()["prompt"] for r in responses if r.status_code == 200]
         assert sorted(pipe.prompts) == sorted(accepted_prompts) and len(set(pipe.prompts)) == len(pipe.prompts)
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{i}.mp4" for i in accepted)
         metrics = http.get("/metrics").text
         assert f'ditserve_jobs_rejected_total{{reason="queue_full"}} {len(rejected)}.0' in metrics
         assert f'ditserve_jobs{{status="completed"}} {len(accepted)}.0' in metrics
+        assert max(pipe.batch_sizes) == 2 * len(accepted)  # the 4 waiting joined the first one's batch
 
 
 def test_cancel_a_queued_and_a_running_job(tiny_pipeline: Any, tmp_path: Path) -> None:
     pipe = GatedPipeline(tiny_pipeline, gated=True)
     with serve_in_thread(create_app(pipe, settings(tmp_path))) as url, httpx.Client(base_url=url) as http:
-        running, queued, last = (http.post("/v1/videos", json={"prompt": f"job {i}", **SMALL}).json()["id"]
-                                 for i in range(3))
-        assert pipe.running.wait(30)
+        running = http.post("/v1/videos", json={"prompt": "job 0", **SMALL}).json()["id"]
+        assert pipe.running.wait(30)  # held in its first step; the next two wait for the step boundary
+        queued, last = (http.post("/v1/videos", json={"prompt": f"job {i}", **SMALL}).json()["id"] for i in (1, 2))
 
         cancelled = http.delete(f"/v1/videos/{queued}")
         assert cancelled.status_code == 200
         assert cancelled.json()["status"] == "cancelled" and cancelled.json()["error"]["code"] == "cancelled"
+        assert "cancelled while queued" in cancelled.json()["error"]["message"]
         content = http.get(f"/v1/videos/{queued}/content")
         assert content.status_code == 409 and error_of(content)["code"] == "job_cancelled"
 
@@ -185,7 +193,7 @@ def test_cancel_a_queued_and_a_running_job(tiny_pipeline: Any, tmp_path: Path) -
         assert again.status_code == 409 and "already cancelled" in error_of(again)["message"]
 
         assert wait_for(http, last)["status"] == "completed"
-        assert pipe.calls == 2  # the queued job never reached the pipeline
+        assert pipe.prompts == ["job 0", "job 2"]  # the cancelled queued job never reached the model
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{last}.mp4"]
 
 
@@ -193,24 +201,36 @@ def test_cancel_a_queued_and_a_running_job(tiny_pipeline: Any, tmp_path: Path) -
 
 def test_a_job_that_raises_fails_alone(tiny_pipeline: Any, tmp_path: Path) -> None:
     oom = RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    pipe = GatedPipeline(tiny_pipeline, fail_on={2: oom})
+    pipe = GatedPipeline(tiny_pipeline, fail_decode={2: oom})  # the second job's VAE decode, after its last step
     with serve_in_thread(create_app(pipe, settings(tmp_path))) as url, httpx.Client(base_url=url) as http:
         ids = [http.post("/v1/videos", json={"prompt": f"job {i}", **SMALL}).json()["id"] for i in range(3)]
         first, second, third = (wait_for(http, i) for i in ids)
         assert first["status"] == "completed" and third["status"] == "completed"
         assert second["status"] == "failed" and second["error"]["code"] == "out_of_memory"
-        assert "CUDA out of memory" in second["error"]["message"] and second["step"] == 0
-        assert pipe.prompts == ["job 0", "job 1", "job 2"]  # in submission order
+        assert "CUDA out of memory" in second["error"]["message"] and second["step"] == 2
+        assert pipe.prompts == ["job 0", "job 1", "job 2"]  # admitted in submission order
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{i}.mp4" for i in (ids[0], ids[2]))
         assert http.get("/health").status_code == 200
         assert 'ditserve_jobs_finished_total{status="failed"} 1.0' in http.get("/metrics").text
 
 
-def test_nan_output_fails_the_job_and_writes_nothing(tiny_pipeline: Any, tmp_path: Path) -> None:
-    from dataclasses import replace
+def test_a_failed_batched_step_fails_its_jobs_and_serving_goes_on(tiny_pipeline: Any, tmp_path: Path) -> None:
+    oom = RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    pipe = GatedPipeline(tiny_pipeline, gated=True, fail_forward={1: oom})
+    with serve_in_thread(create_app(pipe, settings(tmp_path))) as url, httpx.Client(base_url=url) as http:
+        in_step = http.post("/v1/videos", json={"prompt": "in the failing step", **SMALL}).json()["id"]
+        assert pipe.running.wait(30)
+        waiting = http.post("/v1/videos", json={"prompt": "waiting", **SMALL}).json()["id"]
+        pipe.gate.set()
+        failed = wait_for(http, in_step)
+        assert failed["status"] == "failed" and failed["error"]["code"] == "out_of_memory" and failed["step"] == 0
+        assert wait_for(http, waiting)["status"] == "completed"  # it was not in that forward
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{waiting}.mp4"]
 
-    def poison(call: int, output: Any) -> Any:
-        return replace(output, frames=np.full_like(output.frames, np.nan)) if call == 1 else output
+
+def test_nan_output_fails_the_job_and_writes_nothing(tiny_pipeline: Any, tmp_path: Path) -> None:
+    def poison(call: int, frames: np.ndarray) -> np.ndarray:
+        return np.full_like(frames, np.nan) if call == 1 else frames
 
     pipe = GatedPipeline(tiny_pipeline, output_hook=poison)
     with serve_in_thread(create_app(pipe, settings(tmp_path))) as url, httpx.Client(base_url=url) as http:
@@ -220,6 +240,74 @@ def test_nan_output_fails_the_job_and_writes_nothing(tiny_pipeline: Any, tmp_pat
         assert "NaN" in failed["error"]["message"]
         assert wait_for(http, good)["status"] == "completed"
         assert not (tmp_path / "out" / f"{bad}.mp4").exists()
+
+
+# -- batching -------------------------------------------------------------------------------------
+
+# different sizes, frame counts, step counts and guidance (1.0: no CFG, one sample); each size is
+# unique, so the frames the server decoded say which request they belong to
+MIXED = [
+    {"prompt": "a red ball", "negative_prompt": "blurry", "size": "32x32", "num_frames": 5, "steps": 3,
+     "guidance_scale": 5.0, "seed": 1},
+    {"prompt": "a blue cube", "size": "48x32", "num_frames": 1, "steps": 2, "guidance_scale": 1.0, "seed": 2},
+    {"prompt": "a green tree at night", "size": "32x48", "num_frames": 9, "steps": 4, "guidance_scale": 3.0,
+     "seed": 3},
+]
+
+
+def _generate_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    width, height = (int(v) for v in body["size"].split("x"))
+    return dict(prompt=body["prompt"], negative_prompt=body.get("negative_prompt", ""), height=height, width=width,
+                num_frames=body["num_frames"], num_inference_steps=body["steps"],
+                guidance_scale=body["guidance_scale"], seed=body["seed"])
+
+
+@pytest.fixture(scope="module")
+def mixed_alone(tiny_pipeline: Any) -> dict[tuple[int, ...], np.ndarray]:
+    """Each MIXED request run alone through `Pipeline.generate`: frames by their shape."""
+    frames = [tiny_pipeline.generate(**_generate_kwargs(body)).frames for body in MIXED]
+    return {f.shape: f for f in frames}
+
+
+def _histogram(metrics: str, name: str) -> dict[str, float]:
+    """`le` -> cumulative count of a Prometheus histogram in /metrics text."""
+    prefix = f'{name}_bucket{{le="'
+    return {line[len(prefix):line.index('"}')]: float(line.split()[-1])
+            for line in metrics.splitlines() if line.startswith(prefix)}
+
+
+@pytest.mark.parametrize("max_batch_size", [None, 1], ids=["batched", "one-at-a-time"])
+def test_concurrent_mixed_requests_share_steps_and_match_alone(
+        tiny_pipeline: Any, mixed_alone: dict[tuple[int, ...], np.ndarray], tmp_path: Path,
+        max_batch_size: int | None) -> None:
+    pipe = GatedPipeline(tiny_pipeline, gated=True)
+    app = create_app(pipe, settings(tmp_path, max_batch_size=max_batch_size))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        ids = [http.post(VIDEO, json=MIXED[0]).json()["id"]]
+        assert pipe.running.wait(30)  # the first is in its first step; the others join at a later boundary
+        ids += [http.post(VIDEO, json=body).json()["id"] for body in MIXED[1:]]
+        pipe.gate.set()
+        finals = [wait_for(http, job_id) for job_id in ids]
+        assert [j["status"] for j in finals] == ["completed"] * len(MIXED)
+        assert [j["step"] for j in finals] == [body["steps"] for body in MIXED]
+        metrics = http.get("/metrics").text
+    batch = _histogram(metrics, "ditserve_batch_size")
+    steps = batch["+Inf"]
+    if max_batch_size is None:
+        assert batch["2.0"] < steps  # some step ran all three requests in one forward
+        assert steps < sum(body["steps"] for body in MIXED)
+        assert max(pipe.batch_sizes) == 2 + 1 + 2  # samples: CFG requests are two, guidance 1.0 one
+    else:
+        assert batch["1.0"] == steps == sum(body["steps"] for body in MIXED)  # one request per step
+        assert "ditserve_max_batch_size 1.0" in metrics and max(pipe.batch_sizes) == 2
+    # what the server decoded (and wrote) for each request equals that request run alone
+    assert sorted(f.shape for f in pipe.decoded) == sorted(mixed_alone)
+    for frames in pipe.decoded:
+        ref = mixed_alone[frames.shape]
+        assert np.abs(frames - ref).max() / np.abs(ref).max() <= 1e-5
+    for job, body in zip(finals, MIXED):
+        path = tmp_path / "out" / f"{job['id']}.mp4"
+        assert decoded_frames(path) == (body["num_frames"], tuple(int(v) for v in body["size"].split("x")))
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -331,8 +419,12 @@ def test_health_models_and_metrics(tiny_pipeline: Any, tmp_path: Path) -> None:
                      'ditserve_jobs{status="queued"} 0.0', "ditserve_jobs_running 0.0", "ditserve_model_ready 1.0",
                      'ditserve_step_seconds_bucket{le="+Inf"} 2.0', "ditserve_step_seconds_sum",
                      'ditserve_job_seconds_bucket{le="+Inf"} 1.0', 'ditserve_jobs_submitted_total{kind="video"} 1.0',
-                     "ditserve_queue_wait_seconds_count 1.0"):
+                     "ditserve_queue_wait_seconds_count 1.0", 'ditserve_batch_size_bucket{le="1.0"} 2.0',
+                     "ditserve_batch_size_count 2.0", "ditserve_batch_tokens_count 2.0", "ditserve_last_batch_size 1.0",
+                     "ditserve_max_batch_size 0.0", "ditserve_max_batch_tokens 65536.0"):
             assert name in metrics.text, name
+        request = tiny_pipeline.validate("a bird", height=32, width=32, num_frames=5)
+        assert f"ditserve_last_batch_tokens {2 * tiny_pipeline.tokens_per_sample(request)}.0" in metrics.text  # CFG: 2
 
 
 def test_keep_jobs_deletes_the_oldest_finished_jobs_and_files(tiny_pipeline: Any, tmp_path: Path) -> None:
@@ -457,3 +549,13 @@ def test_serve_refuses_bad_options_before_opening_the_port(tmp_path: Path, capsy
     (tmp_path / "a_file").write_text("")
     assert main(["serve", "--model", str(tmp_path), "--output-dir", str(tmp_path / "a_file")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--max-batch-size", "0"]) == 2
+    assert "max_batch_size must be >= 1 (1 runs one job at a time), got 0" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--max-batch-tokens", "-5"]) == 2
+    assert "max_batch_tokens must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as not_a_number:
+        main(["serve", "--model", str(tmp_path), "--max-batch-size", "all"])
+    assert not_a_number.value.code == 2
+    assert "argument --max-batch-size: invalid int value: 'all'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_batch_tokens must be an int >= 1, got 1.5"):
+        ServerSettings(max_batch_tokens=1.5)  # type: ignore[arg-type]

@@ -275,7 +275,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         model = _model_path(args)
         settings = ServerSettings(model_name=args.model_name or Path(model).resolve().name,
-                                  output_dir=args.output_dir, max_queue=args.max_queue, keep_jobs=args.keep_jobs)
+                                  output_dir=args.output_dir, max_queue=args.max_queue, keep_jobs=args.keep_jobs,
+                                  max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens)
     except (ValueError, _UsageError) as e:
         print(f"ditserve serve: error: {e}", file=sys.stderr)
         return 2
@@ -296,7 +297,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--model-name", help="model id in /v1/models and requests (default: the folder's name)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=30000, help="port (default: 30000)")
-    srv.add_argument("--max-queue", type=int, default=16, help="most jobs waiting; more get HTTP 429 (default: 16)")
+    srv.add_argument("--max-queue", type=int, default=16,
+                     help="most jobs waiting to join the batch; more get HTTP 429 (default: 16)")
+    srv.add_argument("--max-batch-size", type=int, default=None,
+                     help="most jobs denoised together in one batched step; 1 runs one job at a time "
+                          "(default: no limit but --max-batch-tokens)")
+    srv.add_argument("--max-batch-tokens", type=int, default=None,
+                     help="most DiT tokens in one batched step, all jobs' samples together; a bigger job runs "
+                          "alone (default: from free device memory after loading; 65536 on CPU)")
     srv.add_argument("--output-dir", default=None,
                      help="where finished videos/images are written (default: a temporary folder removed at exit)")
     srv.add_argument("--keep-jobs", type=int, default=100,

@@ -1,4 +1,4 @@
-"""HTTP server: OpenAI-style video and image endpoints over a bounded job queue (`ditserve serve`)."""
+"""HTTP server (`ditserve serve`): OpenAI-style video and image endpoints; jobs run batched, from a bounded queue."""
 
 from ditserve.server.app import create_app
 from ditserve.server.runner import JobRunner, QueueFull, RunnerClosed, RunnerStats

@@ -1,15 +1,14 @@
-"""Running one job: generate with progress and cancellation, check the frames, write the file atomically.
+"""How a job ends once its generation is over: frames checked and written atomically, or the reason it failed.
 
 Every way a generation can go wrong ends as that job's state (failed with a reason, or
-cancelled), never as an exception out of the worker: a bad prompt, NaN frames or a CUDA
-out-of-memory error fails one job and the server keeps serving the next.
+cancelled), never as an exception out of a server thread: a bad prompt, NaN frames or a
+CUDA out-of-memory error fails its job and the server keeps serving the others.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -19,30 +18,27 @@ from ditserve.engine import GenerationRequest, InvalidRequest
 from ditserve.server.jobs import Job
 from ditserve.server.metrics import Metrics
 
-if TYPE_CHECKING:  # torch is imported only once a job runs
+if TYPE_CHECKING:  # torch is imported only once the model loads
     from ditserve.pipelines import GenerationOutput
-    from ditserve.pipelines.denoise import CancelToken, StepCallback
 
-__all__ = ["JobExecutor", "ServablePipeline", "output_name"]
+__all__ = ["ServablePipeline", "output_name", "record_failure", "write_output"]
 
 log = logging.getLogger("ditserve.server")
 
 
 class ServablePipeline(Protocol):
-    """What the server needs from a pipeline (`ditserve.Pipeline` has both).
+    """What the server needs from a pipeline (`ditserve.Pipeline` has it).
 
     `validate` runs at admission, on the event loop, so it must be cheap and never touch the
-    device. `run` is the one seam of job execution: "run this validated request, calling
-    `callback(step_index, total)` after each step and stopping when `cancel.is_set()`, and
-    return the output". A batching engine can stand in for it without changing the server.
+    device. Jobs run through the batching engine, so the pipeline must also provide the
+    engine's stages (`ditserve.engine.batching.BatchStages`: `device`, `tokens_per_sample`,
+    `default_max_batch_tokens`, `encode_text`, `initial_latents`, `new_scheduler`,
+    `predict_packed`, `decode`); they are not repeated here to keep torch out of the import.
     """
 
     def validate(self, prompt: Any, negative_prompt: Any = ..., height: Any = ..., width: Any = ...,
                  num_frames: Any = ..., num_inference_steps: Any = ..., guidance_scale: Any = ...,
                  seed: Any = ...) -> GenerationRequest: ...
-
-    def run(self, request: GenerationRequest, *, callback: StepCallback | None = None,
-            cancel: CancelToken | None = None) -> GenerationOutput: ...
 
 
 def output_name(job: Job) -> str:
@@ -55,58 +51,52 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 def _release_cuda_cache() -> None:
-    """After an OOM, give the failed job's cached blocks back so the next job has room."""
+    """After an OOM, give the failed step's cached blocks back so the next one has room."""
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-class JobExecutor:
-    """`executor(job)` runs one job to a finished state; the runner decides which and when."""
+def record_failure(job: Job, error: BaseException) -> None:
+    """End `job` with the error its generation raised: cancelled, or failed with a code and reason."""
+    from ditserve.pipelines import GenerationCancelled  # imports torch: the engine already did
 
-    def __init__(self, pipeline: Callable[[], ServablePipeline], output_dir: Path, metrics: Metrics) -> None:
-        self._pipeline = pipeline
-        self._output_dir = output_dir
-        self._metrics = metrics
+    if isinstance(error, GenerationCancelled):
+        log.info("job %s: %s", job.id, error)
+        job.mark_cancelled(str(error))
+    elif isinstance(error, InvalidRequest):  # admission validated already; a pipeline rule we did not know
+        job.fail("invalid_request", f"{error.field}: {error}")
+    else:
+        log.error("job %s failed", job.id, exc_info=error)
+        if _is_out_of_memory(error):
+            _release_cuda_cache()
+            job.fail("out_of_memory", f"{type(error).__name__}: {error}")
+        else:
+            job.fail("generation_failed", f"{type(error).__name__}: {error}")
 
-    def __call__(self, job: Job) -> None:
-        from ditserve.pipelines import GenerationCancelled  # imports torch: only once a job runs
 
-        if job.cancel_event.is_set() or not job.start():
-            job.mark_cancelled("cancelled before it started")
-            return
-        self._metrics.observe_queue_wait(time.time() - job.created_at)
-        started = time.perf_counter()
-        try:
-            output = self._pipeline().run(job.request, callback=lambda i, total: job.set_progress(i + 1, total),
-                                          cancel=job.cancel_event)
-            if job.cancel_event.is_set():  # asked to stop after the last step: write nothing
-                job.mark_cancelled("cancelled after denoising; nothing was written")
-                return
-            if not np.isfinite(np.asarray(output.frames)).all():
-                job.fail("invalid_output", "the model produced NaN or infinite values; nothing was written",
-                         dict(output.timings))
-                return
-            saving = time.perf_counter()
-            path = output.save(self._output_dir / output_name(job), fps=job.fps)
-        except GenerationCancelled as e:
-            log.info("job %s: %s", job.id, e)
-            job.mark_cancelled(str(e))
-            return
-        except InvalidRequest as e:  # admission validated already; a pipeline rule we did not know
-            job.fail("invalid_request", f"{e.field}: {e}")
-            return
-        except Exception as e:
-            log.exception("job %s failed", job.id)
-            if _is_out_of_memory(e):
-                _release_cuda_cache()
-                job.fail("out_of_memory", f"{type(e).__name__}: {e}")
-            else:
-                job.fail("generation_failed", f"{type(e).__name__}: {e}")
-            return
-        done = time.perf_counter()
-        timings = {**output.timings, "save_s": done - saving, "job_s": done - started}
-        self._metrics.observe_job(timings)
-        job.complete(Path(path), timings)
-        log.info("job %s completed in %.2f s", job.id, timings["job_s"])
+def write_output(job: Job, output: GenerationOutput, output_dir: Path, metrics: Metrics) -> float | None:
+    """Check the frames and write the job's file atomically; complete the job. Its run time, or None
+    if it did not complete (cancelled after denoising, NaN frames, a failed write)."""
+    if job.status.finished or job.cancel_event.is_set():  # asked to stop after the last step: write nothing
+        job.mark_cancelled("cancelled after denoising; nothing was written")
+        return None
+    if not np.isfinite(np.asarray(output.frames)).all():
+        job.fail("invalid_output", "the model produced NaN or infinite values; nothing was written",
+                 dict(output.timings))
+        return None
+    saving = time.perf_counter()
+    try:
+        path = output.save(output_dir / output_name(job), fps=job.fps)
+    except Exception as e:
+        log.exception("job %s: writing its file failed", job.id)
+        job.fail("write_failed", f"{type(e).__name__}: {e}")
+        return None
+    started = job.snapshot().started_at or job.created_at
+    job_s = time.time() - started
+    timings = {**output.timings, "save_s": time.perf_counter() - saving, "job_s": job_s}
+    metrics.observe_job(timings)
+    job.complete(Path(path), timings)
+    log.info("job %s completed in %.2f s", job.id, job_s)
+    return job_s

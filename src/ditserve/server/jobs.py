@@ -1,6 +1,6 @@
 """Jobs: one generation request's life (queued -> in_progress -> completed/failed/cancelled) and their store.
 
-A `Job` is written by the worker thread (progress, result) and read by the event loop
+A `Job` is written by the engine's and writer's threads (progress, result) and read by the event loop
 (status polls), so every change goes through a method that holds the job's lock, and
 readers take a `snapshot()`. Terminal states are final: a late cancel cannot turn a
 completed job into a cancelled one, nor a late result a cancelled job into a completed one.
@@ -129,7 +129,7 @@ class Job:
                 return
         callback(self)
 
-    # -- transitions (worker thread, or the runner for queued jobs) -------------------------
+    # -- transitions (engine or writer thread, or the runner for queued jobs) ----------------
 
     def start(self) -> bool:
         """queued -> in_progress; False if the job was already finished (cancelled while queued)."""
@@ -164,7 +164,7 @@ class Job:
         for callback in callbacks:
             try:
                 callback(self)
-            except Exception:  # a listener's bug must not take the worker down
+            except Exception:  # a listener's bug must not take a server thread down
                 log.exception("job %s: on_finish callback failed", self.id)
 
 

@@ -1,10 +1,11 @@
 """`serve(...)`: run the app on uvicorn until SIGTERM/SIGINT, then shut down cleanly and exit 0.
 
 Shutdown order on SIGTERM (or Ctrl-C): new job requests get 503 at once, queued jobs are
-cancelled, the running job is cancelled before its next denoising step (we cancel rather
-than finish it: a Wan step can take seconds and a whole video minutes, longer than
-orchestrators wait), uvicorn stops accepting connections and finishes in-flight responses,
-the worker is joined, and temporary files are removed. Finished files stay in --output-dir.
+cancelled, the running jobs (the batch) are cancelled at the next denoising step boundary (we
+cancel rather than finish them: a Wan step can take seconds and a whole video minutes, longer
+than orchestrators wait), uvicorn stops accepting connections and finishes in-flight
+responses, the engine is stopped, files of jobs that had already finished denoising are
+written (atomically), and temporary files are removed. Finished files stay in --output-dir.
 """
 
 from __future__ import annotations

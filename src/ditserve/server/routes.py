@@ -1,4 +1,4 @@
-"""The HTTP endpoints. Handlers are `async` and never block: generation runs on the runner's thread."""
+"""The HTTP endpoints. Handlers are `async` and never block: generation runs on the batching engine's thread."""
 
 from __future__ import annotations
 

@@ -1,21 +1,44 @@
-"""How admitted jobs get run: a bounded FIFO queue and one worker thread.
+"""How admitted jobs run: together, through the continuous-batching engine, with at most `capacity` waiting.
 
-The runner decides which job runs and when; what running one job means (generate, check,
-write the file) lives in `execute.py`, passed in as a function. The HTTP layer only calls
-`submit`, `cancel`, `stats`, `close` and `join`, so a runner that keeps several jobs in
-flight for a batching engine can replace this one without touching the routes.
+`ditserve.engine.batching.BatchingEngine` schedules: jobs join the running batch at step
+boundaries in arrival order (FIFO within the token budget and `max_batch_size`; a later job
+may pass one that does not fit yet only if it leaves before that one could join, so it never
+delays it: `ditserve.engine.policy`), each step is one packed DiT forward over every job in
+the batch, and a job that did its last step is decoded between two steps. `max_batch_size=1`
+runs one job at a time. Around the engine this module keeps what the server promises:
+
+- a bound: at most `capacity` jobs wait to join the batch (the batch itself is bounded by the
+  engine's limits); one more gets `QueueFull` (429) with an estimate of when one can join;
+- job states: a job is `in_progress` from the moment the engine admits it (its text encoding
+  starts), with step i of n from the engine's per-request callback;
+- cancel: a waiting job's future is cancelled at once (it never reaches the model); a running
+  one stops at the next step boundary;
+- outputs: finished frames are checked and written atomically on a writer thread, so encoding
+  an MP4 never holds up the batch.
+
+The HTTP layer only calls `submit`, `cancel`, `stats`, `close` and `join`.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ditserve.server.jobs import Job
+from ditserve.engine import GenerationRequest
+from ditserve.server.execute import ServablePipeline, record_failure, write_output
+from ditserve.server.jobs import Job, JobStatus
+from ditserve.server.metrics import Metrics
+
+if TYPE_CHECKING:  # torch is imported only once the model loads
+    from ditserve.engine.batching import BatchingEngine
+    from ditserve.pipelines import GenerationOutput
 
 __all__ = ["JobRunner", "QueueFull", "RunnerClosed", "RunnerStats"]
 
@@ -23,7 +46,7 @@ log = logging.getLogger("ditserve.server")
 
 
 class QueueFull(Exception):
-    """The queue holds `capacity` jobs already; try again after about `retry_after_s` seconds."""
+    """`capacity` jobs wait already; try again after about `retry_after_s` seconds."""
 
     def __init__(self, capacity: int, retry_after_s: float) -> None:
         super().__init__(f"the job queue is full ({capacity} waiting); retry in about {retry_after_s:.0f} s")
@@ -37,118 +60,206 @@ class RunnerClosed(Exception):
 
 @dataclass(frozen=True)
 class RunnerStats:
-    """queued: waiting jobs; running: jobs on the device; capacity: most waiting jobs accepted;
-    mean_job_s: mean run time of recent jobs (None before the first)."""
+    """queued: jobs waiting to join the batch; running: jobs in it (or having their file written);
+    capacity: most waiting jobs accepted; mean_job_s: mean run time of recent jobs (None before
+    the first); last_batch_size / last_step_tokens: requests and DiT tokens of the latest batched
+    step (0 before the first); max_batch_size / max_batch_tokens: the limits in force (None: no
+    size limit / the engine has not started)."""
 
     queued: int
     running: int
     capacity: int
     mean_job_s: float | None
+    last_batch_size: int = 0
+    last_step_tokens: int = 0
+    max_batch_size: int | None = None
+    max_batch_tokens: int | None = None
+
+
+class _AdmissionTap:
+    """The pipeline as the engine sees it; `encode_text` is the engine's first call for a request it
+    admits, so that is where its job becomes `in_progress`. Everything else passes through."""
+
+    def __init__(self, pipeline: ServablePipeline, admitted: Any) -> None:
+        self._pipeline = pipeline
+        self._admitted = admitted
+
+    def encode_text(self, request: GenerationRequest, guided: bool) -> Any:
+        self._admitted(request)
+        return self._pipeline.encode_text(request, guided)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipeline, name)
 
 
 class JobRunner:
-    """One worker thread running jobs in submission order, with at most `capacity` waiting.
+    """Runs submitted jobs through one `BatchingEngine` (started by `start(pipeline)` once the model
+    is loaded), at most `capacity` waiting. The routes use only `submit`, `cancel`, `stats`,
+    `close` and `join`."""
 
-    The routes use only `submit`, `cancel`, `stats`, `close` and `join`.
-    """
-
-    def __init__(self, execute: Callable[[Job], None], capacity: int, *, name: str = "ditserve-worker") -> None:
+    def __init__(self, output_dir: Path, metrics: Metrics, capacity: int, *, max_batch_size: int | None = None,
+                 max_batch_tokens: int | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1 (queued jobs), got {capacity}")
-        self._execute = execute
+        self._output_dir = output_dir
+        self._metrics = metrics
         self._capacity = capacity
-        self._cond = threading.Condition()
-        self._queue: deque[Job] = deque()
-        self._running: Job | None = None
+        self._max_batch_size = max_batch_size
+        self._max_batch_tokens = max_batch_tokens
+        self._lock = threading.Lock()  # never held while a job finishes (its callbacks take it)
+        self._jobs: dict[str, tuple[Job, Future[GenerationOutput]]] = {}  # submitted, not finished
+        self._by_request: dict[int, Job] = {}  # id(job.request) -> job, for the admission tap
         self._closed = False
         self._durations: deque[float] = deque(maxlen=16)
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._engine: BatchingEngine | None = None
+        self._outputs: queue.SimpleQueue[tuple[Job, GenerationOutput] | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_outputs, name="ditserve-writer", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, pipeline: ServablePipeline) -> None:
+        """Build the engine over the loaded pipeline (its default budget needs the model in memory) and start it.
+
+        Raises what the engine raises for limits it cannot use.
+        """
+        from ditserve.engine.batching import BatchingEngine
+
+        engine = BatchingEngine(_AdmissionTap(pipeline, self._admitted), max_batch_size=self._max_batch_size,
+                                max_batch_tokens=self._max_batch_tokens, on_step=self._metrics.observe_step)
+        with self._lock:
+            if self._engine is not None:
+                raise RuntimeError("the runner was already started")
+            if self._closed:
+                return
+            self._engine = engine
+        self._writer.start()
+        engine.start()
+        log.info("batching: at most %s jobs and %d tokens per step", self._max_batch_size or "any number of",
+                 engine.max_batch_tokens)
+
+    # -- for the routes --------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
         """Queue a job and return at once; raises `QueueFull` or `RunnerClosed`."""
-        with self._cond:
-            if self._closed:
-                raise RunnerClosed("the server is shutting down and takes no new jobs")
-            if len(self._queue) >= self._capacity:
+        with self._lock:
+            if self._closed or self._engine is None:
+                raise RunnerClosed("the server is shutting down and takes no new jobs" if self._closed
+                                   else "the model is not loaded yet")
+            if self._queued_locked() >= self._capacity:
                 raise QueueFull(self._capacity, self._retry_after_locked())
-            self._queue.append(job)
-            self._cond.notify()
+            self._by_request[id(job.request)] = job
+            future = self._engine.submit(job.request, cancel=job.cancel_event,
+                                         callback=lambda i, total: job.set_progress(i + 1, total))
+            self._jobs[job.id] = (job, future)
+        job.on_finish(self._forget)
+        future.add_done_callback(lambda f: self._generated(job, f))
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a queued job now, or ask the running one to stop before its next step; False if neither."""
-        with self._cond:
-            for job in self._queue:
-                if job.id == job_id:
-                    self._queue.remove(job)
-                    break
-            else:
-                running = self._running
-                if running is not None and running.id == job_id and not running.status.finished:
-                    running.cancel_event.set()
-                    return True
-                return False
+        """Cancel a waiting job now, or ask a running one to stop at the next step; False if neither."""
+        with self._lock:
+            entry = self._jobs.get(job_id)
+        if entry is None:
+            return False
+        job, future = entry
+        if future.cancel():  # not admitted yet: it never reaches the model (`_generated` marks it)
+            return True
+        if job.status.finished:
+            return False
         job.cancel_event.set()
-        job.mark_cancelled("cancelled while queued")
         return True
 
     def stats(self) -> RunnerStats:
-        with self._cond:
+        with self._lock:
+            queued = self._queued_locked()
+            running = len(self._jobs) - queued
             durations = list(self._durations)
-            return RunnerStats(
-                queued=len(self._queue),
-                running=int(self._running is not None),
-                capacity=self._capacity,
-                mean_job_s=sum(durations) / len(durations) if durations else None,
-            )
+            engine = self._engine
+        engine_stats = engine.stats() if engine is not None else None
+        last = engine_stats.last_step if engine_stats is not None else None
+        return RunnerStats(
+            queued=queued,
+            running=running,
+            capacity=self._capacity,
+            mean_job_s=sum(durations) / len(durations) if durations else None,
+            last_batch_size=last.requests if last is not None else 0,
+            last_step_tokens=last.tokens if last is not None else 0,
+            max_batch_size=self._max_batch_size,
+            max_batch_tokens=engine.max_batch_tokens if engine is not None else self._max_batch_tokens,
+        )
 
     def close(self, reason: str) -> None:
-        """Refuse new jobs, cancel every queued job (with `reason`) and ask the running one to stop."""
-        with self._cond:
+        """Refuse new jobs, cancel every waiting job (with `reason`) and ask the running ones to stop."""
+        with self._lock:
             self._closed = True
-            dropped = list(self._queue)
-            self._queue.clear()
-            if self._running is not None:
-                self._running.cancel_event.set()
-            self._cond.notify_all()
-        for job in dropped:
+            entries = list(self._jobs.values())
+            engine = self._engine
+        for job, future in entries:
+            if future.done():
+                continue  # generated: its file is being written
             job.cancel_event.set()
-            job.mark_cancelled(reason)
+            if job.status is JobStatus.QUEUED:
+                job.mark_cancelled(reason)
+                future.cancel()
+        if engine is not None:
+            engine.close(cancel=True)
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait for the worker to exit after `close`; True if it did within `timeout`."""
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
+        """Wait, after `close`, for the engine to stop and every generated file to be written; True if
+        both happened within `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        engine = self._engine
+        if engine is not None and not engine.stop(cancel=True, timeout=timeout):
+            return False
+        if not self._writer.is_alive():
+            return True
+        self._outputs.put(None)  # after the engine's last output: the writer drains and exits
+        self._writer.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not self._writer.is_alive()
+
+    # -- engine and writer threads ----------------------------------------------------------
+
+    def _admitted(self, request: GenerationRequest) -> None:
+        """The engine admitted `request` into the batch (stepping thread)."""
+        with self._lock:
+            job = self._by_request.get(id(request))
+        if job is not None and job.start():
+            self._metrics.observe_queue_wait(time.time() - job.created_at)
+
+    def _generated(self, job: Job, future: Future[GenerationOutput]) -> None:
+        """The engine resolved a job's future (stepping thread, or the thread that cancelled it)."""
+        if future.cancelled():
+            job.mark_cancelled("cancelled while queued")
+            return
+        error = future.exception()
+        if error is not None:
+            record_failure(job, error)
+        else:
+            self._outputs.put((job, future.result()))
+
+    def _write_outputs(self) -> None:
+        while (item := self._outputs.get()) is not None:
+            job, output = item
+            try:
+                job_s = write_output(job, output, self._output_dir, self._metrics)
+            except Exception:  # a bug in writing: fail the job, keep serving
+                log.exception("job %s: unexpected error writing its output", job.id)
+                job.fail("internal_error", "the server hit an internal error writing this job; see its log")
+                continue
+            if job_s is not None:
+                with self._lock:
+                    self._durations.append(job_s)
+
+    def _forget(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.pop(job.id, None)
+            self._by_request.pop(id(job.request), None)
+
+    def _queued_locked(self) -> int:
+        return sum(1 for job, _ in self._jobs.values() if job.status is JobStatus.QUEUED)
 
     def _retry_after_locked(self) -> float:
-        """About how long until a queue slot frees: the running job's expected remaining time."""
+        """About how long until a waiting job can join: the mean job time less the oldest running job's age."""
         durations = list(self._durations)
         if not durations:
             return 1.0
-        mean = sum(durations) / len(durations)
-        started = self._running.snapshot().started_at if self._running is not None else None
-        remaining = mean - (time.time() - started) if started else mean
-        return max(1.0, remaining)
-
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:  # closed and drained
-                    return
-                job = self._queue.popleft()
-                self._running = job
-            start = time.perf_counter()
-            try:
-                self._execute(job)
-            except Exception:  # execute handles job errors; this is a bug in it: fail the job, keep serving
-                log.exception("job %s: unexpected error in the worker", job.id)
-                job.fail("internal_error", "the server hit an internal error running this job; see its log")
-            finally:
-                with self._cond:
-                    self._running = None
-                    self._durations.append(time.perf_counter() - start)
+        started = [job.snapshot().started_at for job, _ in self._jobs.values()]
+        elapsed = time.time() - min((s for s in started if s is not None), default=time.time())
+        return max(1.0, sum(durations) / len(durations) - elapsed)

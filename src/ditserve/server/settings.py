@@ -12,15 +12,21 @@ __all__ = ["ServerSettings"]
 class ServerSettings:
     """model_name: the id /v1/models lists and requests may name.
     output_dir: where finished files go; None -> a temporary folder removed at shutdown.
-    max_queue: most jobs waiting (not counting the running one); one more gets 429.
+    max_queue: most jobs waiting to join the batch (running jobs not counted); one more gets 429.
+    max_batch_size: most jobs in one batched denoising step (None: only the token budget
+        limits it; 1: one job at a time).
+    max_batch_tokens: DiT tokens one batched step may hold (None: the engine's default, from
+        free device memory; see `ditserve.engine.budget`). A bigger job runs alone.
     keep_jobs: finished jobs (and files) kept; older ones are deleted.
     default_fps: frame rate of videos whose request gives none.
-    shutdown_timeout_s: how long shutdown waits for the running job to stop.
+    shutdown_timeout_s: how long shutdown waits for the running jobs to stop and files to be written.
     """
 
     model_name: str = "ditserve"
     output_dir: Path | None = None
     max_queue: int = 16
+    max_batch_size: int | None = None
+    max_batch_tokens: int | None = None
     keep_jobs: int = 100
     default_fps: float = 16.0
     shutdown_timeout_s: float = 60.0
@@ -30,6 +36,8 @@ class ServerSettings:
             raise ValueError("model_name must be a non-empty string")
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        _check_limit("max_batch_size", self.max_batch_size, "1 runs one job at a time")
+        _check_limit("max_batch_tokens", self.max_batch_tokens, "leave it out for the default from free memory")
         if self.keep_jobs < 1:
             raise ValueError(f"keep_jobs must be >= 1, got {self.keep_jobs}")
         if not self.default_fps > 0:
@@ -38,3 +46,13 @@ class ServerSettings:
             object.__setattr__(self, "output_dir", Path(self.output_dir))
             if self.output_dir.exists() and not self.output_dir.is_dir():
                 raise ValueError(f"output_dir {self.output_dir} exists and is not a folder")
+
+
+def _check_limit(name: str, value: int | None, hint: str) -> None:
+    """None or a positive int: the engine's limits, refused here before the model loads."""
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1 ({hint}), got {value}")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ditserve.server.errors import ApiError
-from ditserve.server.execute import JobExecutor, ServablePipeline
+from ditserve.server.execute import ServablePipeline
 from ditserve.server.jobs import Job, JobStore
 from ditserve.server.metrics import Metrics
 from ditserve.server.runner import JobRunner, QueueFull, RunnerClosed
@@ -53,8 +53,7 @@ class ServerState:
         self.load_error: str | None = None
         self.draining = False
         self._source = source
-        loaded = hasattr(source, "run")  # a pipeline, else a factory that loads one
-        self._pipeline: ServablePipeline | None = source if loaded else None  # type: ignore[assignment]
+        self._pipeline: ServablePipeline | None = None  # set once the runner's engine runs on it
         self._on_load_failure = on_load_failure
         self._runner: JobRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -64,7 +63,8 @@ class ServerState:
     # -- life --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the output folder, start the runner and (if given a factory) load the model in the background."""
+        """Create the output folder and the runner; start the engine on the pipeline (a factory's: once
+        it has loaded the model in the background)."""
         self._loop = asyncio.get_running_loop()
         if self._own_output_dir:
             self.output_dir = Path(tempfile.mkdtemp(prefix="ditserve-outputs-"))
@@ -72,18 +72,23 @@ class ServerState:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             for path in remove_partial_files(self.output_dir):
                 log.info("removed a partial file from an earlier run: %s", path)
-        self._runner = JobRunner(JobExecutor(self._loaded_pipeline, self.output_dir, self.metrics),
-                                 self.settings.max_queue)
+        self._runner = JobRunner(self.output_dir, self.metrics, self.settings.max_queue,
+                                 max_batch_size=self.settings.max_batch_size,
+                                 max_batch_tokens=self.settings.max_batch_tokens)
         self.metrics.watch(self._runner.stats, lambda: {s.value: n for s, n in self.store.counts().items()},
                            lambda: self.ready)
-        self._runner.start()
-        if self._pipeline is None:
+        if hasattr(self._source, "validate"):  # a loaded pipeline
+            self._runner.start(self._source)  # type: ignore[arg-type]
+            self._pipeline = self._source  # type: ignore[assignment]
+        else:
             threading.Thread(target=self._load, name="ditserve-load", daemon=True).start()
 
     def _load(self) -> None:
+        """Load the model (the factory) and start the engine on it; either failing is a failed load."""
         started = time.perf_counter()
         try:
             pipeline = self._source()  # type: ignore[operator]
+            self.runner.start(pipeline)
         except BaseException as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("loading the model failed: %s", self.load_error)
@@ -94,7 +99,7 @@ class ServerState:
         log.info("model %s ready in %.1f s", self.settings.model_name, time.perf_counter() - started)
 
     def begin_shutdown(self) -> None:
-        """Take no new jobs (503), cancel queued ones, and ask the running one to stop at its next step."""
+        """Take no new jobs (503), cancel queued ones, and ask the running ones to stop at the next step."""
         if not self.draining:
             log.info("shutting down: no new jobs; cancelling queued and running jobs")
         self.draining = True
@@ -107,22 +112,17 @@ class ServerState:
             self._loop.call_soon_threadsafe(self.begin_shutdown)
 
     async def stop(self) -> None:
-        """Drain, wait for the worker, and leave no temporary files behind."""
+        """Drain, wait for the engine and the writer, and leave no temporary files behind."""
         self.begin_shutdown()
         if self._runner is not None:
             stopped = await asyncio.to_thread(self._runner.join, self.settings.shutdown_timeout_s)
             if not stopped:
-                log.warning("the running job did not stop within %.0f s; exiting anyway",
+                log.warning("the running jobs did not stop within %.0f s; exiting anyway",
                             self.settings.shutdown_timeout_s)
         if self._own_output_dir:
             shutil.rmtree(self.output_dir, ignore_errors=True)
         elif self.output_dir.is_dir():
             remove_partial_files(self.output_dir)
-
-    def _loaded_pipeline(self) -> ServablePipeline:
-        """For the worker: jobs are admitted only once the model is loaded."""
-        assert self._pipeline is not None, "a job ran before the model was loaded"
-        return self._pipeline
 
     # -- for the routes --------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """Helpers for testing the server over real HTTP: a uvicorn server on a free port in a thread,
-and a pipeline wrapper that pauses, counts or fails runs on cue.
+and a pipeline wrapper that pauses, counts or fails batched steps on cue.
 """
 
 from __future__ import annotations
@@ -41,40 +41,62 @@ def serve_in_thread(app: FastAPI, *, startup_timeout: float = 30.0) -> Iterator[
 
 
 class GatedPipeline:
-    """Wraps a pipeline's `run`: counts calls, can hold each step until `gate` is set, and can make
-    chosen calls fail mid-way (`fail_on`: call number (1-based) -> exception raised after step 1)."""
+    """Wraps a pipeline's stages as the batching engine calls them, to steer a server under test.
 
-    def __init__(self, inner: Any, *, gated: bool = False, fail_on: dict[int, BaseException] | None = None,
+    - `gated=True`: every batched step waits (before its forward) until `gate` is set;
+      `running` is set once a step has started, i.e. jobs are in the batch.
+    - `calls` / `prompts`: requests the engine admitted (its text encoding), in order; a job
+      cancelled or refused before admission never appears.
+    - `batch_sizes`: samples in each forward (a guided request is two).
+    - `fail_forward` / `fail_decode`: call number (1-based) of the batched forward / of the
+      decode -> exception raised there (a forward failure fails every job in that step; a
+      decode failure only the job being decoded, which has finished denoising).
+    - `decoded`: every decode's frames, in order; `output_hook(call, frames) -> frames` can
+      change them (e.g. inject NaNs).
+    """
+
+    def __init__(self, inner: Any, *, gated: bool = False, fail_forward: dict[int, BaseException] | None = None,
+                 fail_decode: dict[int, BaseException] | None = None,
                  output_hook: Callable[[int, Any], Any] | None = None) -> None:
         self.inner = inner
         self.gate = threading.Event()
         if not gated:
             self.gate.set()
-        self.running = threading.Event()  # set when a run has finished its first step
+        self.running = threading.Event()
         self.calls = 0
-        self.prompts: list[str] = []  # of every run, in order
-        self.fail_on = dict(fail_on or {})
-        self.output_hook = output_hook  # (call number, output) -> output, e.g. to inject NaNs
+        self.prompts: list[str] = []
+        self.batch_sizes: list[int] = []
+        self.decoded: list[Any] = []
+        self.fail_forward = dict(fail_forward or {})
+        self.fail_decode = dict(fail_decode or {})
+        self.output_hook = output_hook
         self._lock = threading.Lock()
 
-    def validate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.inner.validate(*args, **kwargs)
+    def __getattr__(self, name: str) -> Any:  # validate, device, tokens_per_sample, new_scheduler, ...
+        return getattr(self.inner, name)
 
-    def run(self, request: Any, *, callback: Any = None, cancel: Any = None) -> Any:
+    def encode_text(self, request: Any, guided: bool) -> Any:
         with self._lock:
             self.calls += 1
-            call = self.calls
             self.prompts.append(request.prompt)
-        failure = self.fail_on.get(call)
+        return self.inner.encode_text(request, guided)
 
-        def step(i: int, total: int) -> None:
-            if failure is not None:
-                raise failure
-            self.running.set()
-            if not self.gate.wait(30):
-                raise TimeoutError("GatedPipeline: the test never opened the gate")
-            if callback is not None:
-                callback(i, total)
+    def predict_packed(self, latents: list[Any], timesteps: Any, text: list[Any]) -> list[Any]:
+        self.running.set()
+        if not self.gate.wait(30):
+            raise TimeoutError("GatedPipeline: the test never opened the gate")
+        self.batch_sizes.append(len(latents))
+        failure = self.fail_forward.get(len(self.batch_sizes))
+        if failure is not None:
+            raise failure
+        return self.inner.predict_packed(latents, timesteps, text)
 
-        output = self.inner.run(request, callback=step, cancel=cancel)
-        return self.output_hook(call, output) if self.output_hook else output
+    def decode(self, latents: Any) -> Any:
+        call = len(self.decoded) + 1
+        failure = self.fail_decode.get(call)
+        frames = self.inner.decode(latents)
+        frames = self.output_hook(call, frames) if self.output_hook else frames
+        self.decoded.append(frames)
+        if failure is not None:
+            raise failure
+        return frames
