@@ -88,14 +88,17 @@ def test_missing_model_folder_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert rc == 2 and f"error: {tmp_path / 'missing'}: no such folder" in err and "Traceback" not in err
 
 
-def test_model_required(capsys: pytest.CaptureFixture, no_loading: None, tmp_path: Path) -> None:
+def test_model_required(capsys: pytest.CaptureFixture, no_loading: None, tmp_path: Path,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --model and without the embedded model (an install that lacks its package data)."""
+    monkeypatch.setattr(cli, "default_model_path", lambda: None)
     rc = cli.main(["generate", "--prompt", "a cat", "--output", str(tmp_path / "x.mp4")])
     assert rc == 2
     assert "error: --model is required" in capsys.readouterr().err
 
 
 def test_default_model_hook(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A later issue plugs a bundled model into `default_model_path`; --model then becomes optional."""
+    """`default_model_path` (the embedded tiny model) is what runs without --model."""
     monkeypatch.setattr(cli, "default_model_path", lambda: str(tmp_path / "bundled"))
     rc = cli.main(["generate", "--prompt", "a cat", "--output", str(tmp_path / "x.mp4"), "--device", "cpu"])
     assert rc == 2 and f"{tmp_path / 'bundled'}: no such folder" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`ditserve` command line: generate / bench-attention (more subcommands arrive with their issues).
+"""`ditserve` command line: generate / serve / ab / eval-tiny / bench-attention.
 
 User errors (bad arguments, an unusable model folder) print one line on stderr and exit 2,
 without a traceback; `generate` checks its output path and request before loading a model.
@@ -83,8 +83,44 @@ class _UsageError(Exception):
 
 
 def default_model_path() -> str | None:
-    """The model `generate` uses without --model. None yet: a later issue bundles a default."""
-    return None
+    """The model used without --model: the embedded tiny Wan model (package data), None if not installed."""
+    from ditserve.tiny import default_model_path as embedded_model_path
+
+    try:
+        return str(embedded_model_path())
+    except FileNotFoundError:
+        return None
+
+
+# `generate`'s request defaults: Wan2.1's published settings, or the embedded tiny model's.
+_WAN_DEFAULTS = dict(height=480, width=832, num_frames=81, steps=50, guidance_scale=5.0)
+
+
+def _fill_request_defaults(args: argparse.Namespace) -> None:
+    """Fill the request flags left unset: the embedded model's own settings when it is the model, else Wan2.1's.
+
+    The tiny model knows only its grammar's prompts; any other prompt gets a note on stderr.
+    """
+    from pathlib import Path
+
+    embedded = None if args.url else default_model_path()
+    use_tiny = embedded is not None and (args.model is None or Path(args.model).resolve() == Path(embedded).resolve())
+    if use_tiny:
+        from ditserve.tiny import GENERATION, parse_prompt
+
+        defaults = dict(height=GENERATION.height, width=GENERATION.width, num_frames=GENERATION.num_frames,
+                        steps=GENERATION.num_inference_steps, guidance_scale=GENERATION.guidance_scale)
+        try:
+            if args.prompt.strip():
+                parse_prompt(args.prompt)
+        except ValueError as e:
+            print(f"ditserve generate: note: the embedded tiny model was trained only on prompts of its grammar: {e}",
+                  file=sys.stderr)
+    else:
+        defaults = _WAN_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def _model_path(args: argparse.Namespace) -> str:
@@ -180,6 +216,7 @@ def _generate(args: argparse.Namespace) -> int:
     """`ditserve generate`: one prompt to one .mp4 / .gif / .png."""
     from ditserve.client import ClientError
 
+    _fill_request_defaults(args)
     try:
         summary = _run_remote_generate(args) if args.url else _run_generate(args)
     except _user_errors() as e:
@@ -198,16 +235,19 @@ def _generate(args: argparse.Namespace) -> int:
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate a video (or image) from a prompt",
                          description="Generate one video from a prompt and write it as .mp4, .gif or .png (first frame).")
-    gen.add_argument("--model", help="diffusers-format pipeline folder (model_index.json + components)")
+    gen.add_argument("--model", help="diffusers-format pipeline folder (model_index.json + components; default: the "
+                                     "embedded tiny model, which knows prompts like 'a red circle moving left on a "
+                                     "blue background')")
     gen.add_argument("--url", help="send the request to a running `ditserve serve` at this URL instead of loading "
                                    "a model (.mp4: a video job; .png: one image)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default="", help="what to steer away from (used when --guidance-scale > 1)")
-    gen.add_argument("--height", type=int, default=480, help="pixels, a multiple of 16 (default: 480)")
-    gen.add_argument("--width", type=int, default=832, help="pixels, a multiple of 16 (default: 832)")
-    gen.add_argument("--num-frames", type=int, default=81, help="4k+1 frames (default: 81)")
-    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
-    gen.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale; <= 1 disables CFG (default: 5.0)")
+    gen.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: 480; embedded model: 32)")
+    gen.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: 832; embedded model: 32)")
+    gen.add_argument("--num-frames", type=int, default=None, help="4k+1 frames (default: 81; embedded model: 17)")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; embedded model: 20)")
+    gen.add_argument("--guidance-scale", type=float, default=None,
+                     help="CFG scale; <= 1 disables CFG (default: 5.0; embedded model: 2.0)")
     gen.add_argument("--seed", type=int, default=0, help="noise seed in [0, 2**64-1] (default: 0)")
     gen.add_argument("--output", default="output.mp4", help="output file: .mp4, .gif or .png (default: output.mp4)")
     gen.add_argument("--fps", type=float, default=16.0, help="frames per second of .mp4/.gif (default: 16)")
@@ -293,7 +333,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                          description="Load a model once and serve generation requests over HTTP. SIGTERM or "
                                      "Ctrl-C shuts down cleanly: running and queued jobs are cancelled, no partial "
                                      "files stay.")
-    srv.add_argument("--model", help="diffusers-format pipeline folder (model_index.json + components)")
+    srv.add_argument("--model", help="diffusers-format pipeline folder (model_index.json + components; "
+                                     "default: the embedded tiny model)")
     srv.add_argument("--model-name", help="model id in /v1/models and requests (default: the folder's name)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=30000, help="port (default: 30000)")
@@ -396,6 +437,51 @@ def _add_ab(sub: argparse._SubParsersAction) -> None:
     ab.set_defaults(func=_ab)
 
 
+def _eval_tiny(args: argparse.Namespace) -> int:
+    """`ditserve eval-tiny`: prompt adherence of the tiny model, at its guidance and at 1.0."""
+    try:
+        model = _model_path(args)
+        if args.limit is not None and args.limit < 1:
+            raise _UsageError(f"argument --limit: must be >= 1, got {args.limit}")
+        from ditserve.tiny.evaluate import eval_tiny
+
+        _silence_loading_bars()
+        return eval_tiny(model, prompt_set=args.prompts, limit=args.limit, guidance_scale=args.guidance_scale,
+                         steps=args.steps, seed=args.seed, device=args.device, runner=args.runner,
+                         min_adherence=args.min_adherence, vae_ceiling=args.vae_ceiling, json_path=args.json,
+                         progress=not args.quiet)
+    except _user_errors() as e:
+        print(f"ditserve eval-tiny: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_eval_tiny(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser(
+        "eval-tiny", help="prompt adherence of the embedded tiny model on prompts held out from its training",
+        description="Generate one clip per prompt of the tiny model's grammar (by default the prompts held out from "
+                    "its training), score each from pixel statistics (object colour, background colour, direction "
+                    "of motion) and print the adherence (share of clips right on all three) at the model's guidance "
+                    "and at 1.0 (no guidance).")
+    ev.add_argument("--model", help="tiny-model pipeline folder (default: the embedded one)")
+    ev.add_argument("--prompts", choices=["held-out", "train", "all"], default="held-out",
+                    help="which prompts of the grammar (default: held-out, never seen in training)")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N prompts of the set")
+    ev.add_argument("--guidance-scale", type=float, default=None,
+                    help="the guidance compared with 1.0 (default: the tiny model's, 2.0)")
+    ev.add_argument("--steps", type=int, default=None, help="denoising steps (default: the tiny model's, 20)")
+    ev.add_argument("--seed", type=int, default=0, help="the i-th prompt's clip uses seed + i (default: 0)")
+    ev.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    ev.add_argument("--runner", choices=["ditserve", "diffusers"], default="ditserve",
+                    help="generate with ditserve's pipeline or diffusers' WanPipeline (a reference)")
+    ev.add_argument("--min-adherence", type=float, default=None,
+                    help="exit 1 when adherence at --guidance-scale is below this share, e.g. 0.9")
+    ev.add_argument("--vae-ceiling", action="store_true",
+                    help="also score ground-truth clips after a VAE round trip (the most the VAE allows)")
+    ev.add_argument("--json", default=None, help="also write every clip's scores to this JSON file")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_eval_tiny)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditserve", description="Fast inference and serving for diffusion transformers.")
     parser.add_argument("--version", action="version", version=f"ditserve {__version__}")
@@ -403,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_serve(sub)
     _add_ab(sub)
+    _add_eval_tiny(sub)
 
     bench = sub.add_parser("bench-attention", help="time the attention backends available on a device")
     bench.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
