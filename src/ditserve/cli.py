@@ -247,7 +247,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--num-frames", type=int, default=None, help="4k+1 frames (default: 81; embedded model: 17)")
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; embedded model: 20)")
     gen.add_argument("--guidance-scale", type=float, default=None,
-                     help="CFG scale; <= 1 disables CFG (default: 5.0; embedded model: 2.0)")
+                     help="CFG scale; <= 1 disables CFG (default: 5.0; embedded model: 3.0)")
     gen.add_argument("--seed", type=int, default=0, help="noise seed in [0, 2**64-1] (default: 0)")
     gen.add_argument("--output", default="output.mp4", help="output file: .mp4, .gif or .png (default: output.mp4)")
     gen.add_argument("--fps", type=float, default=16.0, help="frames per second of .mp4/.gif (default: 16)")
@@ -467,7 +467,7 @@ def _add_eval_tiny(sub: argparse._SubParsersAction) -> None:
                     help="which prompts of the grammar (default: held-out, never seen in training)")
     ev.add_argument("--limit", type=int, default=None, help="only the first N prompts of the set")
     ev.add_argument("--guidance-scale", type=float, default=None,
-                    help="the guidance compared with 1.0 (default: the tiny model's, 2.0)")
+                    help="the guidance compared with 1.0 (default: the tiny model's, 3.0)")
     ev.add_argument("--steps", type=int, default=None, help="denoising steps (default: the tiny model's, 20)")
     ev.add_argument("--seed", type=int, default=0, help="the i-th prompt's clip uses seed + i (default: 0)")
     ev.add_argument("--device", default="cpu", help="torch device (default: cpu)")

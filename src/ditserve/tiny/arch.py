@@ -34,7 +34,7 @@ class Generation:
     width: int = SIZE
     num_frames: int = FRAMES
     num_inference_steps: int = 20
-    guidance_scale: float = 2.0
+    guidance_scale: float = 3.0
     negative_prompt: str = ""  # the encoding the DiT was trained with when the text was dropped
 
 

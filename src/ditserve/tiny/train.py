@@ -1,10 +1,12 @@
 """Train the tiny Wan2.1 model from a seed and save it as a diffusers-format pipeline folder.
 
-    python tools/train_tiny.py --out DIR --seed 0 [--device cuda]
+    python tools/train_tiny.py --out DIR --seed 0 --threads 1     (the shipped model: 41 min)
+    python tools/train_tiny.py --out DIR --seed 0 --device cuda
 
-Stages: (1) the VAE as an autoencoder of rendered clips; its latent mean/std go into its
-config; (2) a fixed set of clips is encoded once with the trained VAE; (3) the DiT and the
-text encoder train together by flow matching on those latents (see `train_dit`). Only
+Stages: (1) the VAE as an autoencoder of rendered clips (see `train_vae`); its latent
+mean/std go into its config; (2) a fixed set of clips is encoded once with the trained VAE;
+(3) the DiT and the text encoder train together by flow matching on those latents (see
+`train_dit`). Only
 training scenes are rendered; the held-out scenes never are. The folder is written by
 `diffusers.WanPipeline.save_pretrained`, with `training.json` (settings, losses, times)
 beside model_index.json.
@@ -111,7 +113,7 @@ def train_tiny_model(out: str | Path, settings: TrainSettings, device: str | tor
     minutes = lambda m: None if m is None else 60.0 * m  # noqa: E731
     record: dict[str, Any] = {"settings": asdict(settings), "device": str(device),
                               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-                              "torch": torch.__version__, "train_scenes": len(scenes),
+                              "torch": torch.__version__, "threads": torch.get_num_threads(), "train_scenes": len(scenes),
                               "held_out_scenes": [s.prompt for s in held_out_scenes()],
                               "size": SIZE, "frames": FRAMES}
 
