@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from wan import COMMON, WAN_CONFIGS  # noqa: E402  (bench/wan.py)
+from wan import COMMON, WAN_CONFIGS, shown_args  # noqa: E402  (bench/wan.py)
 
 from ditserve.engine import GenerationRequest  # noqa: E402
 from ditserve.engine.batching import BatchingEngine, StepStats  # noqa: E402
@@ -327,15 +327,7 @@ def main() -> int:
 
 def command() -> str:
     """This run's command line without output paths."""
-    shown, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg in ("--json", "--markdown"):
-            skip = True
-        else:
-            shown.append(arg)
-    return " ".join(["python bench/serving.py", *shown])
+    return f"python bench/serving.py {shown_args()}".rstrip()
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -88,7 +88,7 @@ def build_models(cfg: dict, device: torch.device, need_diffusers: bool):
     return ours.to(device, torch.bfloat16).eval(), theirs
 
 
-def _shown_args() -> str:
+def shown_args() -> str:
     """This run's arguments without output paths (they point into a scratch folder)."""
     args, skip = [], False
     for arg in sys.argv[1:]:
@@ -189,7 +189,7 @@ def main() -> int:
         f"### Wan2.1-{args.config.upper()} DiT forward, {height}x{width}x{frames} ({tokens} tokens), bf16 — "
         f"{datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}",
         "",
-        f"Command: `python bench/wan.py {_shown_args()}`. Random weights from the published config; "
+        f"Command: `python bench/wan.py {shown_args()}`. Random weights from the published config; "
         f"{flops / 1e12:.0f} TFLOP per sample (linear layers + attention); bf16 matmul rate measured in this run: {rate / 1e12:.0f} TFLOP/s.",
         "",
         "| variant | forward (ms) | vs diffusers default | MFU | peak GiB | CFG pair (ms) | CFG pair peak GiB | max err vs diffusers |",

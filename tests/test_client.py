@@ -20,22 +20,6 @@ SMALL = {"size": "32x32", "num_frames": 5, "num_inference_steps": 2, "seed": 1}
 
 
 @pytest.fixture(scope="module")
-def tiny_pipeline(tiny_wan_path: Path) -> Iterator[Any]:
-    """The tiny pipeline on one intra-op thread: its ops are too small to split, and on a busy 2-core
-    machine OpenMP threads waiting for each other make every job several times slower."""
-    import torch
-
-    from ditserve import Pipeline
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield Pipeline.from_pretrained(tiny_wan_path)
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def server(tiny_pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = ServerSettings(model_name="tiny-wan", output_dir=tmp_path_factory.mktemp("client_out"))
     with serve_in_thread(create_app(tiny_pipeline, settings)) as url:

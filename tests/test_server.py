@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,22 +24,6 @@ from ditserve.server.testing import GatedPipeline, serve_in_thread
 
 SMALL = {"size": "32x32", "num_frames": 5, "steps": 2, "seed": 1}
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-@pytest.fixture(scope="module")
-def tiny_pipeline(tiny_wan_path: Path) -> Iterator[Any]:
-    """The tiny pipeline on one intra-op thread: its ops are too small to split, and on a busy 2-core
-    machine OpenMP threads waiting for each other make every job several times slower."""
-    import torch
-
-    from ditserve import Pipeline
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield Pipeline.from_pretrained(tiny_wan_path)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def settings(tmp_path: Path, **overrides: Any) -> ServerSettings:
