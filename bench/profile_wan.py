@@ -1,10 +1,18 @@
-"""Where the compiled Wan DiT forward spends its GPU time: kernels grouped by kind.
+"""Where the compiled Wan DiT forward spends its GPU time, and which candidate changes pay.
 
-Random Wan2.1-1.3B weights, 480x832x81, bf16, batch 1. Prints the top kernels and a summary
-(matrix products, attention, fused elementwise, other), and times optional variants side by
-side so that one call answers several questions.
+Random Wan2.1-1.3B weights, 480x832x81, bf16, batch 1. Times candidate variants side by side
+(same weights, same inputs, one process), then profiles the last one: top kernels and a
+summary by kind (matrix products, attention, fused elementwise, other).
 
-    python bench/profile_wan.py --attention sdpa_cudnn
+Variants (comma-separated `--variants`):
+  eager            the model as it ships, not compiled
+  compiled         `compile_blocks()` as it ships
+  torch-qk         compiled, q/k RMSNorm + rotary as plain torch ops (the fused Triton kernel off)
+  qkv              compiled, self-attention q/k/v as one matrix product (bench-only patch)
+  multi-kernel     compiled with inductor's `triton.multi_kernel` (persistent vs looped reductions, picked by timing)
+  cd-tuning        compiled with inductor's `coordinate_descent_tuning`
+
+    python bench/profile_wan.py --variants compiled,torch-qk,qkv,multi-kernel
 """
 
 from __future__ import annotations
@@ -15,10 +23,19 @@ import sys
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from wan import COMMON, WAN_CONFIGS  # noqa: E402
+
+from ditserve.kernels import qk_norm_rotary  # noqa: E402
+from ditserve.models import wan as wan_module  # noqa: E402
+
+COMPILE_OPTIONS = {
+    "multi-kernel": {"triton.multi_kernel": 1},
+    "cd-tuning": {"coordinate_descent_tuning": True},
+}
 
 
 def kind(name: str) -> str:
@@ -32,7 +49,7 @@ def kind(name: str) -> str:
     return "other"
 
 
-def time_forward(model, args, repeats: int = 5) -> float:
+def time_forward(model, args, repeats: int) -> tuple[float, float, float]:
     for _ in range(3):
         model(*args)
     torch.cuda.synchronize()
@@ -44,66 +61,95 @@ def time_forward(model, args, repeats: int = 5) -> float:
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
+    return statistics.median(samples), min(samples), max(samples)
+
+
+def torch_qk(q, k, weight_q, weight_k, cos, sin, eps, heads):
+    """The fused kernel's math as plain torch ops (what torch.compile fused before the kernel)."""
+    return qk_norm_rotary._torch_path(q, k, weight_q, weight_k, cos, sin, eps, heads)
+
+
+def fuse_qkv(model) -> None:
+    """Bench-only: give each self-attention one [3*dim, dim] projection and a forward using it."""
+    for block in model.blocks:
+        attn = block.attn1
+        attn.qkv_weight = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach()
+        attn.qkv_bias = torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]).detach()
+
+
+def qkv_forward(self, x, context=None, rotary=None, metadata=None):
+    if rotary is None or not hasattr(self, "qkv_weight"):
+        return original_attention_forward(self, x, context, rotary, metadata)
+    q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
+    q, k = wan_module.qk_rms_norm_rotary(q, k, self.norm_q.weight, self.norm_k.weight, *rotary,
+                                         float(self.norm_q.eps), self.heads)
+    out = self.attention(q, k, v.unflatten(-1, (self.heads, -1)), metadata)
+    return self.to_out[0](out.flatten(-2).type_as(q))
+
+
+original_attention_forward = wan_module.WanAttention.forward
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attention", default="auto")
+    parser.add_argument("--variants", default="eager,compiled,torch-qk,qkv,multi-kernel")
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
-    from ditserve.models.wan import WanTransformer3DModel
 
     device = torch.device("cuda")
     torch.manual_seed(0)
     with torch.device(device):
-        model = WanTransformer3DModel(**COMMON, **WAN_CONFIGS["1.3b"], attention_backend=args.attention).to(torch.bfloat16).eval()
+        model = wan_module.WanTransformer3DModel(**COMMON, **WAN_CONFIGS["1.3b"],
+                                                 attention_backend=args.attention).to(torch.bfloat16).eval()
     gen = torch.Generator(device=device).manual_seed(0)
     inputs = (
         torch.randn(1, 16, 21, 60, 104, device=device, dtype=torch.bfloat16, generator=gen),
         torch.tensor([999.0], device=device),
         torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16, generator=gen),
     )
-    from ditserve.models import wan as wan_module
-
-    fused_forward = wan_module.GELUProj.forward
-
-    def unfused_forward(self, x):
-        return torch.nn.functional.gelu(self.proj(x), approximate="tanh")
-
+    fused_qk = wan_module.qk_rms_norm_rotary
+    results = {}
+    reference = None
     with torch.inference_mode():
-        x = torch.randn(4096, 1536, device=device, dtype=torch.bfloat16)
-        w, b = model.blocks[0].ffn.net[0].proj.weight, model.blocks[0].ffn.net[0].proj.bias
-        exact = torch.nn.functional.gelu(x.float() @ w.float().t() + b.float(), approximate="tanh")
-        for label, fn in (("fused", fused_forward), ("unfused", unfused_forward)):
-            err = ((fn(model.blocks[0].ffn.net[0], x).float() - exact).abs().max() / exact.abs().max()).item()
-            print(f"linear+gelu {label}: max err vs float32 tanh-GELU {err:.2e}")
-        wan_module.GELUProj.forward = unfused_forward
-        eager_unfused_ms = time_forward(model, inputs)
-        wan_module.GELUProj.forward = fused_forward
-        eager_ms = time_forward(model, inputs)
-        print(f"eager: unfused GELU {eager_unfused_ms:.1f} ms, fused {eager_ms:.1f} ms", flush=True)
-        model.compile_blocks()
-        compiled_ms = time_forward(model, inputs)
+        for variant in args.variants.split(","):
+            torch._dynamo.reset()
+            wan_module.qk_rms_norm_rotary = torch_qk if variant == "torch-qk" else fused_qk
+            wan_module.WanAttention.forward = qkv_forward if variant == "qkv" else original_attention_forward
+            if variant == "qkv":
+                fuse_qkv(model)
+            if variant != "eager":
+                options = COMPILE_OPTIONS.get(variant)
+                model.compile_blocks(**({"options": options} if options else {}))
+            median, low, high = time_forward(model, inputs, args.repeats)
+            out = model(*inputs)[0].float()
+            reference = out if reference is None else reference
+            err = ((out - reference).abs().max() / reference.abs().max()).item()
+            results[variant] = median
+            print(f"{variant:14s} {median:8.1f} ms [{low:.1f}-{high:.1f}]  max err vs first variant {err:.2e}", flush=True)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model(*inputs)
             torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
+    wan_module.qk_rms_norm_rotary = fused_qk
+    wan_module.WanAttention.forward = original_attention_forward
+
     totals: dict[str, float] = defaultdict(float)
     rows = []
-    for e in events:
+    for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
         if us <= 0:
             continue
         totals[kind(e.key)] += us
         rows.append((us, e.count, e.key))
     rows.sort(reverse=True)
-    print(f"eager {eager_ms:.1f} ms, compiled {compiled_ms:.1f} ms (attention={args.attention})")
+    print(f"profile of the last variant ({variant}):")
     print(f"{'ms':>8} {'calls':>6}  kernel")
     for us, count, key in rows[: args.top]:
         print(f"{us / 1e3:8.2f} {count:6d}  {key[:150]}")
     print("by kind (ms):", {k: round(v / 1e3, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])})
     print("sum of kernel time (ms):", round(sum(totals.values()) / 1e3, 1))
+    print("summary (ms):", {k: round(v, 1) for k, v in results.items()})
     return 0
 
 

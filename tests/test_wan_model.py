@@ -183,3 +183,53 @@ def test_bfloat16_matches_diffusers(ref_model, tmp_path):
         lat_b, text_b = sample(1, 6, 4, 5, seed=13)
         outs = ours.forward_packed([x[0], lat_b.bfloat16()], t, [text[0], text_b.bfloat16()])
         assert rel_err(outs[0], expect[0]) <= 2e-2
+
+
+def _fused(ref_model) -> WanTransformer3DModel:
+    model = WanTransformer3DModel.from_config(dict(ref_model.config), attention_backend="reference").eval()
+    model.load_state_dict(ref_model.state_dict(), strict=True)
+    model.fuse_qkv_projections()
+    return model
+
+
+def _shares_fused_storage(model: WanTransformer3DModel) -> bool:
+    fused = [block.attn1 for block in model.blocks]
+    return all(
+        a._qkv is not None
+        and all(lin.weight.untyped_storage().data_ptr() == a._qkv[0].untyped_storage().data_ptr()
+                for lin in (a.to_q, a.to_k, a.to_v))
+        for a in fused
+    )
+
+
+def test_fused_qkv_matches_diffusers_and_keeps_its_keys(ref_model, ours):
+    fused = _fused(ref_model)
+    assert _shares_fused_storage(fused)  # views of one weight: no extra memory
+    state = fused.state_dict()
+    assert state.keys() == ref_model.state_dict().keys()
+    for key, value in ref_model.state_dict().items():
+        assert torch.equal(state[key], value), key
+    latent, text = sample(3, 4, 6, 7, seed=1)
+    with torch.no_grad():
+        out = fused(latent[None], torch.tensor([321.0]), text[None])[0]
+        assert rel_err(out, ref_single(ref_model, latent, 321.0, text)) <= TOL
+        packed = fused.forward_packed([latent, latent[:, :1]], [321.0, 5.0], [text, text[:3]])
+        assert rel_err(packed[0], out[0]) <= TOL
+
+
+def test_fused_qkv_follows_load_state_dict_and_to(ref_model):
+    fused = _fused(ref_model)
+    torch.manual_seed(5)
+    other = diffusers.WanTransformer3DModel(**TINY).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    fused.load_state_dict(other.state_dict(), strict=True)  # copies into the views
+    latent, text = sample(2, 4, 4, 5, seed=2)
+    with torch.no_grad():
+        out = fused(latent[None], torch.tensor([700.0]), text[None])[0]
+        assert rel_err(out, ref_single(other, latent, 700.0, text)) <= TOL
+        fused.to(torch.float64)  # converts each parameter; the fused weight must follow
+        assert _shares_fused_storage(fused) and fused.blocks[0].attn1._qkv[0].dtype == torch.float64
+        out64 = fused(latent[None].double(), torch.tensor([700.0]), text[None].double())[0]
+        assert rel_err(out64, ref_single(other.double(), latent.double(), 700.0, text.double())) <= 1e-12

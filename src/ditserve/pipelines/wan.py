@@ -164,6 +164,7 @@ class WanPipeline(Pipeline):
             dtype=dtype,
             keep_float32=WanTransformer3DModel._keep_in_fp32_modules,
         )
+        transformer.fuse_qkv_projections()
         tokenizer = AutoTokenizer.from_pretrained(component_path(root, "tokenizer"))
         text_encoder = UMT5EncoderModel.from_pretrained(
             component_path(root, "text_encoder"), **_from_pretrained_kwargs(dtype)
