@@ -85,7 +85,9 @@ def build_models(cfg: dict, device: torch.device, need_diffusers: bool):
         theirs = None
         with torch.device(device):
             ours = Ours(**cfg).to(torch.bfloat16)
-    return ours.to(device, torch.bfloat16).eval(), theirs
+    ours = ours.to(device, torch.bfloat16).eval()
+    ours.fuse_qkv_projections()  # what WanPipeline does to the model it is given
+    return ours, theirs
 
 
 def shown_args() -> str:

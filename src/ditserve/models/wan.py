@@ -264,9 +264,11 @@ class WanAttention(nn.Module):
         Wan2.1-1.3B forward at 480x832x81 on an H100). `to_q`/`to_k`/`to_v` keep their names
         and become views of the fused weight, so there is no extra memory, `state_dict` keeps
         diffusers' keys and `load_state_dict` writes through to the fused weight. `.to()`
-        re-fuses (see `_apply`). Call it after loading: a loader that assigns new parameter
+        re-fuses (see `_apply`). Idempotent. Call it after loading: a loader that assigns new parameter
         tensors (rather than copying into them) would bypass the fused weight.
         """
+        if self._qkv is not None:
+            return
         linears = (self.to_q, self.to_k, self.to_v)
         weight = torch.cat([linear.weight.detach() for linear in linears])
         bias = torch.cat([linear.bias.detach() for linear in linears])

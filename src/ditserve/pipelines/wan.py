@@ -103,7 +103,11 @@ class WanPipeline(Pipeline):
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        """Components already on `device`; `new_scheduler()` returns a fresh scheduler per run."""
+        """Components already on `device`; `new_scheduler()` returns a fresh scheduler per run.
+
+        The transformer's self-attention projections are fused in place (`fuse_qkv_projections`:
+        same weights, same keys, one matrix product instead of three)."""
+        transformer.fuse_qkv_projections()
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -164,7 +168,6 @@ class WanPipeline(Pipeline):
             dtype=dtype,
             keep_float32=WanTransformer3DModel._keep_in_fp32_modules,
         )
-        transformer.fuse_qkv_projections()
         tokenizer = AutoTokenizer.from_pretrained(component_path(root, "tokenizer"))
         text_encoder = UMT5EncoderModel.from_pretrained(
             component_path(root, "text_encoder"), **_from_pretrained_kwargs(dtype)
