@@ -168,6 +168,10 @@ def run_load(pipe: WanPipeline, arrivals: list[Arrival], max_batch_size: int | N
         "latency_p50_by_size_s": {k: percentile(v, 50) for k, v in sorted(by_size.items())},
         "service_s_by_size": {k: statistics.mean(o.timings["total_s"] for o, a in zip(outputs, arrivals)
                                                  if a.size == k) for k in sorted(by_size)},
+        "stage_s_by_size": {k: {stage: statistics.mean(o.timings[stage] for o, a in zip(outputs, arrivals)
+                                                       if a.size == k)
+                                for stage in ("queue_s", "text_encode_s", "denoise_s", "decode_wait_s", "decode_s")}
+                            for k in sorted(by_size)},
         "steps": len(steps),
         "mean_requests_per_step": statistics.mean(s.requests for s in steps),
         "max_requests_per_step": max(s.requests for s in steps),
@@ -353,22 +357,26 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {row['requests_per_min']:.1f} | {row['wall_s']:.1f} | "
                      f"{row['mean_requests_per_step']:.1f} / {row['max_requests_per_step']} | "
                      f"{row['mean_tokens_per_step']:.0f} |")
+    stages = one["stage_s_by_size"]
     lines += [
         "",
-        f"Batched / one at a time: **{sat['speedup']:.2f}x** throughput.",
+        f"Batched / one at a time: **{sat['speedup']:.2f}x** throughput. Where one request's time goes, one at a "
+        "time (mean s: text / denoise / decode): "
+        + ", ".join(f"{k} {v['text_encode_s']:.2f} / {v['denoise_s']:.2f} / {v['decode_s']:.2f}"
+                    for k, v in stages.items()) + ".",
         "",
         f"Latency, full mix ({c['latency_requests']} requests per rate, {c['large_per_run']} of them 480x832x81, "
         "the rest as above), Poisson arrivals at fractions of the one-at-a-time capacity on this mix:",
         "",
-        "| rate (req/min) | x capacity | one at a time p50 / p95 (s) | batched p50 / p95 (s) "
+        "| rate (req/min) | x capacity | one at a time p50 / p95 / max (s) | batched p50 / p95 / max (s) "
         "| batched mean requests per step |",
         "|---|---|---|---|---|",
     ]
     for row in r["latency"]:
         o, b = row["one_at_a_time"], row["batched"]
         lines.append(f"| {row['rate_per_min']:.1f} | {row['fraction']:.2f} | {o['latency_p50_s']:.2f} / "
-                     f"{o['latency_p95_s']:.2f} | {b['latency_p50_s']:.2f} / {b['latency_p95_s']:.2f} | "
-                     f"{b['mean_requests_per_step']:.1f} |")
+                     f"{o['latency_p95_s']:.2f} / {o['latency_max_s']:.2f} | {b['latency_p50_s']:.2f} / "
+                     f"{b['latency_p95_s']:.2f} / {b['latency_max_s']:.2f} | {b['mean_requests_per_step']:.1f} |")
     p, e = alone["plain"], alone["engine"]
     lines += [
         "",

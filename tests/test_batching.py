@@ -27,7 +27,8 @@ import ditserve
 from ditserve.engine import GenerationRequest, InvalidRequest
 from ditserve.engine.batching import BatchingEngine, EngineClosed, StepStats
 from ditserve.engine.budget import CPU_MAX_BATCH_TOKENS, block_activation_bytes, default_max_batch_tokens
-from ditserve.engine.policy import Slot, plan_admission, reservation
+from ditserve.engine.decoder import Decoder
+from ditserve.engine.policy import Candidate, select_step
 from ditserve.pipelines import GenerationCancelled, WanPipeline
 
 REL_TOL = 1e-5
@@ -39,16 +40,22 @@ def pipe(tiny_wan_path: Path) -> WanPipeline:
 
 
 class LatentTap:
-    """Wraps `pipe.decode` to keep the clean latents of each output (keyed by its frames array)."""
+    """Wraps `pipe.decode_batch` to keep the clean latents of each output (keyed by its frames
+    array) and the batch size of each VAE call."""
 
     def __init__(self, pipe: WanPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
-        self._decode = pipe.decode
+        self._decode_batch = pipe.decode_batch
         self._latents: dict[int, Tensor] = {}
-        monkeypatch.setattr(pipe, "decode", self)
+        self._keep: list[np.ndarray] = []  # keeps ids unique
+        self.batches: list[int] = []
+        monkeypatch.setattr(pipe, "decode_batch", self)
 
-    def __call__(self, latents: Tensor) -> np.ndarray:
-        frames = self._decode(latents)
-        self._latents[id(frames)] = latents.clone()
+    def __call__(self, latents: Tensor) -> list[np.ndarray]:
+        frames = self._decode_batch(latents)
+        self.batches.append(len(frames))
+        for row, f in zip(latents, frames):
+            self._latents[id(f)] = row[None].clone()
+            self._keep.append(f)
         return frames
 
     def of(self, output: Any) -> Tensor:
@@ -148,12 +155,13 @@ def test_mixed_batch_joining_at_different_steps_matches_alone(
 def test_generate_batch_matches_alone_in_order(pipe: WanPipeline, alone: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     tap = LatentTap(pipe, monkeypatch)
     calls: list[tuple[int, int, int]] = []
-    order = [3, 0, 1]
-    batch = [MIXED[3], pipe.validate(**MIXED[0]), MIXED[1]]  # dicts or validated requests
+    order = [3, 0, 1, 0]
+    batch = [MIXED[3], pipe.validate(**MIXED[0]), MIXED[1], MIXED[0]]  # dicts or validated requests
     outs = pipe.generate_batch(batch, callback=lambda *args: calls.append(args))
     for out, i in zip(outs, order):
         assert_same_as_alone(out, tap, alone[i], f"request {i}")
         assert out.seed == MIXED[i]["seed"]
+    assert 2 in tap.batches  # the two of one shape finished together: one VAE call
     for index, i in enumerate(order):
         total = MIXED[i]["num_inference_steps"]
         assert [c[1:] for c in calls if c[0] == index] == [(step, total) for step in range(total)]
@@ -278,8 +286,8 @@ class FakeStages:
         time.sleep(self.forward_s)
         return [torch.zeros_like(x) for x in latents]
 
-    def decode(self, latents: Tensor) -> np.ndarray:
-        return latents.reshape(1).numpy().copy()  # the number of steps done
+    def decode_batch(self, latents: Tensor) -> list[np.ndarray]:
+        return [row.reshape(1).numpy().copy() for row in latents]  # the number of steps done
 
     def requests_per_forward(self) -> list[list[int]]:
         return [sorted(set(seeds)) for seeds in self.forwards]
@@ -316,57 +324,98 @@ def test_guided_requests_are_two_samples_and_count_double() -> None:
     engine.submit(fake(1, tokens=2, guidance=5.0))  # 2 samples x 2 tokens: the whole budget
     engine.submit(fake(2, tokens=1, guidance=1.0))
     engine.run_until_idle()
-    assert stages.forwards[0] == [1, 1]  # cond and uncond; request 2 did not fit beside it
-    assert stages.forwards[-1] == [2]
+    assert stages.forwards[0] == [2]  # less work left: first; 1 does not fit beside it
+    assert [1, 1] in stages.forwards  # cond and uncond of request 1 in one forward
+    assert all(f in ([1, 1], [2]) for f in stages.forwards)
 
 
-def test_fifo_admission_with_bounded_backfill() -> None:
+def test_least_remaining_work_goes_first_and_small_requests_fill_the_step() -> None:
     stages = FakeStages()
-    engine = BatchingEngine(stages, max_batch_tokens=10)
-    engine.submit(fake(1, tokens=8, steps=5))
-    engine.step()  # 1 runs, 4 steps left
-    engine.submit(fake(2, tokens=6, steps=2))  # head: waits for 1 to leave (reserved in 4 steps)
-    engine.submit(fake(3, tokens=2, steps=4))  # fits and leaves by then: may pass
-    engine.submit(fake(4, tokens=2, steps=5))  # fits but would delay 2: must wait
-    engine.submit(fake(5, tokens=1, steps=1))  # behind 2 in FIFO; budget is full once 3 joined
-    engine.run_until_idle()
-    first = {seed: stages.first_forward(seed) for seed in range(1, 6)}
-    assert first[3] == 1  # backfilled at the next boundary
-    assert first[2] == 5  # the step 1 left, as under strict FIFO
-    assert first[4] >= first[2] and first[5] >= first[2]
-
-
-def test_strict_fifo_without_backfill_and_one_at_a_time() -> None:
-    stages = FakeStages()
-    engine = BatchingEngine(stages, max_batch_tokens=10, backfill=False)
-    engine.submit(fake(1, tokens=8, steps=3))
+    engine = BatchingEngine(stages, max_batch_tokens=100, fill_tokens=2)
+    engine.submit(fake(1, tokens=50, steps=6))  # big: alone at first
     engine.step()
-    for seed, tokens in ((2, 6), (3, 1), (4, 1)):
-        engine.submit(fake(seed, tokens=tokens, steps=1))
+    for seed in (2, 3, 4):
+        engine.submit(fake(seed, tokens=2, steps=3))  # small ones arrive
+    engine.step()
     engine.run_until_idle()
-    first = [stages.first_forward(seed) for seed in (1, 2, 3, 4)]
-    assert first == sorted(first) and first[2] == first[1]  # 3 joins with 2, never before it
+    per_forward = stages.requests_per_forward()
+    assert per_forward[0] == [1]
+    # the small ones do not wait for the big one, and do not share its long steps: the first
+    # (least work) runs with as many as fit in fill_tokens beyond it (2 + 2 <= 2 + 2)
+    assert per_forward[1:4] == [[2, 3], [2, 3], [2, 3]] and per_forward[4:7] == [[4]] * 3
+    assert per_forward[7:] == [[1]] * 5  # then the big one resumes where it stopped
 
+
+def test_no_request_is_passed_over_more_than_max_skipped_steps() -> None:
+    stages = FakeStages()
+    engine = BatchingEngine(stages, max_batch_tokens=100, fill_tokens=0, max_skipped=2)
+    big = engine.submit(fake(1, tokens=50, steps=3))
+    for seed in range(2, 12):
+        engine.submit(fake(seed, tokens=1, steps=2))  # a stream of small, shorter jobs
+    engine.run_until_idle()
+    per_forward = stages.requests_per_forward()
+    runs = [i for i, seeds in enumerate(per_forward) if 1 in seeds]
+    assert runs == [2, 5, 8]  # every third step at the latest, although always the most work
+    assert big.result().frames[0] == 3
+
+
+def test_one_at_a_time_runs_each_request_to_its_end_in_fifo_order() -> None:
     serial = FakeStages()
     engine = BatchingEngine(serial, max_batch_size=1)
-    futures = [engine.submit(fake(seed, steps=2)) for seed in range(4)]
+    futures = [engine.submit(fake(seed, steps=2, tokens=5 - seed)) for seed in range(4)]
     engine.run_until_idle()
     assert serial.requests_per_forward() == [[0], [0], [1], [1], [2], [2], [3], [3]]
     assert all(f.done() for f in futures)
 
 
-def test_policy_reservation_and_limits() -> None:
-    active = [Slot(tokens=4, steps=3), Slot(tokens=4, steps=1)]
-    assert reservation(active, Slot(6, 2), max_tokens=10, max_requests=None) == 1
-    assert reservation(active, Slot(9, 2), max_tokens=10, max_requests=None) == 3
-    assert reservation(active, Slot(99, 2), max_tokens=10, max_requests=None) == 3  # alone
-    assert plan_admission([], [Slot(99, 1), Slot(1, 1)], max_tokens=10) == [0]  # too big: runs alone
-    assert plan_admission(active, [Slot(1, 1)] * 3, max_tokens=10, max_requests=3) == [0]
-    # head (6 tokens) reserved at boundary 1; later slots pass only if done by then
-    assert plan_admission(active, [Slot(6, 5), Slot(2, 1), Slot(2, 2)], max_tokens=10) == [1]
-    assert plan_admission(active, [Slot(6, 5), Slot(2, 1)], max_tokens=10, backfill=False) == []
-    with pytest.raises(ValueError):
-        plan_admission([], [], max_tokens=0)
+def test_step_policy() -> None:
+    c = Candidate
+    assert select_step([], max_tokens=10) == []
+    # least remaining work first (tokens x steps left), ties in admission order
+    assert select_step([c(4, 3), c(2, 2), c(1, 4)], max_tokens=100, fill_tokens=0) == [1]
+    assert select_step([c(4, 3), c(2, 2), c(1, 4)], max_tokens=100, fill_tokens=4) == [1, 2]
+    assert select_step([c(2, 2), c(2, 2)], max_tokens=100, fill_tokens=2) == [0, 1]
+    # the memory budget bounds the fill; a first request above the budget runs alone
+    assert select_step([c(1, 1), c(3, 1), c(2, 1)], max_tokens=4, fill_tokens=100) == [0, 2]
+    assert select_step([c(99, 1, skipped=5), c(1, 1)], max_tokens=10, max_skipped=5) == [0]
+    # a starved request comes first, whatever its size
+    assert select_step([c(1, 1), c(8, 9, skipped=3)], max_tokens=10, fill_tokens=1, max_skipped=3) == [1, 0]
+    with pytest.raises(ValueError, match="max_tokens"):
+        select_step([c(1, 1)], max_tokens=0)
+    with pytest.raises(ValueError, match="fill_tokens"):
+        select_step([c(1, 1)], max_tokens=1, fill_tokens=-1)
+
+
+def test_decoder_batches_equal_shapes_and_retries_a_failed_batch_one_by_one() -> None:
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def decode_batch(latents: Tensor) -> list[np.ndarray]:
+        gate.wait(10)
+        calls.append(len(latents))
+        if len(latents) > 2:
+            raise MemoryError("batch too big")
+        if (latents == 7).any():
+            raise ValueError("bad latents")
+        return [row.numpy() for row in latents]
+
+    decoder = Decoder(decode_batch, max_batch_latent_pixels=4 * 6)
+    results: dict[int, Any] = {}
+
+    def done(key: int) -> Any:
+        return lambda frames, error, start, end: results.__setitem__(key, error if frames is None else frames)
+
+    decoder.submit(torch.zeros(1, 1, 1, 2, 3), done(0))  # the worker takes this one alone, then waits
+    for key, value in ((1, 1.0), (2, 7.0), (3, 3.0), (4, 4.0), (5, 5.0)):
+        decoder.submit(torch.full((1, 1, 1, 2, 3), value), done(key))
+    decoder.submit(torch.full((1, 1, 1, 4, 3), 6.0), done(6))  # another shape
+    gate.set()
+    assert decoder.wait_idle(10) and decoder.pending() == 0
+    # 1 alone (the worker was already waiting); then 4 of one shape (the pixel bound), which
+    # fails and is retried one by one; then the last of that shape; then the other shape
+    assert calls == [1, 4, 1, 1, 1, 1, 1, 1]
+    assert isinstance(results[2], ValueError) and all(isinstance(results[k], np.ndarray) for k in (0, 1, 3, 4, 5, 6))
+    assert [float(results[k].flat[0]) for k in (1, 3, 4, 5, 6)] == [1.0, 3.0, 4.0, 5.0, 6.0]
 
 
 def test_failures_and_cancels_end_only_their_request() -> None:

@@ -1,43 +1,40 @@
-"""Continuous batching: every active request advances one denoising step in ONE packed DiT forward.
+"""Continuous batching: the requests that advance at a step share ONE packed DiT forward.
 
 Each request keeps everything that makes its result its own: latents, a fresh scheduler
 (its own timesteps and solver history), step count, guidance scale, negative prompt and
 seed. At every step boundary the engine
 
-1. drops requests whose cancel token is set (queued or active; they get `GenerationCancelled`),
-2. admits queued requests by the policy in `ditserve.engine.policy` (FIFO within a token
-   budget, bounded bypass); an admitted request's text is encoded and its noise drawn
-   exactly as in `Pipeline.generate`, so it does not matter when it joins,
-3. runs one `predict_packed` over the samples of all active requests (a guided request is
-   two samples, cond and uncond; guidance 1.0 is one), each with its own timestep and text,
-   then steps each request's scheduler with its own guidance combination,
-4. decodes every request that just did its last step, right away, between two forwards (so
-   the VAE never runs inside the batched forward, and a finished request does not wait for
-   the others), and resolves its future; its timings are `generate`'s plus `queue_s`.
-
-Admission (`ditserve.engine.policy`): FIFO. The oldest queued request joins as soon as it
-fits (the step's tokens, cond and uncond samples counted, stay within `max_batch_tokens`,
-and the batch holds fewer than `max_batch_size` requests); a request bigger than the whole
-budget joins only an empty batch and runs alone. A later request may pass a head that does
-not fit only if it fits now and leaves before the step at which the head will fit (which is
-known: every request leaves after its own step count), so a bypass never makes the head
-join later than that reserved step. No request starves: the batch drains in bounded steps,
-and once a request is the head nothing can delay it past its reservation. The default budget (`ditserve.engine.budget`)
-is half the free device memory divided by an activation estimate per token.
+1. drops requests whose cancel token is set (queued or admitted; they get `GenerationCancelled`),
+2. admits queued requests, FIFO, up to `max_batch_size` admitted at once; an admitted
+   request's text is encoded and its noise drawn exactly as in `Pipeline.generate`, so it
+   does not matter when it joins,
+3. picks the admitted requests that advance now (`ditserve.engine.policy`: least remaining
+   work first, filled up to `fill_tokens` beyond the first within the `max_batch_tokens`
+   memory budget, none passed over more than `max_skipped` steps in a row) and runs one
+   `predict_packed` over their samples (a guided request is two samples, cond and uncond;
+   guidance 1.0 is one), each with its own timestep and text, then steps each request's
+   scheduler with its own guidance combination,
+4. hands every request that just did its last step to the `Decoder` (its own thread and
+   CUDA stream, `ditserve.engine.decoder`), so the VAE never runs inside a forward and no
+   request waits for another's decode; the decoder resolves the request's future with
+   `generate`'s timings plus `queue_s`.
 
 Samples never attend to each other: that is the packed forward's attention metadata.
-Because a request's math does not depend on its neighbours, its result batched equals its
-result alone (to float rounding of the packed vs dense layout).
+Because a request's math does not depend on its neighbours, nor on the steps it sits out,
+its result batched equals its result alone (to float rounding of the packed vs dense layout).
 
 Driving it: either synchronously (`run_until_idle()`: step until nothing is queued or
-active, what `Pipeline.generate_batch` does) or in the background (`start()` runs
-`run_forever()` on a daemon thread until `stop()`; what a server does). Stepping is
-serialised by a lock, so only one thread steps at a time; `submit`, `stats`, `close` and
-`stop` may be called from any thread.
+admitted and every decode is done, what `Pipeline.generate_batch` does) or in the
+background (`start()` runs `run_forever()` on a daemon thread until `stop()`; what a server
+does). Stepping is serialised by a lock, so only one thread steps at a time; `submit`,
+`stats`, `close` and `stop` may be called from any thread. The default memory budget
+(`ditserve.engine.budget`) is half the free device memory divided by an activation
+estimate per token.
 
 Failures stay per request where they can: a cancel, text encoding, a callback or the
-decode end only their own request; an error in the batched forward itself (e.g. out of
-memory) fails every request in that forward, since it cannot be pinned on one of them.
+decode end only their own request (a failed batched decode, the requests in it); an error
+in the batched forward itself (e.g. out of memory) fails every request in that forward,
+since it cannot be pinned on one of them.
 """
 
 from __future__ import annotations
@@ -49,18 +46,20 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ditserve.engine.policy import Slot, plan_admission
+from ditserve.engine.decoder import Decoder
+from ditserve.engine.policy import DEFAULT_FILL_TOKENS, DEFAULT_MAX_SKIPPED, Candidate, select_step
 from ditserve.engine.validation import GenerationRequest
 from ditserve.pipelines.denoise import CancelToken, StepCallback, combine_guidance, start_schedule
 from ditserve.pipelines.errors import GenerationCancelled
 from ditserve.pipelines.result import GenerationOutput
-from ditserve.pipelines.timing import StepTimer, synchronize
+from ditserve.pipelines.timing import StepTimer
 
 __all__ = ["BatchStages", "BatchingEngine", "EngineClosed", "EngineStats", "StepStats"]
 
@@ -94,33 +93,37 @@ class BatchStages(Protocol):
     def predict_packed(self, latents: list[Tensor], timesteps: Tensor, text: list[Tensor]) -> list[Tensor]:
         """One DiT forward over samples `[C, F_i, H_i, W_i]` with timesteps `[N]`, text `[L_i, D]`."""
 
-    def decode(self, latents: Tensor) -> np.ndarray:
-        """Clean latents -> frames (F, H, W, 3) float32 in [0, 1] on the host."""
+    def decode_batch(self, latents: Tensor) -> list[np.ndarray]:
+        """Clean latents `[B, C, F, H, W]` (one shape) -> B frame arrays (F, H, W, 3) in [0, 1] on the host."""
 
 
 @dataclass(frozen=True)
 class StepStats:
-    """One batched forward: how many requests, samples and tokens it held, and requests waiting."""
+    """One batched forward: how many requests, samples and tokens it held; requests queued
+    (not admitted yet) and admitted but sitting this step out."""
 
     requests: int
     samples: int
     tokens: int
     queued: int
+    paused: int = 0
 
 
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot for metrics.
 
-    queued / active: requests waiting / in the batch (the current batch size); active_tokens:
-    tokens the next step will hold; steps: batched forwards so far; completed: requests
-    resolved with an output; last_step: the latest forward (its requests and tokens per
-    step), None before the first; max_batch_tokens / max_batch_size: the limits in force.
+    queued / active: requests waiting / admitted (each step advances some or all of them);
+    active_tokens: tokens of all admitted requests' samples; decoding: finished requests
+    waiting for or in the VAE; steps: batched forwards so far; completed: requests resolved
+    with an output; last_step: the latest forward (its requests and tokens), None before the
+    first; max_batch_tokens / max_batch_size: the limits in force.
     """
 
     queued: int
     active: int
     active_tokens: int
+    decoding: int
     steps: int
     completed: int
     last_step: StepStats | None
@@ -152,6 +155,7 @@ class _Active:
     timer: StepTimer  # marks: admitted, text encoded, each step done
     admitted_at: float
     step: int = 0
+    skipped: int = 0  # steps in a row this request sat out
     total: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -171,10 +175,10 @@ class BatchingEngine:
 
     `max_batch_tokens`: tokens (all samples, see `ditserve.engine.budget`) one step may hold;
     None = `stages.default_max_batch_tokens()`. A request bigger than that runs alone.
-    `max_batch_size`: most requests in one step (None: no limit; 1: one at a time).
-    `backfill`: let a later request pass a head that does not fit, if it leaves before the
-    head's reserved step (see `ditserve.engine.policy`). `on_step(StepStats)` runs on the
-    stepping thread after every batched forward (metrics); its errors are logged, not raised.
+    `max_batch_size`: most requests admitted at once (None: no limit; 1: one at a time, each
+    to its end). `fill_tokens` / `max_skipped`: the step policy (`ditserve.engine.policy`).
+    `on_step(StepStats)` runs on the stepping thread after every batched forward (metrics);
+    its errors are logged, not raised.
     """
 
     def __init__(
@@ -183,7 +187,8 @@ class BatchingEngine:
         *,
         max_batch_tokens: int | None = None,
         max_batch_size: int | None = None,
-        backfill: bool = True,
+        fill_tokens: int = DEFAULT_FILL_TOKENS,
+        max_skipped: int = DEFAULT_MAX_SKIPPED,
         on_step: Callable[[StepStats], None] | None = None,
     ) -> None:
         budget = stages.default_max_batch_tokens() if max_batch_tokens is None else max_batch_tokens
@@ -193,11 +198,16 @@ class BatchingEngine:
             not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1
         ):
             raise ValueError(f"max_batch_size must be a positive int or None, got {max_batch_size!r}")
+        for name, value in (("fill_tokens", fill_tokens), ("max_skipped", max_skipped)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         self._stages = stages
         self.max_batch_tokens = budget
         self.max_batch_size = max_batch_size
-        self.backfill = backfill
+        self.fill_tokens = fill_tokens
+        self.max_skipped = max_skipped
         self._on_step = on_step
+        self._decoder = Decoder(stages.decode_batch)
         self._cond = threading.Condition()  # guards everything below it
         self._queue: deque[_Queued] = deque()
         self._active: list[_Active] = []  # changed only by the stepping thread, under _cond
@@ -243,6 +253,7 @@ class BatchingEngine:
                 queued=len(self._queue),
                 active=len(self._active),
                 active_tokens=sum(state.queued.tokens for state in self._active),
+                decoding=self._decoder.pending(),
                 steps=self._steps,
                 completed=self._completed,
                 last_step=self._last_step,
@@ -276,7 +287,8 @@ class BatchingEngine:
         self._thread.start()
 
     def stop(self, *, cancel: bool = False, timeout: float | None = None) -> bool:
-        """`close(cancel=cancel)`, then wait for the thread `start` began; True if it has ended."""
+        """`close(cancel=cancel)`, then wait for the thread `start` began (it ends once every
+        decode is done); True if it has ended."""
         self.close(cancel=cancel)
         thread = self._thread
         if thread is None:
@@ -309,9 +321,11 @@ class BatchingEngine:
         return self.has_work()
 
     def run_until_idle(self) -> None:
-        """Step until nothing is queued or active (a synchronous batch, e.g. `generate_batch`)."""
+        """Step until nothing is queued or active, then wait for the decodes (a synchronous
+        batch, e.g. `generate_batch`)."""
         while self.step():
             pass
+        self._decoder.wait_idle()
 
     def run_forever(self) -> None:
         """Serve until `close()` and drained: wait for requests, step while there are any.
@@ -324,11 +338,12 @@ class BatchingEngine:
                 while not (self._queue or self._active or self._closed):
                     self._cond.wait()
                 if self._closed and not (self._queue or self._active):
-                    return
+                    break
             try:
                 self.step()
             except Exception:
                 log.exception("batching engine step failed; its active requests were failed")
+        self._decoder.wait_idle()
 
     # -- step pieces ---------------------------------------------------------------------------
 
@@ -346,13 +361,10 @@ class BatchingEngine:
             _fail_cancelled(a.queued, a.step, a.total)
 
     def _admit(self) -> None:
+        """FIFO: queued requests join while fewer than `max_batch_size` are admitted."""
         with self._cond:
-            active = [Slot(a.queued.tokens, a.remaining) for a in self._active]
-            waiting = [Slot(q.tokens, q.request.num_inference_steps) for q in self._queue]
-            chosen = plan_admission(active, waiting, self.max_batch_tokens, self.max_batch_size, backfill=self.backfill)
-            joining = [self._queue[i] for i in chosen]
-            for q in joining:
-                self._queue.remove(q)
+            room = len(self._queue) if self.max_batch_size is None else self.max_batch_size - len(self._active)
+            joining = [self._queue.popleft() for _ in range(max(0, min(room, len(self._queue))))]
         for q in joining:
             if not q.future.set_running_or_notify_cancel():
                 continue  # cancelled through its future while it waited
@@ -379,9 +391,19 @@ class BatchingEngine:
         return _Active(q, guided, cond[0], None if uncond is None else uncond[0], latents, scheduler,
                        timesteps, timer, admitted_at)
 
+    def _select(self) -> list[_Active]:
+        """The admitted requests that advance this step (`ditserve.engine.policy`)."""
+        active = list(self._active)
+        candidates = [Candidate(a.queued.tokens, a.remaining, a.skipped) for a in active]
+        chosen = {id(active[i]) for i in select_step(candidates, self.max_batch_tokens, self.fill_tokens,
+                                                        self.max_skipped)}
+        for state in active:
+            state.skipped = 0 if id(state) in chosen else state.skipped + 1
+        return [state for state in active if id(state) in chosen]  # admission order
+
     def _forward(self) -> None:
-        """One packed forward over all active samples, then each request's own scheduler step."""
-        batch = list(self._active)
+        """One packed forward over the chosen requests' samples, then each one's scheduler step."""
+        batch = self._select()
         latents: list[Tensor] = []
         timesteps: list[Tensor] = []
         text: list[Tensor] = []
@@ -423,7 +445,8 @@ class BatchingEngine:
                 self._active.remove(state)
             self._steps += 1
             stats = StepStats(requests=len(batch), samples=len(latents),
-                              tokens=sum(s.queued.tokens for s in batch), queued=len(self._queue))
+                              tokens=sum(s.queued.tokens for s in batch), queued=len(self._queue),
+                              paused=len(self._active) - len(batch) + len(failed))
             self._last_step = stats
         if self._on_step is not None:
             try:
@@ -432,35 +455,37 @@ class BatchingEngine:
                 log.exception("on_step callback failed")
 
     def _retire(self) -> None:
-        """Decode and resolve every request that did its last step (between forwards)."""
+        """Hand every request that did its last step to the decoder (which resolves it)."""
         with self._cond:
             done = [state for state in self._active if state.remaining == 0]
             for state in done:
                 self._active.remove(state)
         for state in done:
-            try:
-                intervals = state.timer.per_step_s()  # [encode, step 1, ..., step n]
-                synchronize(self._stages.device)
-                decode_start = time.perf_counter()
-                frames = self._stages.decode(state.latents)
-                finished = time.perf_counter()
-            except Exception as e:
-                state.queued.future.set_exception(e)
-                continue
-            per_step = intervals[1:]
-            timings: dict[str, float | list[float]] = {
-                "queue_s": state.admitted_at - state.queued.submitted_at,
-                "text_encode_s": intervals[0],
-                "denoise_s": decode_start - state.admitted_at - intervals[0],
-                "per_step_s": per_step,
-                "step_mean_s": sum(per_step) / len(per_step) if per_step else 0.0,
-                "decode_s": finished - decode_start,
-                "total_s": finished - state.admitted_at,
-            }
-            with self._cond:
-                self._completed += 1
-            state.queued.future.set_result(GenerationOutput(frames=frames, seed=state.queued.request.seed,
-                                                            timings=timings))
+            denoised_at = time.perf_counter()
+            self._decoder.submit(state.latents, partial(self._resolve, state, denoised_at))
+
+    def _resolve(self, state: _Active, denoised_at: float, frames: np.ndarray | None, error: BaseException | None,
+                 decode_start: float, decode_end: float) -> None:
+        """On the decoder thread: the request's output and timings, or its decode error."""
+        if error is not None:
+            state.queued.future.set_exception(error)
+            return
+        intervals = state.timer.per_step_s()  # [encode, step 1, ..., step n]; the steps are done
+        per_step = intervals[1:]
+        timings: dict[str, float | list[float]] = {
+            "queue_s": state.admitted_at - state.queued.submitted_at,
+            "text_encode_s": intervals[0],
+            "denoise_s": denoised_at - state.admitted_at - intervals[0],
+            "per_step_s": per_step,  # time between its own steps (steps it sat out included)
+            "step_mean_s": sum(per_step) / len(per_step) if per_step else 0.0,
+            "decode_wait_s": max(0.0, decode_start - denoised_at),
+            "decode_s": decode_end - decode_start,
+            "total_s": decode_end - state.admitted_at,
+        }
+        with self._cond:
+            self._completed += 1
+        state.queued.future.set_result(GenerationOutput(frames=frames, seed=state.queued.request.seed,
+                                                        timings=timings))
 
     def _fail_active(self, error: BaseException) -> None:
         """End every active request with `error` (a failed batched forward, or an engine bug)."""

@@ -9,8 +9,9 @@ embeddings (512 per sample) are already resident or small beside it.
 Default on CUDA, measured when the engine is built (after the model is loaded):
     max_batch_tokens = MEMORY_FRACTION * (free device memory + torch's cached free blocks)
                        / block_activation_bytes(inner_dim, ffn_dim, dtype)
-The other half of the free memory stays for the VAE decode (which runs between steps, not
-alongside a forward), allocator fragmentation and the selector's first-call trials.
+The other half of the free memory stays for the VAE decode (which runs on its own thread,
+alongside the forwards: `ditserve.engine.decoder`), allocator fragmentation and the
+selector's first-call trials.
 On the CPU memory is rarely the limit and time is, so the default is a fixed number.
 """
 

@@ -240,12 +240,16 @@ class WanPipeline(Pipeline):
         return self.transformer.forward_packed(latents, timesteps, text)
 
     def decode(self, latents: Tensor) -> np.ndarray:
-        """Latents -> float32 frames (F, H, W, 3) in [0, 1] on the host."""
+        """Latents `[1, C, F, H, W]` -> float32 frames (F, H, W, 3) in [0, 1] on the host."""
+        return self.decode_batch(latents)[0]
+
+    def decode_batch(self, latents: Tensor) -> list[np.ndarray]:
+        """Latents `[B, C, F, H, W]` of one shape -> B frame arrays, in one VAE call."""
         latents = latents.to(self.device, VAE_DTYPE)
         latents = latents / self._latents_inv_std + self._latents_mean
-        video = self.vae.decode(latents, return_dict=False)[0]  # [1, 3, F, H, W] in [-1, 1]
+        video = self.vae.decode(latents, return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
         video = (video * 0.5 + 0.5).clamp(0, 1)
-        return video[0].permute(1, 2, 3, 0).float().cpu().numpy()
+        return list(video.permute(0, 2, 3, 4, 1).float().cpu().numpy())
 
     # -- one generation --------------------------------------------------------------------
 

@@ -48,11 +48,12 @@ class GatedPipeline:
     - `calls` / `prompts`: requests the engine admitted (its text encoding), in order; a job
       cancelled or refused before admission never appears.
     - `batch_sizes`: samples in each forward (a guided request is two).
-    - `fail_forward` / `fail_decode`: call number (1-based) of the batched forward / of the
-      decode -> exception raised there (a forward failure fails every job in that step; a
-      decode failure only the job being decoded, which has finished denoising).
-    - `decoded`: every decode's frames, in order; `output_hook(call, frames) -> frames` can
-      change them (e.g. inject NaNs).
+    - `fail_forward` / `fail_decode`: number (1-based) of the batched forward / of the request
+      in the order its latents first reach the VAE -> exception raised there (a forward
+      failure fails every job in that step; a decode failure only the job being decoded,
+      which has finished denoising: a batched decode that fails is retried one by one).
+    - `decoded`: every request's decoded frames, in order; `output_hook(number, frames) ->
+      frames` can change them (e.g. inject NaNs).
     """
 
     def __init__(self, inner: Any, *, gated: bool = False, fail_forward: dict[int, BaseException] | None = None,
@@ -71,6 +72,7 @@ class GatedPipeline:
         self.fail_decode = dict(fail_decode or {})
         self.output_hook = output_hook
         self._lock = threading.Lock()
+        self._decode_numbers: dict[Any, int] = {}
 
     def __getattr__(self, name: str) -> Any:  # validate, device, tokens_per_sample, new_scheduler, ...
         return getattr(self.inner, name)
@@ -91,12 +93,19 @@ class GatedPipeline:
             raise failure
         return self.inner.predict_packed(latents, timesteps, text)
 
-    def decode(self, latents: Any) -> Any:
-        call = len(self.decoded) + 1
-        failure = self.fail_decode.get(call)
-        frames = self.inner.decode(latents)
-        frames = self.output_hook(call, frames) if self.output_hook else frames
-        self.decoded.append(frames)
-        if failure is not None:
+    def decode_batch(self, latents: Any) -> Any:
+        numbers = [self._decode_number(row) for row in latents]
+        failure = next((self.fail_decode[n] for n in numbers if n in self.fail_decode), None)
+        if failure is not None:  # the engine's decoder then retries each request alone
             raise failure
+        frames = self.inner.decode_batch(latents)
+        if self.output_hook:
+            frames = [self.output_hook(n, f) for n, f in zip(numbers, frames)]
+        self.decoded.extend(frames)
         return frames
+
+    def _decode_number(self, latents: Any) -> int:
+        """1-based order in which a request's latents first reached the VAE (stable across retries)."""
+        key = latents.double().sum().item(), latents.double().abs().sum().item(), tuple(latents.shape)
+        with self._lock:
+            return self._decode_numbers.setdefault(key, len(self._decode_numbers) + 1)
