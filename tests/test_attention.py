@@ -260,6 +260,31 @@ def test_no_backend_reads_global_state():
     assert registry_module.BACKEND_FACTORIES == names_before
 
 
+def test_pinned_sdpa_kernel_leaves_other_threads_sdpa_flags_alone():
+    """`sdpa_kernel(...)` flips process-wide flags; a pinned backend must not use it, or SDPA
+    on another thread (the VAE on the decode thread) finds its kernels switched off."""
+    layer = Attention("sdpa_math")
+    q = _rand(1, 64, 2, 8)
+    flags = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.mem_efficient_sdp_enabled,
+             torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.math_sdp_enabled)
+    seen: set[tuple[bool, ...]] = set()
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            seen.add(tuple(flag() for flag in flags))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for _ in range(300):
+            layer(q, q, q)
+    finally:
+        done.set()
+        poller.join()
+    assert seen == {(True, True, True, True)}
+
+
 # ---- errors ---------------------------------------------------------------------------------
 
 

@@ -1,10 +1,16 @@
-"""PyTorch `scaled_dot_product_attention`, either letting torch choose or pinned to one kernel."""
+"""PyTorch `scaled_dot_product_attention`, either letting torch choose or pinned to one kernel.
+
+A pinned kernel is called as its own aten op (`aten._scaled_dot_product_cudnn_attention`, ...),
+not through `F.scaled_dot_product_attention` inside `sdpa_kernel(...)`: that context manager
+flips process-wide flags, so while one thread held it, SDPA calls on every other thread (the
+VAE decoding on its own thread, say) found their kernels switched off.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 from ditserve.attention.backends.base import AttentionBackend, AttentionBackendError, Capabilities
 from ditserve.attention.metadata import AttentionMetadata
@@ -17,7 +23,7 @@ _ANY_DEVICE = frozenset({"cpu", "cuda", "mps", "xpu"})
 _KERNELS: dict[str, tuple[SDPBackend | None, Capabilities, bool]] = {
     "auto": (None, Capabilities(devices=_ANY_DEVICE, dtypes=_ALL_FLOATS, masks=True), True),
     "math": (SDPBackend.MATH, Capabilities(devices=_ANY_DEVICE, dtypes=_ALL_FLOATS, masks=True), True),
-    "flash": (SDPBackend.FLASH_ATTENTION, Capabilities(devices=frozenset({"cuda"}), dtypes=_HALF_FLOATS, head_dims=(8, 256), head_dim_multiple=8), True),
+    "flash": (SDPBackend.FLASH_ATTENTION, Capabilities(devices=frozenset({"cuda"}), dtypes=_HALF_FLOATS, head_dims=(8, 256), head_dim_multiple=8), False),
     "cudnn": (SDPBackend.CUDNN_ATTENTION, Capabilities(devices=frozenset({"cuda"}), dtypes=_HALF_FLOATS, head_dims=(8, 256), head_dim_multiple=8), False),
     "efficient": (
         SDPBackend.EFFICIENT_ATTENTION,
@@ -68,11 +74,44 @@ class SdpaBackend(AttentionBackend):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **kwargs)
         else:
             try:
-                with sdpa_kernel([self._sdp_backend]):
-                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **kwargs)
-            except RuntimeError as err:  # torch says "No available kernel" with its reasons as warnings
+                out = self._pinned(q, k, v, mask, is_causal, scale, bool(kwargs))
+            except RuntimeError as err:
                 raise AttentionBackendError(f"{self.name}: torch's {self.kernel} kernel refused this call: {err}") from err
         if metadata.causal and q.shape[2] > k.shape[2]:
             out = out.nan_to_num(0.0)  # kernels differ on fully masked rows (NaN or garbage); define them as 0
             out[:, :, : q.shape[2] - k.shape[2]] = 0
         return out.transpose(1, 2)
+
+    def _pinned(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, scale: float, gqa: bool) -> torch.Tensor:
+        """The pinned kernel's aten op on `[B, H, S, D]` (no process-wide state touched)."""
+        aten = torch.ops.aten
+        if self._sdp_backend == SDPBackend.MATH:  # its op adds a bool mask as 0/1: pass it additive
+            bias = None if mask is None else _additive(mask, q.dtype)
+            return aten._scaled_dot_product_attention_math(q, k, v, bias, 0.0, is_causal, None, scale=scale,
+                                                           enable_gqa=gqa)[0]
+        if self._sdp_backend == SDPBackend.FLASH_ATTENTION:
+            return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[0]
+        if self._sdp_backend == SDPBackend.CUDNN_ATTENTION:
+            return aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, is_causal, False, scale=scale)[0]
+        bias = None if mask is None else _efficient_bias(mask, q, k)
+        return aten._scaled_dot_product_efficient_attention(q, k, v, bias, False, 0.0, is_causal, scale=scale)[0]
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean keep-mask as 0 / -inf (as F.scaled_dot_product_attention converts it); a float mask in `dtype`."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _efficient_bias(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A mask as the memory-efficient kernel takes it (what F.scaled_dot_product_attention does):
+    additive, in q's dtype, rows aligned to 8 elements, expanded to `[B, H, Sq, Sk]`."""
+    mask = _additive(mask, q.dtype)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if any(stride % 8 for stride in mask.stride()[:-1] if stride):
+        sk = mask.shape[-1]
+        mask = F.pad(mask, (0, -sk % 8))[..., :sk]
+    return mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
