@@ -90,6 +90,11 @@ def build_models(cfg: dict, device: torch.device, need_diffusers: bool):
     return ours, theirs
 
 
+def _cell(value: float | None, spec: str) -> str:
+    """A table cell: '–' for a figure not measured (e.g. the CFG pair under --no-cfg)."""
+    return "–" if value is None or value != value else format(value, spec)
+
+
 def shown_args() -> str:
     """This run's arguments without output paths (they point into a scratch folder)."""
     args, skip = [], False
@@ -202,8 +207,8 @@ def main() -> int:
         err = next((f"{v:.2e}" for k, v in r.items() if k.startswith("rel_err")), "–")
         lines.append(
             f"| {r['variant']}{' → ' + '/'.join(r['attention_choices']) if 'attention_choices' in r else ''} | {r['forward_ms']:.0f} | {speed} | "
-            f"{r['forward_mfu']:.0%} | {r['forward_peak_gib']:.1f} | {r.get('cfg_pair_ms', float('nan')):.0f} | "
-            f"{r.get('cfg_pair_peak_gib', float('nan')):.1f} | {err} |"
+            f"{r['forward_mfu']:.0%} | {r['forward_peak_gib']:.1f} | {_cell(r.get('cfg_pair_ms'), '.0f')} | "
+            f"{_cell(r.get('cfg_pair_peak_gib'), '.1f')} | {err} |"
         )
     text_md = "\n".join(lines) + "\n"
     print(text_md)
