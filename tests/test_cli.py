@@ -116,3 +116,20 @@ def test_argparse_type_errors_exit_2(capsys: pytest.CaptureFixture) -> None:
 def test_bench_attention_still_registered() -> None:
     args = cli.build_parser().parse_args(["bench-attention", "--seq-len", "64"])
     assert args.func is cli._bench_attention and args.seq_len == 64
+
+
+def test_serving_the_embedded_model_uses_its_own_request_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from ditserve.tiny import GENERATION
+
+    monkeypatch.setattr(cli, "default_model_path", lambda: str(tmp_path / "bundled"))
+    seen: dict = {}
+    monkeypatch.setattr("ditserve.server.main.serve",
+                        lambda model, settings, **kw: seen.update(settings=settings, warm=kw["warm"]) or 0)
+    assert cli.main(["serve"]) == 0
+    assert dict(seen["settings"].request_defaults) == dict(
+        height=GENERATION.height, width=GENERATION.width, num_frames=GENERATION.num_frames,
+        num_inference_steps=GENERATION.num_inference_steps, guidance_scale=GENERATION.guidance_scale)
+    assert seen["warm"] is True
+    assert cli.main(["serve", "--model", str(tmp_path / "other"), "--no-warm-up"]) == 0
+    assert dict(seen["settings"].request_defaults) == {}  # another model: the pipeline's (Wan2.1's) defaults
+    assert seen["warm"] is False

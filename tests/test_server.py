@@ -542,3 +542,37 @@ def test_serve_refuses_bad_options_before_opening_the_port(tmp_path: Path, capsy
     assert "argument --max-batch-size: invalid int value: 'all'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_batch_tokens must be an int >= 1, got 1.5"):
         ServerSettings(max_batch_tokens=1.5)  # type: ignore[arg-type]
+
+
+def test_request_defaults_fill_what_the_client_leaves_out(tiny_pipeline: Any, tmp_path: Path) -> None:
+    """A server of a small model (the embedded one) must not default a bare request to Wan's 832x480x81."""
+    defaults = {"height": 32, "width": 48, "num_frames": 5, "num_inference_steps": 2, "guidance_scale": 3.0}
+    app = create_app(GatedPipeline(tiny_pipeline), settings(tmp_path, request_defaults=defaults))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        bare = http.post("/v1/videos", json={"prompt": "a red ball"}).json()
+        assert (bare["size"], bare["num_frames"], bare["num_inference_steps"], bare["guidance_scale"]) == ("48x32", 5, 2, 3.0)
+        sized = http.post("/v1/videos", json={"prompt": "a red ball", "size": "32x16", "num_frames": 1}).json()
+        assert (sized["size"], sized["num_frames"], sized["num_inference_steps"]) == ("32x16", 1, 2)  # client wins
+        assert wait_for(http, bare["id"])["status"] == "completed"
+    with pytest.raises(ValueError, match=r"request_defaults: unknown field\(s\) \['steps'\]"):
+        settings(tmp_path, request_defaults={"steps": 2})
+
+
+def test_warm_up_generates_the_smallest_request_the_model_takes(tiny_pipeline: Any) -> None:
+    from ditserve.server.main import warm_up
+
+    calls: list[dict[str, Any]] = []
+    real = tiny_pipeline.generate
+
+    def generate(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    tiny_pipeline.generate = generate
+    try:
+        assert warm_up(tiny_pipeline, {"height": 32, "width": 48, "num_frames": 9, "guidance_scale": 3.0}) > 0
+    finally:
+        del tiny_pipeline.generate
+    height, width, _ = tiny_pipeline.size_multiples
+    assert calls == [dict(prompt="warm-up", guidance_scale=3.0, height=height, width=width, num_frames=1,
+                          num_inference_steps=1, seed=0)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ditserve import __version__
 
@@ -96,20 +97,29 @@ def default_model_path() -> str | None:
 _WAN_DEFAULTS = dict(height=480, width=832, num_frames=81, steps=50, guidance_scale=5.0)
 
 
+def _embedded_defaults(model: str | None) -> dict[str, Any] | None:
+    """The embedded tiny model's own request settings when `model` (None: the default) is it, else None."""
+    from pathlib import Path
+
+    embedded = default_model_path()
+    if embedded is None or (model is not None and Path(model).resolve() != Path(embedded).resolve()):
+        return None
+    from ditserve.tiny import GENERATION
+
+    return dict(height=GENERATION.height, width=GENERATION.width, num_frames=GENERATION.num_frames,
+                num_inference_steps=GENERATION.num_inference_steps, guidance_scale=GENERATION.guidance_scale)
+
+
 def _fill_request_defaults(args: argparse.Namespace) -> None:
     """Fill the request flags left unset: the embedded model's own settings when it is the model, else Wan2.1's.
 
     The tiny model knows only its grammar's prompts; any other prompt gets a note on stderr.
     """
-    from pathlib import Path
+    tiny = None if args.url else _embedded_defaults(args.model)
+    if tiny is not None:
+        from ditserve.tiny import parse_prompt
 
-    embedded = None if args.url else default_model_path()
-    use_tiny = embedded is not None and (args.model is None or Path(args.model).resolve() == Path(embedded).resolve())
-    if use_tiny:
-        from ditserve.tiny import GENERATION, parse_prompt
-
-        defaults = dict(height=GENERATION.height, width=GENERATION.width, num_frames=GENERATION.num_frames,
-                        steps=GENERATION.num_inference_steps, guidance_scale=GENERATION.guidance_scale)
+        defaults = dict(tiny, steps=tiny.pop("num_inference_steps"))
         try:
             if args.prompt.strip():
                 parse_prompt(args.prompt)
@@ -316,13 +326,15 @@ def _serve(args: argparse.Namespace) -> int:
         model = _model_path(args)
         settings = ServerSettings(model_name=args.model_name or Path(model).resolve().name,
                                   output_dir=args.output_dir, max_queue=args.max_queue, keep_jobs=args.keep_jobs,
-                                  max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens)
+                                  max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                                  request_defaults=_embedded_defaults(model) or {})
     except (ValueError, _UsageError) as e:
         print(f"ditserve serve: error: {e}", file=sys.stderr)
         return 2
     try:
         return serve(model, settings, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-                     attention_backend=args.attention_backend, compile=args.compile, log_level=args.log_level)
+                     attention_backend=args.attention_backend, compile=args.compile, log_level=args.log_level,
+                     warm=not args.no_warm_up)
     except _user_errors() as e:
         print(f"ditserve serve: error: {e}", file=sys.stderr)
         return 2
@@ -355,6 +367,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--attention-backend", default=None,
                      help="attention backend name or 'auto' (default: $DITSERVE_ATTENTION_BACKEND, else auto)")
     srv.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks at load")
+    srv.add_argument("--no-warm-up", action="store_true",
+                     help="report ready right after loading, without the one-frame, one-step warm-up generation "
+                          "that pays kernel compilation and the attention selector's trials before the first request")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     srv.set_defaults(func=_serve)
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 import re
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 from ditserve.engine import InvalidRequest
 from ditserve.server.execute import ServablePipeline
 from ditserve.server.jobs import Job
 from ditserve.server.schemas import ImageGenerationRequest, VideoCreateRequest
+from ditserve.server.settings import ServerSettings
 
 __all__ = ["ModelNotServed", "image_job", "parse_size", "video_job"]
 
@@ -65,13 +67,16 @@ def _frames_and_fps(body: VideoCreateRequest, default_fps: float) -> tuple[int |
     return frames, fps, f"seconds={seconds:g} at fps={fps:g} gives {frames} frames"
 
 
-def _validated(pipeline: ServablePipeline, fields: dict[str, Any], size: str | None, derived: str | None) -> Any:
-    """`pipeline.validate` with errors re-addressed to the fields the client sent (size, seconds)."""
+def _validated(pipeline: ServablePipeline, fields: dict[str, Any], size: str | None, derived: str | None,
+               defaults: Mapping[str, Any]) -> Any:
+    """`pipeline.validate` with errors re-addressed to the fields the client sent (size, seconds).
+
+    Fields the client left out take `defaults` (the server's), then the pipeline's own."""
     if size is not None:
         fields["width"], fields["height"] = parse_size(size)
     if fields.get("seed") is None:
         fields["seed"] = secrets.randbelow(RANDOM_SEED_BOUND)
-    given = {k: v for k, v in fields.items() if v is not None}
+    given = {**defaults, **{k: v for k, v in fields.items() if v is not None}}
     try:
         return pipeline.validate(**given)
     except InvalidRequest as e:
@@ -82,23 +87,23 @@ def _validated(pipeline: ServablePipeline, fields: dict[str, Any], size: str | N
         raise
 
 
-def video_job(body: VideoCreateRequest, pipeline: ServablePipeline, served_model: str, default_fps: float) -> Job:
-    _check_model(body.model, served_model)
-    num_frames, fps, derived = _frames_and_fps(body, default_fps)
+def video_job(body: VideoCreateRequest, pipeline: ServablePipeline, settings: ServerSettings) -> Job:
+    _check_model(body.model, settings.model_name)
+    num_frames, fps, derived = _frames_and_fps(body, settings.default_fps)
     request = _validated(pipeline, {
         "prompt": body.prompt, "negative_prompt": body.negative_prompt, "num_frames": num_frames,
         "num_inference_steps": body.num_inference_steps, "guidance_scale": body.guidance_scale, "seed": body.seed,
-    }, body.size, derived)
+    }, body.size, derived, settings.request_defaults)
     return Job(kind="video", request=request, fps=fps)
 
 
-def image_job(body: ImageGenerationRequest, pipeline: ServablePipeline, served_model: str) -> Job:
-    _check_model(body.model, served_model)
+def image_job(body: ImageGenerationRequest, pipeline: ServablePipeline, settings: ServerSettings) -> Job:
+    _check_model(body.model, settings.model_name)
     if body.n != 1:
         raise InvalidRequest("n", f"n must be 1 (one image per request), got {body.n}; "
                                    "send several requests for several images")
     request = _validated(pipeline, {
         "prompt": body.prompt, "negative_prompt": body.negative_prompt, "num_frames": 1,
         "num_inference_steps": body.num_inference_steps, "guidance_scale": body.guidance_scale, "seed": body.seed,
-    }, body.size, None)
+    }, body.size, None, settings.request_defaults)
     return Job(kind="image", request=request, fps=1.0)

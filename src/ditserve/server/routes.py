@@ -79,7 +79,7 @@ def _file(snap: JobSnapshot) -> FileResponse:
 @router.post("/v1/videos", response_model=VideoObject, tags=["videos"])
 async def create_video(body: VideoCreateRequest, state: State) -> VideoObject:
     """Create a video job; returns at once with status `queued` (poll GET /v1/videos/{id})."""
-    job = video_job(body, state.pipeline(), state.settings.model_name, state.settings.default_fps)
+    job = video_job(body, state.pipeline(), state.settings)
     state.admit(job)
     return video_object(job.snapshot(), state.settings.model_name)
 
@@ -119,7 +119,7 @@ async def cancel_video(video_id: str, state: State) -> VideoObject:
              tags=["images"])
 async def generate_image(body: ImageGenerationRequest, request: Request, state: State) -> ImagesResponse:
     """Generate one image (a single-frame run) and answer when it is done."""
-    job = image_job(body, state.pipeline(), state.settings.model_name)
+    job = image_job(body, state.pipeline(), state.settings)
     state.admit(job)
     snap = await _wait_finished(job)
     if snap.status is JobStatus.CANCELLED:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ServerSettings"]
+__all__ = ["REQUEST_DEFAULT_FIELDS", "ServerSettings"]
+
+REQUEST_DEFAULT_FIELDS = frozenset(
+    {"height", "width", "num_frames", "num_inference_steps", "guidance_scale", "negative_prompt"})
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,9 @@ class ServerSettings:
         free device memory; see `ditserve.engine.budget`). A bigger job runs alone.
     keep_jobs: finished jobs (and files) kept; older ones are deleted.
     default_fps: frame rate of videos whose request gives none.
+    request_defaults: values for fields a request leaves out (height, width, num_frames,
+        num_inference_steps, guidance_scale, negative_prompt), e.g. the embedded tiny model's
+        own settings; fields not named here take the pipeline's defaults (Wan2.1's).
     shutdown_timeout_s: how long shutdown waits for the running jobs to stop and files to be written.
     """
 
@@ -29,6 +37,7 @@ class ServerSettings:
     max_batch_tokens: int | None = None
     keep_jobs: int = 100
     default_fps: float = 16.0
+    request_defaults: Mapping[str, Any] = field(default_factory=dict)
     shutdown_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -42,6 +51,10 @@ class ServerSettings:
             raise ValueError(f"keep_jobs must be >= 1, got {self.keep_jobs}")
         if not self.default_fps > 0:
             raise ValueError(f"default_fps must be > 0, got {self.default_fps}")
+        unknown = sorted(set(self.request_defaults) - REQUEST_DEFAULT_FIELDS)
+        if unknown:
+            raise ValueError(f"request_defaults: unknown field(s) {unknown}; "
+                             f"choose from {sorted(REQUEST_DEFAULT_FIELDS)}")
         if self.output_dir is not None:
             object.__setattr__(self, "output_dir", Path(self.output_dir))
             if self.output_dir.exists() and not self.output_dir.is_dir():
