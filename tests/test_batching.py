@@ -405,14 +405,14 @@ def test_decoder_batches_equal_shapes_and_retries_a_failed_batch_one_by_one() ->
     def done(key: int) -> Any:
         return lambda frames, error, start, end: results.__setitem__(key, error if frames is None else frames)
 
-    decoder.submit(torch.zeros(1, 1, 1, 2, 3), done(0))  # the worker takes this one alone, then waits
+    decoder.submit(torch.zeros(1, 1, 1, 1, 1), done(0))  # a shape of its own: alone, whenever the worker starts
     for key, value in ((1, 1.0), (2, 7.0), (3, 3.0), (4, 4.0), (5, 5.0)):
         decoder.submit(torch.full((1, 1, 1, 2, 3), value), done(key))
     decoder.submit(torch.full((1, 1, 1, 4, 3), 6.0), done(6))  # another shape
     gate.set()
     assert decoder.wait_idle(10) and decoder.pending() == 0
-    # 1 alone (the worker was already waiting); then 4 of one shape (the pixel bound), which
-    # fails and is retried one by one; then the last of that shape; then the other shape
+    # 0 alone; then 4 of one shape (the pixel bound), which fails and is retried one by one;
+    # then the last of that shape; then the other shape
     assert calls == [1, 4, 1, 1, 1, 1, 1, 1]
     assert isinstance(results[2], ValueError) and all(isinstance(results[k], np.ndarray) for k in (0, 1, 3, 4, 5, 6))
     assert [float(results[k].flat[0]) for k in (1, 3, 4, 5, 6)] == [1.0, 3.0, 4.0, 5.0, 6.0]
