@@ -13,6 +13,7 @@ import math
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -301,3 +302,32 @@ def test_generate_validates_before_any_work(wan_pipe: WanPipeline, monkeypatch: 
     # the tiny DiT's rotary table covers 32 patches per axis: 512 pixels
     with pytest.raises(InvalidRequest, match="width must be at most 512 for this model, got 528"):
         wan_pipe.generate(**{**REQUEST, "width": 528})
+
+
+def test_vae_out_of_memory_retries_tiled_once(wan_pipe: WanPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode that runs out of device memory is retried in tiles (and tiling is switched off after)."""
+    vae = wan_pipe.vae
+    real = vae.decode
+    tiled_calls: list[bool] = []
+
+    def short_of_memory(z: torch.Tensor, return_dict: bool = True) -> Any:
+        tiled_calls.append(vae.use_tiling)
+        if not vae.use_tiling:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(z, return_dict=return_dict)
+
+    latents = torch.randn(2, 16, 2, 4, 6, generator=torch.Generator().manual_seed(0))
+    expected = wan_pipe.decode_batch(latents)
+    monkeypatch.setattr(vae, "decode", short_of_memory)
+    got = wan_pipe.decode_batch(latents)
+    assert tiled_calls == [False, True] and not vae.use_tiling
+    for g, e in zip(got, expected):  # smaller than one tile: the tiled decode is the plain one
+        assert np.array_equal(g, e)
+
+    def always_short(z: torch.Tensor, return_dict: bool = True) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(vae, "decode", always_short)
+    with pytest.raises(torch.OutOfMemoryError):
+        wan_pipe.decode_batch(latents)
+    assert not vae.use_tiling

@@ -15,6 +15,7 @@ torch_dtype=torch.float32)`): its decoder is small next to the DiT and bf16 visi
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -40,6 +41,8 @@ from ditserve.pipelines.text import encode_prompts
 from ditserve.pipelines.timing import StepTimer, synchronize
 
 __all__ = ["WanPipeline"]
+
+log = logging.getLogger("ditserve.pipelines")
 
 MAX_SEQUENCE_LENGTH = 512  # diffusers' WanPipeline.__call__ default; Wan2.1 was trained with it
 VAE_DTYPE = torch.float32
@@ -243,11 +246,29 @@ class WanPipeline(Pipeline):
         """Latents `[1, C, F, H, W]` -> float32 frames (F, H, W, 3) in [0, 1] on the host."""
         return self.decode_batch(latents)[0]
 
+    @torch.no_grad()
     def decode_batch(self, latents: Tensor) -> list[np.ndarray]:
-        """Latents `[B, C, F, H, W]` of one shape -> B frame arrays, in one VAE call."""
+        """Latents `[B, C, F, H, W]` of one shape -> B frame arrays, in one VAE call.
+
+        If the VAE runs out of device memory (a large video on a small GPU), the decode is
+        retried once in spatial tiles (diffusers' `enable_tiling`: overlapping tiles blended
+        at the seams, a fraction of the memory); outputs differ slightly only at tile seams.
+        """
         latents = latents.to(self.device, VAE_DTYPE)
         latents = latents / self._latents_inv_std + self._latents_mean
-        video = self.vae.decode(latents, return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
+        try:
+            video = self.vae.decode(latents, return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
+        except torch.OutOfMemoryError:
+            if getattr(self.vae, "use_tiling", True):
+                raise
+            log.warning("VAE decode of latents %s ran out of device memory; retrying in tiles", tuple(latents.shape))
+            if latents.is_cuda:
+                torch.cuda.empty_cache()
+            self.vae.enable_tiling()
+            try:
+                video = self.vae.decode(latents, return_dict=False)[0]
+            finally:
+                self.vae.disable_tiling()
         video = (video * 0.5 + 0.5).clamp(0, 1)
         return list(video.permute(0, 2, 3, 4, 1).float().cpu().numpy())
 
