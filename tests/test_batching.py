@@ -168,6 +168,23 @@ def test_generate_batch_matches_alone_in_order(pipe: WanPipeline, alone: dict, m
     assert pipe.generate_batch([]) == []
 
 
+def test_generate_with_a_list_batches_each_entry_like_alone(
+    pipe: WanPipeline, alone: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tap = LatentTap(pipe, monkeypatch)
+    shared = {k: v for k, v in MIXED[0].items() if k not in ("prompt", "seed")}
+    steps: list[tuple[int, int, int]] = []
+    # a prompt string takes the keyword arguments (seed + its index); a dict brings its own fields
+    outs = pipe.generate([MIXED[0]["prompt"], MIXED[4]], seed=MIXED[0]["seed"], **shared,
+                         callback=lambda *args: steps.append(args))
+    assert isinstance(outs, list) and len(outs) == 2
+    assert_same_as_alone(outs[0], tap, alone[0], "string entry")
+    assert_same_as_alone(outs[1], tap, alone[4], "dict entry")
+    assert sorted(steps) == [(i, s, 3) for i in (0, 1) for s in range(3)]
+    with pytest.raises(InvalidRequest, match=r"requests\[1\]: height must be a positive multiple of 16"):
+        pipe.generate(["a", {"prompt": "b", "height": 30}], **shared)
+
+
 def test_samples_never_attend_to_each_other(pipe: WanPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     """Changing one request's prompts leaves its batch neighbour's result unchanged.
 

@@ -460,9 +460,8 @@ class BatchingEngine:
             done = [state for state in self._active if state.remaining == 0]
             for state in done:
                 self._active.remove(state)
-        for state in done:
-            denoised_at = time.perf_counter()
-            self._decoder.submit(state.latents, partial(self._resolve, state, denoised_at))
+        denoised_at = time.perf_counter()
+        self._decoder.submit_all([(state.latents, partial(self._resolve, state, denoised_at)) for state in done])
 
     def _resolve(self, state: _Active, denoised_at: float, frames: np.ndarray | None, error: BaseException | None,
                  decode_start: float, decode_end: float) -> None:

@@ -68,13 +68,22 @@ class Decoder:
 
     def submit(self, latents: Tensor, done: DecodeDone) -> None:
         """Queue `latents` `[1, C, F, H, W]` (from the calling thread's current stream)."""
-        ready = None
-        if latents.is_cuda:
-            ready = torch.cuda.Event()
-            ready.record()
+        self.submit_all([(latents, done)])
+
+    def submit_all(self, items: list[tuple[Tensor, DecodeDone]]) -> None:
+        """Queue several at once, so that those of one shape can share a VAE call."""
+        if not items:
+            return
+        jobs = []
+        for latents, done in items:
+            ready = None
+            if latents.is_cuda:
+                ready = torch.cuda.Event()
+                ready.record()
+            jobs.append(_Job(latents, ready, done))
         with self._cond:
-            self._jobs.append(_Job(latents, ready, done))
-            self._pending += 1
+            self._jobs.extend(jobs)
+            self._pending += len(jobs)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="ditserve-decode", daemon=True)
                 self._thread.start()

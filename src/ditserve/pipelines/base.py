@@ -117,7 +117,7 @@ class Pipeline(ABC):
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | Sequence[str | Mapping[str, Any] | GenerationRequest],
         negative_prompt: str = "",
         height: int = 480,
         width: int = 832,
@@ -126,15 +126,30 @@ class Pipeline(ABC):
         guidance_scale: float = 5.0,
         seed: int = 0,
         *,
-        callback: StepCallback | None = None,
+        callback: Callable[..., None] | None = None,
         cancel: CancelToken | None = None,
-    ) -> GenerationOutput:
+    ) -> GenerationOutput | list[GenerationOutput]:
         """Generate one video (num_frames=1: one image). Raises `InvalidRequest` before any work.
 
         guidance_scale <= 1 turns classifier-free guidance off (one forward per step).
         callback(step_index, total_steps) runs after each denoising step (0-based index);
         cancel.is_set() is checked before each step and raises `GenerationCancelled`.
+
+        A list as `prompt` generates a batch, step by step together (`generate_batch`), and
+        returns a list of outputs in its order. Each entry is a prompt string, a dict of these
+        keyword arguments, or a `GenerationRequest`; the keyword arguments given here fill what a
+        string or dict entry leaves out, and entry i's seed defaults to `seed + i`.
+        callback(request_index, step_index, total_steps) then names the request.
         """
+        if isinstance(prompt, list | tuple):
+            shared = dict(negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+            entries = [
+                entry if isinstance(entry, GenerationRequest)
+                else {**shared, "seed": seed + i, **(entry if isinstance(entry, Mapping) else {"prompt": entry})}
+                for i, entry in enumerate(prompt)
+            ]
+            return self.generate_batch(entries, callback=callback, cancel=cancel)
         request = self.validate(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
                                 guidance_scale, seed)
         return self.run(request, callback=callback, cancel=cancel)
