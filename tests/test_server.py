@@ -404,7 +404,8 @@ def test_health_models_and_metrics(tiny_pipeline: Any, tmp_path: Path) -> None:
                      'ditserve_job_seconds_bucket{le="+Inf"} 1.0', 'ditserve_jobs_submitted_total{kind="video"} 1.0',
                      "ditserve_queue_wait_seconds_count 1.0", 'ditserve_batch_size_bucket{le="1.0"} 2.0',
                      "ditserve_batch_size_count 2.0", "ditserve_batch_tokens_count 2.0", "ditserve_last_batch_size 1.0",
-                     "ditserve_max_batch_size 0.0", "ditserve_max_batch_tokens 65536.0"):
+                     "ditserve_max_batch_size 0.0", "ditserve_max_batch_tokens 65536.0",
+                     "ditserve_jobs_paused 0.0", "ditserve_jobs_decoding 0.0"):
             assert name in metrics.text, name
         request = tiny_pipeline.validate("a bird", height=32, width=32, num_frames=5)
         assert f"ditserve_last_batch_tokens {2 * tiny_pipeline.tokens_per_sample(request)}.0" in metrics.text  # CFG: 2

@@ -53,6 +53,10 @@ class _LiveGauges(Collector):
                                 value=stats.last_batch_size)
         yield GaugeMetricFamily("ditserve_last_batch_tokens", "DiT tokens in the latest batched step (all samples).",
                                 value=stats.last_step_tokens)
+        yield GaugeMetricFamily("ditserve_jobs_paused", "Admitted jobs that sat the latest step out (step policy).",
+                                value=stats.paused)
+        yield GaugeMetricFamily("ditserve_jobs_decoding", "Jobs done denoising, waiting for or in the VAE decode.",
+                                value=stats.decoding)
         yield GaugeMetricFamily("ditserve_max_batch_size", "Most jobs in one step (--max-batch-size; 0: no limit).",
                                 value=stats.max_batch_size or 0)
         if stats.max_batch_tokens is not None:

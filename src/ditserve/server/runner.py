@@ -64,7 +64,8 @@ class RunnerStats:
     capacity: most waiting jobs accepted; mean_job_s: mean run time of recent jobs (None before
     the first); last_batch_size / last_step_tokens: requests and DiT tokens of the latest batched
     step (0 before the first); max_batch_size / max_batch_tokens: the limits in force (None: no
-    size limit / the engine has not started)."""
+    size limit / the engine has not started); decoding: jobs done denoising, waiting for or in
+    the VAE; paused: jobs admitted but sitting the latest step out (the step policy)."""
 
     queued: int
     running: int
@@ -74,6 +75,8 @@ class RunnerStats:
     last_step_tokens: int = 0
     max_batch_size: int | None = None
     max_batch_tokens: int | None = None
+    decoding: int = 0
+    paused: int = 0
 
 
 class _AdmissionTap:
@@ -183,6 +186,8 @@ class JobRunner:
             last_step_tokens=last.tokens if last is not None else 0,
             max_batch_size=self._max_batch_size,
             max_batch_tokens=engine.max_batch_tokens if engine is not None else self._max_batch_tokens,
+            decoding=engine_stats.decoding if engine_stats is not None else 0,
+            paused=last.paused if last is not None else 0,
         )
 
     def close(self, reason: str) -> None:
