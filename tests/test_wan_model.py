@@ -233,3 +233,20 @@ def test_fused_qkv_follows_load_state_dict_and_to(ref_model):
         assert _shares_fused_storage(fused) and fused.blocks[0].attn1._qkv[0].dtype == torch.float64
         out64 = fused(latent[None].double(), torch.tensor([700.0]), text[None].double())[0]
         assert rel_err(out64, ref_single(other.double(), latent.double(), 700.0, text.double())) <= 1e-12
+
+
+def test_compiled_blocks_trace_the_fused_paths(ref_model):
+    """torch.compile (dynamo + AOT autograd, no codegen: fast on a CPU) goes through the custom
+    ops (q/k norm + rotary, linear + GELU) and the fused q/k/v, dense and packed, to the same result."""
+    torch._dynamo.reset()
+    model = _fused(ref_model)
+    samples = [sample(2, 4, 6, 5, seed=8), sample(1, 2, 4, 3, seed=9)]
+    with torch.no_grad():
+        dense = model(samples[0][0][None], torch.tensor([600.0]), samples[0][1][None])[0]
+        packed = model.forward_packed([s[0] for s in samples], [600.0, 20.0], [s[1] for s in samples])
+        model.compile_blocks(backend="aot_eager", fullgraph=False)
+        assert rel_err(model(samples[0][0][None], torch.tensor([600.0]), samples[0][1][None])[0], dense) <= 1e-6
+        for got, ref in zip(model.forward_packed([s[0] for s in samples], [600.0, 20.0], [s[1] for s in samples]),
+                            packed):
+            assert rel_err(got, ref) <= 1e-6
+    torch._dynamo.reset()

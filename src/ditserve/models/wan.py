@@ -466,14 +466,15 @@ class WanTransformer3DModel(nn.Module):
 
         Fuses the elementwise work around the matrix products (layer norms, modulation,
         gating, residuals); attention itself stays eager (see `run_attention_eagerly`).
-        Inductor's coordinate-descent tuning of the fused kernels' block sizes is on unless
-        `options` say otherwise: it makes compiling slower and the 1.3B forward 2-3% faster
-        (bench/profile_wan.py).
+        With inductor (the default backend), its coordinate-descent tuning of the fused kernels'
+        block sizes is on unless `options` say otherwise: it makes compiling slower and the 1.3B
+        forward 2-3% faster (bench/profile_wan.py).
         """
-        options = {"coordinate_descent_tuning": True, **compile_kwargs.pop("options", {})}
+        if compile_kwargs.get("backend", "inductor") == "inductor":
+            compile_kwargs["options"] = {"coordinate_descent_tuning": True, **compile_kwargs.get("options", {})}
         run_attention_eagerly(self)
         for block in self.blocks:
-            block.compile(options=options, **compile_kwargs)
+            block.compile(**compile_kwargs)
 
     @property
     def dtype(self) -> torch.dtype:
