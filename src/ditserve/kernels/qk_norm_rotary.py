@@ -112,7 +112,7 @@ def qk_rms_norm_rotary(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor,
 def _(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, cos: Tensor, sin: Tensor,
       eps: float, heads: int) -> tuple[Tensor, Tensor]:
     shape = (*q.shape[:-1], heads, q.shape[-1] // heads)
-    return q.new_empty(shape), k.new_empty(shape)
+    return q.new_empty(shape), q.new_empty(shape)
 
 
 def _triton_path(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, cos: Tensor, sin: Tensor,
