@@ -353,8 +353,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-queue", type=int, default=16,
                      help="most jobs waiting to join the batch; more get HTTP 429 (default: 16)")
     srv.add_argument("--max-batch-size", type=int, default=None,
-                     help="most jobs denoised together in one batched step; 1 runs one job at a time "
-                          "(default: no limit but --max-batch-tokens)")
+                     help="most jobs admitted to the batch at once; 1 runs one job at a time, each to its end "
+                          "(default: no limit; steps are bounded by --max-batch-tokens)")
     srv.add_argument("--max-batch-tokens", type=int, default=None,
                      help="most DiT tokens in one batched step, all jobs' samples together; a bigger job runs "
                           "alone (default: from free device memory after loading; 65536 on CPU)")

@@ -57,7 +57,7 @@ class _LiveGauges(Collector):
                                 value=stats.paused)
         yield GaugeMetricFamily("ditserve_jobs_decoding", "Jobs done denoising, waiting for or in the VAE decode.",
                                 value=stats.decoding)
-        yield GaugeMetricFamily("ditserve_max_batch_size", "Most jobs in one step (--max-batch-size; 0: no limit).",
+        yield GaugeMetricFamily("ditserve_max_batch_size", "Most jobs admitted at once (--max-batch-size; 0: no limit).",
                                 value=stats.max_batch_size or 0)
         if stats.max_batch_tokens is not None:
             yield GaugeMetricFamily("ditserve_max_batch_tokens", "Most DiT tokens in one step (--max-batch-tokens).",

@@ -1,11 +1,11 @@
 """How admitted jobs run: together, through the continuous-batching engine, with at most `capacity` waiting.
 
-`ditserve.engine.batching.BatchingEngine` schedules: jobs join the running batch at step
-boundaries in arrival order (FIFO within the token budget and `max_batch_size`; a later job
-may pass one that does not fit yet only if it leaves before that one could join, so it never
-delays it: `ditserve.engine.policy`), each step is one packed DiT forward over every job in
-the batch, and a job that did its last step is decoded between two steps. `max_batch_size=1`
-runs one job at a time. Around the engine this module keeps what the server promises:
+`ditserve.engine.batching.BatchingEngine` schedules: jobs are admitted at step boundaries in
+arrival order (up to `max_batch_size` at once); each step is one packed DiT forward over the
+admitted jobs the step policy picks (least remaining work first, filled up within the token
+budget, none passed over for long: `ditserve.engine.policy`); a job that did its last step is
+decoded on the engine's decoder thread, beside the next steps. `max_batch_size=1` runs one
+job at a time. Around the engine this module keeps what the server promises:
 
 - a bound: at most `capacity` jobs wait to join the batch (the batch itself is bounded by the
   engine's limits); one more gets `QueueFull` (429) with an estimate of when one can join;

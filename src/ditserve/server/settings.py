@@ -18,8 +18,8 @@ class ServerSettings:
     """model_name: the id /v1/models lists and requests may name.
     output_dir: where finished files go; None -> a temporary folder removed at shutdown.
     max_queue: most jobs waiting to join the batch (running jobs not counted); one more gets 429.
-    max_batch_size: most jobs in one batched denoising step (None: only the token budget
-        limits it; 1: one job at a time).
+    max_batch_size: most jobs admitted to the batch at once (None: no limit, each step is
+        bounded by the token budget; 1: one job at a time, each to its end).
     max_batch_tokens: DiT tokens one batched step may hold (None: the engine's default, from
         free device memory; see `ditserve.engine.budget`). A bigger job runs alone.
     keep_jobs: finished jobs (and files) kept; older ones are deleted.
