@@ -184,17 +184,10 @@ def _run_generate(args: argparse.Namespace) -> str:
         raise _UsageError(f"argument --fps: must be > 0, got {args.fps}")
     model = _model_path(args)
 
-    from ditserve.attention import resolve_backend_name
     from ditserve.pipelines import Pipeline
-    from ditserve.pipelines.errors import PipelineConfigError
-    from ditserve.pipelines.options import resolve_device, resolve_dtype
+    from ditserve.pipelines.options import resolve_load_options
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    try:
-        backend = resolve_backend_name(args.attention_backend)
-    except ValueError as e:
-        raise PipelineConfigError(str(e)) from None
+    device, dtype, backend = resolve_load_options(args.device, args.dtype, args.attention_backend)
 
     _silence_loading_bars()
     start = time.perf_counter()

@@ -9,7 +9,7 @@ import torch
 
 from ditserve.pipelines.errors import PipelineConfigError
 
-__all__ = ["DTYPE_NAMES", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPE_NAMES", "resolve_device", "resolve_dtype", "resolve_load_options"]
 
 DTYPE_NAMES: Mapping[str, torch.dtype] = MappingProxyType(
     {
@@ -51,3 +51,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     elif isinstance(dtype, str) and dtype.lower() in DTYPE_NAMES:
         return DTYPE_NAMES[dtype.lower()]
     raise PipelineConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)} (or that torch.dtype), got {dtype!r}")
+
+
+def resolve_load_options(device: str | torch.device | None, dtype: str | torch.dtype | None,
+                         attention_backend: str | None) -> tuple[torch.device, torch.dtype, str]:
+    """`from_pretrained`'s device, dtype and attention backend, resolved; each bad one is a
+    `PipelineConfigError` now, before anything loads."""
+    from ditserve.attention import resolve_backend_name
+
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    try:
+        backend = resolve_backend_name(attention_backend)
+    except ValueError as e:
+        raise PipelineConfigError(str(e)) from None
+    return resolved_device, resolved_dtype, backend

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ditserve.attention import resolve_backend_name
 from ditserve.engine import GenerationRequest, InvalidRequest
 from ditserve.engine.budget import block_activation_bytes, default_max_batch_tokens
 from ditserve.loading import UnknownModelError, component_path, load_component, read_config
@@ -34,7 +33,7 @@ from ditserve.pipelines.base import Pipeline
 from ditserve.pipelines.denoise import CancelToken, StepCallback, denoise, guided_predictor
 from ditserve.pipelines.errors import PipelineConfigError
 from ditserve.pipelines.latents import seeded_noise, video_latent_shape
-from ditserve.pipelines.options import resolve_device, resolve_dtype
+from ditserve.pipelines.options import resolve_load_options
 from ditserve.pipelines.result import GenerationOutput
 from ditserve.pipelines.schedulers import scheduler_factory
 from ditserve.pipelines.text import encode_prompts
@@ -152,12 +151,7 @@ class WanPipeline(Pipeline):
         from diffusers import AutoencoderKLWan
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
-        try:
-            backend = resolve_backend_name(attention_backend)
-        except ValueError as e:
-            raise PipelineConfigError(str(e)) from None
+        device, dtype, backend = resolve_load_options(device, dtype, attention_backend)
         _check_model_index(root, model_index)
         scheduler_dir = component_path(root, "scheduler")
         new_scheduler = scheduler_factory(

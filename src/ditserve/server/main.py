@@ -83,19 +83,12 @@ def serve(
     """Serve the model folder at `model`; return the exit status (0 after a requested shutdown, 1 if loading failed).
 
     `warm`: run `warm_up` after loading, before /health reports ready."""
-    from ditserve.attention import resolve_backend_name
     from ditserve.loading import read_model_index
-    from ditserve.pipelines.errors import PipelineConfigError
-    from ditserve.pipelines.options import resolve_device, resolve_dtype
+    from ditserve.pipelines.options import resolve_load_options
 
     # wrong paths and options fail now, before the port opens and the model loads
     read_model_index(Path(model))
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
-    try:
-        attention_backend = resolve_backend_name(attention_backend)
-    except ValueError as e:
-        raise PipelineConfigError(str(e)) from None
+    device, dtype, attention_backend = resolve_load_options(device, dtype, attention_backend)
 
     def load():  # runs on a background thread after the port opens, so /health answers 503 meanwhile
         from ditserve import Pipeline
