@@ -21,6 +21,7 @@ import torch
 from ditserve.attention import Attention, AttentionBackendError, AttentionMetadata, AttentionSelector
 from ditserve.attention.backends import create_backends, describe_call
 from ditserve.attention.backends.reference import dense_attention_math
+from report import publish  # bench/report.py
 
 SLOW = {"reference", "sdpa_math"}  # materialise Sq x Sk scores: out of reach at these sizes
 
@@ -165,14 +166,7 @@ def main() -> int:
         f"### Attention backends, TFLOP/s (bf16) — {datetime.date.today()}, {torch.cuda.get_device_name()}, "
         f"torch {torch.__version__}\n\nCommand: `python bench/attention.py --repeats {args.repeats}`"
     )
-    text = markdown(rows, header)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    publish(markdown(rows, header), rows, args.markdown, args.json)
     return 0
 
 

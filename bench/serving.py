@@ -45,7 +45,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from wan import COMMON, WAN_CONFIGS, shown_args  # noqa: E402  (bench/wan.py)
+from report import publish, shown_args  # noqa: E402  (bench/report.py)
+from wan import COMMON, WAN_CONFIGS  # noqa: E402  (bench/wan.py)
 
 from ditserve.engine import GenerationRequest  # noqa: E402
 from ditserve.engine.batching import BatchingEngine, StepStats  # noqa: E402
@@ -318,14 +319,7 @@ def main() -> int:
     results = {"date": str(datetime.date.today()), "device": device_name, "torch": torch.__version__,
                "command": command(), "config": config, "alone_81": alone, "saturation": saturation,
                "latency": latency, "total_s": total_s}
-    text = markdown(results)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    publish(markdown(results), results, args.markdown, args.json)
     return 0
 
 

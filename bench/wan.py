@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 
 import torch
+from report import publish, shown_args  # bench/report.py
 
 WAN_CONFIGS = {
     # published Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers transformer/config.json values
@@ -93,19 +94,6 @@ def build_models(cfg: dict, device: torch.device, need_diffusers: bool):
 def _cell(value: float | None, spec: str) -> str:
     """A table cell: '–' for a figure not measured (e.g. the CFG pair under --no-cfg)."""
     return "–" if value is None or value != value else format(value, spec)
-
-
-def shown_args() -> str:
-    """This run's arguments without output paths (they point into a scratch folder)."""
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg in ("--json", "--markdown"):
-            skip = True
-        else:
-            args.append(arg)
-    return " ".join(args)
 
 
 def main() -> int:
@@ -210,14 +198,7 @@ def main() -> int:
             f"{r['forward_mfu']:.0%} | {r['forward_peak_gib']:.1f} | {_cell(r.get('cfg_pair_ms'), '.0f')} | "
             f"{_cell(r.get('cfg_pair_peak_gib'), '.1f')} | {err} |"
         )
-    text_md = "\n".join(lines) + "\n"
-    print(text_md)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text_md)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
     return 0
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from report import publish  # noqa: E402  (bench/report.py)
 from wan import COMMON, WAN_CONFIGS  # noqa: E402  (bench/wan.py)
 
 UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=256384,
@@ -148,14 +149,7 @@ def main() -> int:
             f"| {r['variant']} | {r['step_median_s']:.3f} | {r['step_min_s']:.3f}–{r['step_max_s']:.3f} | {r['total_s']:.1f} | "
             f"{speed} | {r['peak_over_resident_gib']:.1f} | {similarity} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
     return 0
 
 
