@@ -8,7 +8,7 @@ Variants (comma-separated `--variants`):
   eager            the model as it ships, not compiled
   compiled         `compile_blocks()` as it ships
   torch-qk         compiled, q/k RMSNorm + rotary as plain torch ops (the fused Triton kernel off)
-  qkv              compiled, self-attention q/k/v as one matrix product (bench-only patch)
+  qkv              compiled, self-attention q/k/v as one matrix product (`fuse_qkv_projections`)
   multi-kernel     compiled with inductor's `triton.multi_kernel` (persistent vs looped reductions, picked by timing)
   cd-tuning        compiled with inductor's `coordinate_descent_tuning`
 
@@ -23,7 +23,6 @@ import sys
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -69,25 +68,13 @@ def torch_qk(q, k, weight_q, weight_k, cos, sin, eps, heads):
     return qk_norm_rotary._torch_path(q, k, weight_q, weight_k, cos, sin, eps, heads)
 
 
-def fuse_qkv(model) -> None:
-    """Bench-only: give each self-attention one [3*dim, dim] projection and a forward using it."""
-    for block in model.blocks:
-        attn = block.attn1
-        attn.qkv_weight = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach()
-        attn.qkv_bias = torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]).detach()
-
-
-def qkv_forward(self, x, context=None, rotary=None, metadata=None):
-    if rotary is None or not hasattr(self, "qkv_weight"):
-        return original_attention_forward(self, x, context, rotary, metadata)
-    q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
-    q, k = wan_module.qk_rms_norm_rotary(q, k, self.norm_q.weight, self.norm_k.weight, *rotary,
-                                         float(self.norm_q.eps), self.heads)
-    out = self.attention(q, k, v.unflatten(-1, (self.heads, -1)), metadata)
-    return self.to_out[0](out.flatten(-2).type_as(q))
-
-
-original_attention_forward = wan_module.WanAttention.forward
+def set_fused_qkv(model, fused: bool) -> None:
+    """Self-attention q/k/v as one matrix product (what `WanPipeline` does) or as three."""
+    if fused:
+        model.fuse_qkv_projections()
+    else:
+        for block in model.blocks:
+            block.attn1._qkv = None  # the three projections (views of the fused weight or not) compute alone
 
 
 def main() -> int:
@@ -116,9 +103,7 @@ def main() -> int:
         for variant in args.variants.split(","):
             torch._dynamo.reset()
             wan_module.qk_rms_norm_rotary = torch_qk if variant == "torch-qk" else fused_qk
-            wan_module.WanAttention.forward = qkv_forward if variant == "qkv" else original_attention_forward
-            if variant == "qkv":
-                fuse_qkv(model)
+            set_fused_qkv(model, variant == "qkv")
             if variant != "eager":
                 options = COMPILE_OPTIONS.get(variant)
                 model.compile_blocks(**({"options": options} if options else {}))
@@ -132,7 +117,6 @@ def main() -> int:
             model(*inputs)
             torch.cuda.synchronize()
     wan_module.qk_rms_norm_rotary = fused_qk
-    wan_module.WanAttention.forward = original_attention_forward
 
     totals: dict[str, float] = defaultdict(float)
     rows = []
