@@ -21,7 +21,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,11 +148,12 @@ class Decoder:
 
     @torch.no_grad()  # grad mode is per thread: this one starts with it on
     def _decode(self, group: list[_Job]) -> list[np.ndarray]:
+        on_stream: AbstractContextManager[Any] = nullcontext()
         if group[0].latents.is_cuda:
             if self._stream is None:
                 self._stream = torch.cuda.Stream(group[0].latents.device)
-            with torch.cuda.stream(self._stream):
-                for job in group:
-                    self._stream.wait_event(job.ready)
-                return self._decode_batch(torch.cat([job.latents for job in group]))
-        return self._decode_batch(torch.cat([job.latents for job in group]))
+            for job in group:
+                self._stream.wait_event(job.ready)
+            on_stream = torch.cuda.stream(self._stream)
+        with on_stream:
+            return self._decode_batch(torch.cat([job.latents for job in group]))
