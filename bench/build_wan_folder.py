@@ -4,7 +4,7 @@ For GPU runs that need a folder on disk (`ditserve ab`, `ditserve serve`): the p
 1.3B transformer config and the Wan2.1 VAE (diffusers' default `AutoencoderKLWan` config)
 with random weights, a small random UMT5 encoder whose width (4096) matches the DiT's
 text_dim (the real UMT5-XXL would add 11 GB of writing for no timing the DiT cares about), the
-small offline tokenizer of `ditserve.testing`, and Wan2.1's UniPC flow scheduler (shift 3).
+small offline tokenizer of `tests/helpers/checkpoints.py`, and Wan2.1's UniPC flow scheduler (shift 3).
 
     python bench/build_wan_folder.py /tmp/wan13 [--device cuda]
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parent.parent / "tests"))  # tests/helpers: the tiny checkpoint builders
 from wan import COMMON, WAN_CONFIGS  # noqa: E402  (bench/wan.py)
 
 SMALL_UMT5 = dict(d_model=4096, d_kv=64, num_heads=64, d_ff=1024, num_layers=2,
@@ -31,7 +32,7 @@ def build_folder(path: Path, device: torch.device, seed: int = 0) -> Path:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from ditserve.testing import build_tiny_t5_tokenizer
+    from helpers.checkpoints import build_tiny_t5_tokenizer
 
     if path.exists() and any(path.iterdir()):
         raise SystemExit(f"{path}: exists and is not empty")

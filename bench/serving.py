@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parent.parent / "tests"))  # tests/helpers: the tiny checkpoint builders
 from report import publish, shown_args  # noqa: E402  (bench/report.py)
 from wan import COMMON, WAN_CONFIGS  # noqa: E402  (bench/wan.py)
 
@@ -75,7 +76,7 @@ def build_gpu_pipeline(device: torch.device) -> WanPipeline:
     from transformers import UMT5Config, UMT5EncoderModel
 
     from ditserve.models.wan import WanTransformer3DModel
-    from ditserve.testing import build_tiny_t5_tokenizer
+    from helpers.checkpoints import build_tiny_t5_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_tiny_t5_tokenizer()
@@ -95,7 +96,7 @@ def build_gpu_pipeline(device: torch.device) -> WanPipeline:
 
 
 def build_tiny_pipeline() -> WanPipeline:
-    from ditserve.testing import build_tiny_wan_pipeline
+    from helpers.checkpoints import build_tiny_wan_pipeline
 
     folder = build_tiny_wan_pipeline(Path(tempfile.mkdtemp(prefix="ditserve-serving-")) / "pipeline", seed=0)
     return WanPipeline.from_pretrained(folder, device="cpu", dtype="fp32")
@@ -308,7 +309,7 @@ def main() -> int:
     total_s = time.perf_counter() - t0
     print(f"total {total_s:.0f} s", flush=True)
 
-    model = ("the tiny random test pipeline (ditserve.testing), float32" if args.tiny else
+    model = ("the tiny random test pipeline (tests/helpers/checkpoints.py), float32" if args.tiny else
              "Wan2.1-T2V-1.3B DiT config (random weights, bf16), small random UMT5 (width 4096), Wan2.1 VAE "
              "(random weights, float32)")
     config = {"model": model,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+sys.path.insert(1, __file__.rsplit("/", 2)[0] + "/tests")  # tests/helpers: the tiny checkpoint builders
 from report import publish  # noqa: E402  (bench/report.py)
 from wan import COMMON, WAN_CONFIGS  # noqa: E402  (bench/wan.py)
 
@@ -36,7 +37,7 @@ def build_components(device: torch.device):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from ditserve.testing import build_tiny_t5_tokenizer
+    from helpers.checkpoints import build_tiny_t5_tokenizer
 
     torch.manual_seed(0)
     previous = torch.get_default_dtype()

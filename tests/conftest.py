@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ditserve.testing import build_tiny_wan_pipeline
+from helpers.checkpoints import build_tiny_wan_pipeline
 
 
 @pytest.fixture(scope="session")

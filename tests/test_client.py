@@ -14,7 +14,7 @@ import pytest
 from ditserve.cli import main
 from ditserve.client import APIError, Client, JobFailed, QueueFullError, ServerUnreachable
 from ditserve.server import ServerSettings, create_app
-from ditserve.server.testing import GatedPipeline, serve_in_thread
+from helpers.server import GatedPipeline, serve_in_thread
 
 SMALL = {"size": "32x32", "num_frames": 5, "num_inference_steps": 2, "seed": 1}
 

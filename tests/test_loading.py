@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 
 from ditserve.loading import (
     PipelineFolderError,
-    UnknownModelError,
     WeightLoadError,
     component_path,
     find_checkpoint,
@@ -22,9 +21,8 @@ from ditserve.loading import (
     load_weights,
     read_config,
     read_model_index,
-    resolve_class,
 )
-from ditserve.testing import build_tiny_wan_pipeline, build_tiny_wan_transformer_config
+from helpers.checkpoints import build_tiny_wan_pipeline, build_tiny_wan_transformer_config
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -106,17 +104,6 @@ def test_bad_config(tmp_path: Path) -> None:
     with pytest.raises(PipelineFolderError, match="not valid JSON") as e:
         read_config(tmp_path)
     assert str(tmp_path / "config.json") in str(e.value)
-
-
-def test_resolve_class(tiny_wan_path: Path) -> None:
-    known = {"WanTransformer3DModel": diffusers.WanTransformer3DModel, "FluxTransformer2DModel": object}
-    config = read_config(tiny_wan_path / "transformer")
-    assert resolve_class(config, known) is diffusers.WanTransformer3DModel
-    with pytest.raises(UnknownModelError, match="'HunyuanVideoTransformer3DModel'") as e:
-        resolve_class({"_class_name": "HunyuanVideoTransformer3DModel"}, known, source="x/config.json")
-    assert "FluxTransformer2DModel, WanTransformer3DModel" in str(e.value) and "x/config.json" in str(e.value)
-    with pytest.raises(UnknownModelError, match="no _class_name"):
-        resolve_class({}, known)
 
 
 # --- weights -------------------------------------------------------------------------------

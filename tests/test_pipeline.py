@@ -25,7 +25,7 @@ from ditserve.loading import PipelineFolderError, UnknownModelError
 from ditserve.models.wan import WanTransformer3DModel
 from ditserve.pipelines import GenerationCancelled, GenerationOutput, PipelineConfigError, WanPipeline
 from ditserve.pipelines.options import resolve_device, resolve_dtype
-from ditserve.testing import build_tiny_wan_pipeline
+from helpers.checkpoints import build_tiny_wan_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 

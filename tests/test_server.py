@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from ditserve.server import ServerSettings, create_app
-from ditserve.server.testing import GatedPipeline, serve_in_thread
+from helpers.server import GatedPipeline, serve_in_thread
 
 SMALL = {"size": "32x32", "num_frames": 5, "steps": 2, "seed": 1}
 SRC = Path(__file__).resolve().parents[1] / "src"

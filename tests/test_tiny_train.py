@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditserve.tiny import arch
 from ditserve.tiny.data import train_scenes
-from ditserve.tiny.text import BiasedCrossAttention, build_tokenizer, encode_prompts_for_training, tokenize
-from ditserve.tiny.train import TrainSettings, main
-from ditserve.tiny.train_dit import flow_matching_batch, shifted_sigmas, train_dit
+from tiny import arch  # tools/tiny (on pytest's pythonpath)
+from tiny.text import BiasedCrossAttention, build_tokenizer, encode_prompts_for_training, tokenize
+from tiny.train import TrainSettings, main
+from tiny.train_dit import flow_matching_batch, shifted_sigmas, train_dit
 
 
 @pytest.fixture(scope="module")

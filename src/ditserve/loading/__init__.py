@@ -2,7 +2,7 @@
 
 from .component import load_component
 from .errors import PipelineFolderError, UnknownModelError, WeightLoadError
-from .folder import component_path, declared_components, read_config, read_model_index, resolve_class
+from .folder import component_path, declared_components, read_config, read_model_index
 from .meta import instantiate_on_meta
 from .weights import Checkpoint, find_checkpoint, load_weights
 
@@ -19,5 +19,4 @@ __all__ = [
     "load_weights",
     "read_config",
     "read_model_index",
-    "resolve_class",
 ]

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineFolderError, UnknownModelError
+from .errors import PipelineFolderError
 
-__all__ = ["read_model_index", "component_path", "read_config", "resolve_class", "declared_components"]
+__all__ = ["read_model_index", "component_path", "read_config", "declared_components"]
 
 MODEL_INDEX = "model_index.json"
 _WHAT_A_FOLDER_HOLDS = (
@@ -81,16 +81,3 @@ def read_config(component_dir: str | Path, filename: str = "config.json") -> dic
     """Read a component's config (`config.json`; schedulers use `scheduler_config.json`)."""
     return _read_json(Path(component_dir) / filename, filename)
 
-
-def resolve_class(
-    config: Mapping[str, Any], known: Mapping[str, type], *, source: str | Path | None = None
-) -> type:
-    """Map a config's `_class_name` to the class that implements it, or say which ones exist."""
-    where = f"{source}: " if source is not None else ""
-    known_list = ", ".join(sorted(known)) or "(none)"
-    name = config.get("_class_name")
-    if name is None:
-        raise UnknownModelError(f"{where}config has no _class_name; known model classes: {known_list}")
-    if name not in known:
-        raise UnknownModelError(f"{where}unknown model class {name!r}; known model classes: {known_list}")
-    return known[name]

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ditserve.tiny.arch import GENERATION
 from ditserve.tiny.data import all_scenes, held_out_scenes, parse_prompt, render_clip, train_scenes
+from ditserve.tiny.embedded import GENERATION, default_model_path
 from ditserve.tiny.score import ClipScore, score_clip
 
 __all__ = ["PROMPT_SETS", "EvalReport", "eval_tiny", "evaluate", "load_generator", "vae_roundtrip"]
@@ -109,8 +109,6 @@ def evaluate(
     if prompts is None:
         prompts = [s.prompt for s in held_out_scenes()]
     if generate is None:
-        from ditserve.tiny import default_model_path
-
         generate = load_generator(model_path or default_model_path(), device=device, runner=runner)
     report = EvalReport(guidance_scale=guidance_scale, steps=steps)
     for i, prompt in enumerate(tqdm(prompts, desc=f"guidance {guidance_scale:g}", unit="clip", disable=not progress)):

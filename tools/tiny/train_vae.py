@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from ditserve.tiny.data import Scene, render_clips
-from ditserve.tiny.schedule import StepPlan
+
+from .schedule import StepPlan
 
 __all__ = ["calibrate_latent", "clips_to_vae", "decode_unclamped", "latent_statistics", "object_mask",
            "sample_scenes", "train_vae"]

@@ -30,11 +30,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ditserve.tiny.arch import FLOW_SHIFT, scheduler_config, text_encoder_config, transformer_config, vae_config
 from ditserve.tiny.data import FRAMES, SIZE, held_out_scenes, train_scenes
-from ditserve.tiny.text import build_tokenizer
-from ditserve.tiny.train_dit import encode_latents, train_dit
-from ditserve.tiny.train_vae import latent_statistics, train_vae
+
+from .arch import FLOW_SHIFT, scheduler_config, text_encoder_config, transformer_config, vae_config
+from .text import build_tokenizer
+from .train_dit import encode_latents, train_dit
+from .train_vae import latent_statistics, train_vae
 
 __all__ = ["TrainSettings", "main", "train_tiny_model"]
 
@@ -173,6 +174,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_tiny_model(args.out, TrainSettings(**overrides), device=args.device)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from ditserve.tiny.data import Scene, render_clips
-from ditserve.tiny.text import BiasedCrossAttention, encode_prompts_for_training, tokenize
-from ditserve.tiny.schedule import StepPlan
-from ditserve.tiny.train_vae import clips_to_vae
+
+from .schedule import StepPlan
+from .text import BiasedCrossAttention, encode_prompts_for_training, tokenize
+from .train_vae import clips_to_vae
 
 __all__ = ["encode_latents", "flow_matching_batch", "shifted_sigmas", "train_dit"]
 

@@ -1,4 +1,4 @@
-"""Sizes of the tiny model's components and the settings it is meant to be run with.
+"""Sizes of the tiny model's components (how it is sampled: `ditserve.tiny.GENERATION`).
 
 All components are the published Wan2.1 classes at small sizes, so the trained folder is
 an ordinary diffusers-format Wan2.1 text-to-video checkpoint: 8x spatial / 4x temporal VAE
@@ -7,15 +7,10 @@ compression, 16 latent channels, (1, 2, 2) patches, UniPC flow-matching schedule
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
-
-from ditserve.tiny.data import FRAMES, SIZE
 
 __all__ = [
     "FLOW_SHIFT",
-    "GENERATION",
-    "Generation",
     "scheduler_config",
     "text_encoder_config",
     "transformer_config",
@@ -24,21 +19,6 @@ __all__ = [
 
 FLOW_SHIFT = 3.0  # Wan2.1's published UniPC flow_shift; training draws sigmas with the same shift
 TEXT_DIM = 64
-
-
-@dataclass(frozen=True)
-class Generation:
-    """How the tiny model is meant to be sampled (pass these to `Pipeline.generate`)."""
-
-    height: int = SIZE
-    width: int = SIZE
-    num_frames: int = FRAMES
-    num_inference_steps: int = 20
-    guidance_scale: float = 3.0
-    negative_prompt: str = ""  # the encoding the DiT was trained with when the text was dropped
-
-
-GENERATION = Generation()
 
 
 def vae_config(base_dim: int = 16, num_res_blocks: int = 0) -> dict[str, Any]:
