@@ -106,7 +106,7 @@ def test_bad_configs_fail_before_loading(tiny_wan_path: Path, monkeypatch: pytes
         run_ab(tiny_wan_path, {}, {"backend": "sdpa"}, REQUEST, defaults=CPU)
     with pytest.raises(ABConfigError, match="compile=1 is not true or false"):
         run_ab(tiny_wan_path, {"compile": 1}, {}, REQUEST, defaults=CPU)
-    with pytest.raises(ValueError, match="height must be a positive multiple of 16"):
+    with pytest.raises(ValueError, match="height must be an int, a multiple of 16"):
         run_ab(tiny_wan_path, {}, {}, {**REQUEST, "height": 33}, defaults=CPU)
     with pytest.raises(ValueError, match="runs must be an int >= 1"):
         run_ab(tiny_wan_path, {}, {}, REQUEST, runs=0)
@@ -141,14 +141,14 @@ def test_cli_end_to_end_prints_table_and_writes_json(tiny_wan_path: Path, tmp_pa
         (["--candidate", "compile=yes"], "argument --candidate 'compile=yes': compile='yes' is not true or false"),
         (["--dtype", "fp8"], "argument --dtype: dtype='fp8' is not a supported dtype"),
         (["--runs", "0"], "argument --runs: must be >= 1, got 0"),
-        (["--num-frames", "4"], "argument --num-frames: num_frames must be of the form 4k+1"),
+        (["--num-frames", "4"], "argument --num-frames: num_frames must be an int, of the form 4k+1"),
         (["--json", "/no/such/folder/ab.json"], "argument --json: folder /no/such/folder does not exist"),
     ],
 )
-def test_cli_user_errors(args: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
+def test_cli_user_errors(args: list[str], message: str, tiny_wan_path: Path, monkeypatch: pytest.MonkeyPatch,
                          capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded a model")))
-    base = {"--model": "unused", "--baseline": "attention_backend=sdpa", "--candidate": "attention_backend=sdpa"}
+    base = {"--model": str(tiny_wan_path), "--baseline": "attention_backend=sdpa", "--candidate": "attention_backend=sdpa"}
     flags = dict(zip(args[::2], args[1::2]))
     argv = ["ab", *[x for k, v in {**base, **flags}.items() for x in (k, v)]]
     assert cli.main(argv) == 2

@@ -5,7 +5,7 @@ Two kinds of tests:
   result alone (`Pipeline.generate`), for frames and for the clean latents (the latents are
   ~20x more sensitive to the prompt than the decoded frames of this random VAE, so they are
   the stricter check), and samples never see each other;
-- on `FakeStages` (no model, microseconds per step): admission order, budgets, cancel and
+- on `FakeFamily` (no model, microseconds per step): admission order, budgets, cancel and
   failure isolation, threads. Its text embedding carries the request's seed, so the recorded
   forwards say which request each sample belonged to.
 """
@@ -29,7 +29,10 @@ from ditserve.engine.batching import BatchingEngine, EngineClosed, StepStats
 from ditserve.engine.budget import CPU_MAX_BATCH_TOKENS, block_activation_bytes, default_max_batch_tokens
 from ditserve.engine.decoder import Decoder
 from ditserve.engine.policy import Candidate, select_step
-from ditserve.pipelines import GenerationCancelled, WanPipeline
+from ditserve.engine import GenerationCancelled, Param, RequestSpec
+from ditserve.engine.family import GuidancePlan, Prepared, Sample
+from ditserve.engine.request import standard_params
+from ditserve.pipelines.wan import WanPipeline
 
 REL_TOL = 1e-5
 
@@ -63,16 +66,16 @@ class LatentTap:
 
 
 class ForwardLog:
-    """Wraps `pipe.predict_packed` to record each forward's sample shapes and timesteps."""
+    """Wraps `pipe.predict` to record each step's sample shapes and timesteps."""
 
     def __init__(self, pipe: WanPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
-        self._predict = pipe.predict_packed
+        self._predict = pipe.predict
         self.calls: list[list[tuple[tuple[int, ...], float]]] = []
-        monkeypatch.setattr(pipe, "predict_packed", self)
+        monkeypatch.setattr(pipe, "predict", self)
 
-    def __call__(self, latents: list[Tensor], timesteps: Tensor, text: list[Tensor]) -> list[Tensor]:
-        self.calls.append([(tuple(x.shape), float(t)) for x, t in zip(latents, timesteps)])
-        return self._predict(latents, timesteps, text)
+    def __call__(self, samples: list[Sample]) -> list[Tensor]:
+        self.calls.append([(tuple(s.latents.shape[1:]), float(s.timestep)) for s in samples])
+        return self._predict(samples)
 
 
 def rel_diff(a: np.ndarray | Tensor, ref: np.ndarray | Tensor) -> float:
@@ -181,7 +184,7 @@ def test_generate_with_a_list_batches_each_entry_like_alone(
     assert_same_as_alone(outs[0], tap, alone[0], "string entry")
     assert_same_as_alone(outs[1], tap, alone[4], "dict entry")
     assert sorted(steps) == [(i, s, 3) for i in (0, 1) for s in range(3)]
-    with pytest.raises(InvalidRequest, match=r"requests\[1\]: height must be a positive multiple of 16"):
+    with pytest.raises(InvalidRequest, match=r"requests\[1\]: height must be an int, a multiple of 16"):
         pipe.generate(["a", {"prompt": "b", "height": 30}], **shared)
 
 
@@ -227,9 +230,9 @@ def test_cancel_one_mid_batch_leaves_the_others_correct(
         if step == 1:
             cancel.set()
 
-    keep_a = engine.submit(pipe.validate(**MIXED[0]))
-    doomed = engine.submit(pipe.validate(**MIXED[3]), callback=stop_after_step_1, cancel=cancel)
-    keep_b = engine.submit(pipe.validate(**MIXED[2]))
+    keep_a = engine.submit(pipe.request_spec.validate(MIXED[0]))
+    doomed = engine.submit(pipe.request_spec.validate(MIXED[3]), callback=stop_after_step_1, cancel=cancel)
+    keep_b = engine.submit(pipe.request_spec.validate(MIXED[2]))
     engine.run_until_idle()
     with pytest.raises(GenerationCancelled, match="before denoising step 3 of 5") as info:
         doomed.result()
@@ -239,12 +242,14 @@ def test_cancel_one_mid_batch_leaves_the_others_correct(
 
 
 def test_generate_batch_validation_names_the_index(pipe: WanPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipe, "encode_text", lambda *a, **k: pytest.fail("work started on a bad batch"))
-    with pytest.raises(InvalidRequest, match=r"requests\[1\]: height must be a positive multiple of 16, got 30"):
+    monkeypatch.setattr(pipe, "prepare", lambda *a, **k: pytest.fail("work started on a bad batch"))
+    with pytest.raises(InvalidRequest, match=r"requests\[1\]: height must be an int, a multiple of 16, in \[16, 512\], "
+                                             r"got 30"):
         pipe.generate_batch([MIXED[0], dict(MIXED[0], height=30)])
-    with pytest.raises(InvalidRequest, match=r"requests\[2\]: width must be at most 512"):
+    with pytest.raises(InvalidRequest, match=r"requests\[2\]: width must be an int, a multiple of 16, in \[16, 512\], "
+                                             r"got 528"):
         pipe.generate_batch([MIXED[0], MIXED[1], dict(MIXED[0], width=528)])
-    with pytest.raises(TypeError, match=r"requests\[0\] has unknown keys \['steps'\]"):
+    with pytest.raises(InvalidRequest, match=r"requests\[0\]: unknown parameter\(s\) \['steps'\] for this model"):
         pipe.generate_batch([dict(prompt="a", steps=3)])
     with pytest.raises(TypeError, match=r"requests\[1\] needs a 'prompt'"):
         pipe.generate_batch([MIXED[0], dict(height=32)])
@@ -258,20 +263,23 @@ def test_generate_batch_validation_names_the_index(pipe: WanPipeline, monkeypatc
 class FakeScheduler:
     """Counts steps in the latents: each step adds 1."""
 
-    def set_timesteps(self, n: int, device: torch.device) -> None:
+    def __init__(self, n: int) -> None:
         self.timesteps = torch.arange(n, 0, -1, dtype=torch.float32) * 100
-
-    def set_begin_index(self, index: int) -> None:
-        pass
 
     def step(self, pred: Tensor, t: Tensor, x: Tensor, return_dict: bool = False) -> tuple[Tensor]:
         return (x + 1,)
 
 
-class FakeStages:
-    """`BatchStages` without a model: tokens = height * width // 256 * num_frames per sample."""
+FAKE_SPEC = RequestSpec(standard_params(
+    height=16, width=16, num_frames=1, num_inference_steps=3, guidance_scale=1.0, fps=16.0, size_multiple=(16, 16),
+    max_size=(4096, 4096), frame_multiple=1, max_frames=1, max_steps=100, guidance_help="CFG scale"))
+
+
+class FakeFamily:
+    """A `Family` without a model: tokens = height * width // 256 * num_frames per sample."""
 
     device = torch.device("cpu")
+    request_spec = FAKE_SPEC
 
     def __init__(self, forward_s: float = 0.0) -> None:
         self.forward_s = forward_s  # how long a forward takes
@@ -279,29 +287,31 @@ class FakeStages:
         self.fail_encode: set[int] = set()
         self.lock = threading.Lock()
 
-    def tokens_per_sample(self, request: GenerationRequest) -> int:
-        return request.height * request.width // 256 * request.num_frames
+    def tokens_per_step(self, request: GenerationRequest) -> int:
+        per_sample = request.height * request.width // 256 * request.num_frames
+        return per_sample * (2 if request.guidance_scale > 1 else 1)
 
     def default_max_batch_tokens(self) -> int:
         return 1000
 
-    def encode_text(self, request: GenerationRequest, guided: bool) -> tuple[Tensor, Tensor | None]:
+    def prepare(self, request: GenerationRequest) -> Prepared:
         if request.seed in self.fail_encode:
             raise RuntimeError(f"cannot encode request {request.seed}")
-        text = torch.full((1, 1, 1), float(request.seed))
-        return text, (text.clone() if guided else None)
+        scheduler = FakeScheduler(request.num_inference_steps)
+        steps = request.num_inference_steps
+        plan = (GuidancePlan.classifier_free([request.guidance_scale] * steps) if request.guidance_scale > 1
+                else GuidancePlan.single())
+        return Prepared(torch.zeros(1, 1, 1, 1, 1), scheduler, scheduler.timesteps,
+                        (request.seed,) * plan.samples, plan)
 
-    def initial_latents(self, request: GenerationRequest) -> Tensor:
-        return torch.zeros(1, 1, 1, 1, 1)
-
-    def new_scheduler(self) -> FakeScheduler:
-        return FakeScheduler()
-
-    def predict_packed(self, latents: list[Tensor], timesteps: Tensor, text: list[Tensor]) -> list[Tensor]:
+    def predict(self, samples: list[Sample]) -> list[Tensor]:
         with self.lock:
-            self.forwards.append([int(t.item()) for t in text])
+            self.forwards.append([s.condition for s in samples])
         time.sleep(self.forward_s)
-        return [torch.zeros_like(x) for x in latents]
+        return [torch.zeros_like(s.latents) for s in samples]
+
+    def final_latents(self, prepared: Prepared, latents: Tensor) -> Tensor:
+        return latents
 
     def decode_batch(self, latents: Tensor) -> list[np.ndarray]:
         return [row.reshape(1).numpy().copy() for row in latents]  # the number of steps done
@@ -314,13 +324,13 @@ class FakeStages:
 
 
 def fake(seed: int, tokens: int = 1, steps: int = 3, guidance: float = 1.0) -> GenerationRequest:
-    """A request of `tokens` tokens per sample on FakeStages (16x16 pixels per token)."""
+    """A request of `tokens` tokens per sample on FakeFamily (16x16 pixels per token)."""
     return GenerationRequest(prompt="p", height=16, width=16 * tokens, num_frames=1, num_inference_steps=steps,
                              guidance_scale=guidance, seed=seed)
 
 
 def test_token_budget_and_batch_size_are_respected() -> None:
-    stages = FakeStages()
+    stages = FakeFamily()
     engine = BatchingEngine(stages, max_batch_tokens=10, max_batch_size=3)
     sizes = {1: 3, 2: 3, 3: 3, 4: 2, 5: 12, 6: 1, 7: 1}  # seed -> tokens (5 is bigger than the budget)
     futures = {seed: engine.submit(fake(seed, tokens, steps=2 + seed % 3)) for seed, tokens in sizes.items()}
@@ -336,7 +346,7 @@ def test_token_budget_and_batch_size_are_respected() -> None:
 
 
 def test_guided_requests_are_two_samples_and_count_double() -> None:
-    stages = FakeStages()
+    stages = FakeFamily()
     engine = BatchingEngine(stages, max_batch_tokens=4)
     engine.submit(fake(1, tokens=2, guidance=5.0))  # 2 samples x 2 tokens: the whole budget
     engine.submit(fake(2, tokens=1, guidance=1.0))
@@ -347,7 +357,7 @@ def test_guided_requests_are_two_samples_and_count_double() -> None:
 
 
 def test_least_remaining_work_goes_first_and_small_requests_fill_the_step() -> None:
-    stages = FakeStages()
+    stages = FakeFamily()
     engine = BatchingEngine(stages, max_batch_tokens=100, fill_tokens=2)
     engine.submit(fake(1, tokens=50, steps=6))  # big: alone at first
     engine.step()
@@ -364,7 +374,7 @@ def test_least_remaining_work_goes_first_and_small_requests_fill_the_step() -> N
 
 
 def test_no_request_is_passed_over_more_than_max_skipped_steps() -> None:
-    stages = FakeStages()
+    stages = FakeFamily()
     engine = BatchingEngine(stages, max_batch_tokens=100, fill_tokens=0, max_skipped=2)
     big = engine.submit(fake(1, tokens=50, steps=3))
     for seed in range(2, 12):
@@ -377,7 +387,7 @@ def test_no_request_is_passed_over_more_than_max_skipped_steps() -> None:
 
 
 def test_one_at_a_time_runs_each_request_to_its_end_in_fifo_order() -> None:
-    serial = FakeStages()
+    serial = FakeFamily()
     engine = BatchingEngine(serial, max_batch_size=1)
     futures = [engine.submit(fake(seed, steps=2, tokens=5 - seed)) for seed in range(4)]
     engine.run_until_idle()
@@ -422,10 +432,10 @@ def test_decoder_batches_equal_shapes_and_retries_a_failed_batch_one_by_one() ->
     def done(key: int) -> Any:
         return lambda frames, error, start, end: results.__setitem__(key, error if frames is None else frames)
 
-    decoder.submit(torch.zeros(1, 1, 1, 1, 1), done(0))  # a shape of its own: alone, whenever the worker starts
+    decoder.submit_all([(torch.zeros(1, 1, 1, 1, 1), done(0))])  # a shape of its own: alone, whenever the worker starts
     for key, value in ((1, 1.0), (2, 7.0), (3, 3.0), (4, 4.0), (5, 5.0)):
-        decoder.submit(torch.full((1, 1, 1, 2, 3), value), done(key))
-    decoder.submit(torch.full((1, 1, 1, 4, 3), 6.0), done(6))  # another shape
+        decoder.submit_all([(torch.full((1, 1, 1, 2, 3), value), done(key))])
+    decoder.submit_all([(torch.full((1, 1, 1, 4, 3), 6.0), done(6))])  # another shape
     gate.set()
     assert decoder.wait_idle(10) and decoder.pending() == 0
     # 0 alone; then 4 of one shape (the pixel bound), which fails and is retried one by one;
@@ -436,7 +446,7 @@ def test_decoder_batches_equal_shapes_and_retries_a_failed_batch_one_by_one() ->
 
 
 def test_failures_and_cancels_end_only_their_request() -> None:
-    stages = FakeStages()
+    stages = FakeFamily()
     stages.fail_encode.add(2)
     engine = BatchingEngine(stages)
     queued_cancel = threading.Event()
@@ -465,22 +475,45 @@ def test_failures_and_cancels_end_only_their_request() -> None:
 
 
 def test_a_failed_forward_fails_its_requests_and_the_engine_goes_on() -> None:
-    stages = FakeStages()
+    stages = FakeFamily()
     engine = BatchingEngine(stages)
-    real = stages.predict_packed
-    stages.predict_packed = lambda *a: (_ for _ in ()).throw(MemoryError("out of memory"))  # type: ignore[method-assign]
+    real = stages.predict
+    stages.predict = lambda *a: (_ for _ in ()).throw(MemoryError("out of memory"))  # type: ignore[method-assign]
     lost = engine.submit(fake(1))
     engine.step()
     with pytest.raises(MemoryError):
         lost.result()
-    stages.predict_packed = real  # type: ignore[method-assign]
+    stages.predict = real  # type: ignore[method-assign]
     second = engine.submit(fake(2))
     engine.run_until_idle()
     assert second.result().frames[0] == 3 and engine.stats().completed == 1
 
 
+def test_a_failed_forward_spares_the_requests_paused_that_step() -> None:
+    """Only the requests in the failed forward fail; one the step policy paused goes on to its end."""
+    stages = FakeFamily()
+    engine = BatchingEngine(stages, max_batch_tokens=4, fill_tokens=0)  # one request per step
+    real = stages.predict
+    calls = []
+
+    def fail_first(samples: list[Sample]) -> list[Tensor]:
+        calls.append([s.condition for s in samples])
+        if len(calls) == 1:
+            raise MemoryError("out of memory")
+        return real(samples)
+
+    stages.predict = fail_first  # type: ignore[method-assign]
+    in_forward = engine.submit(fake(1, tokens=1, steps=2))  # least remaining work: runs first
+    paused = engine.submit(fake(2, tokens=2, steps=4))
+    engine.run_until_idle()
+    assert calls[0] == [1]  # the failed forward held request 1 alone
+    with pytest.raises(MemoryError):
+        in_forward.result()
+    assert paused.result().frames[0] == 4  # all its steps ran after the failure
+
+
 def test_background_thread_submit_from_many_threads_and_stop() -> None:
-    stages = FakeStages(forward_s=0.005)
+    stages = FakeFamily(forward_s=0.005)
     steps: list[StepStats] = []
     engine = BatchingEngine(stages, on_step=steps.append)
     engine.start()
@@ -507,7 +540,7 @@ def test_background_thread_submit_from_many_threads_and_stop() -> None:
 
 
 def test_stop_with_cancel_ends_queued_and_active_requests() -> None:
-    stages = FakeStages()
+    stages = FakeFamily()
     engine = BatchingEngine(stages, max_batch_size=1)
     running = engine.submit(fake(1, steps=100))
     waiting = engine.submit(fake(2))

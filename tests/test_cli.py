@@ -1,7 +1,8 @@
 """`ditserve generate` in-process: end to end on the tiny folder, and user errors (exit 2, no traceback).
 
-Order of checks (cheapest first, all before a model is loaded): output path, request
-fields, --model present, device/dtype/attention backend, then the folder itself.
+Order of checks (cheapest first, all before a model's weights are read): output path, --model
+present, the folder's configs (they carry the model's request rules), the request fields,
+device/dtype/attention backend.
 """
 
 from __future__ import annotations
@@ -55,26 +56,28 @@ def test_generate_png_with_attention_backend(tiny_wan_path: Path, tmp_path: Path
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--height", "33"], "argument --height: height must be a positive multiple of 16, got 33"),
-        (["--num-frames", "4"], "argument --num-frames: num_frames must be of the form 4k+1 (1, 5, 9, ...), got 4"),
-        (["--steps", "0"], "argument --steps: num_inference_steps must be an int >= 1, got 0"),
-        (["--guidance-scale", "nan"], "argument --guidance-scale: guidance_scale must be a finite number >= 0, got nan"),
-        (["--seed", "-5"], "argument --seed: seed must be an int in [0, 2**64-1], got -5"),
+        (["--height", "33"], "argument --height: height must be an int, a multiple of 16, in [16, 512], got 33"),
+        (["--num-frames", "4"], "argument --num-frames: num_frames must be an int, of the form 4k+1 (1, 5, 9, ...), "
+                                "in [1, 125], got 4"),
+        (["--steps", "0"], "argument --steps: num_inference_steps must be an int, in [1, 1000], got 0"),
+        (["--steps", "1001"], "argument --steps: num_inference_steps must be an int, in [1, 1000], got 1001"),
+        (["--guidance-scale", "nan"], "argument --guidance-scale: guidance_scale must be a finite number, in [0, 100], "
+                                      "got nan"),
+        (["--seed", "-5"], "argument --seed: seed must be an int, in [0, 18446744073709551615], got -5"),
         (["--prompt", " "], "argument --prompt: prompt must be a non-empty string, got an empty or whitespace-only string"),
         (["--output", "clip.avi"], "clip.avi: extension '.avi' is not supported; use one of .mp4 .gif .png"),
         (["--output", "no/such/dir/clip.mp4"], "no/such/dir/clip.mp4: folder no/such/dir does not exist"),
         (["--dtype", "int8"], "dtype must be one of bf16, bfloat16, fp16, float16, fp32, float32 (or that torch.dtype), got 'int8'"),
         (["--attention-backend", "nope"], "unknown attention backend 'nope' (from argument)"),
-        (["--fps", "0"], "argument --fps: must be > 0, got 0.0"),
+        (["--fps", "0"], "argument --fps: fps must be a finite number, in [1, 120], got 0"),
     ],
 )
 def test_bad_arguments_exit_2_before_loading(
-    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
-    no_loading: None,
+    args: list[str], message: str, tiny_wan_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, no_loading: None,
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    # a model folder that does not exist: request errors must come first
-    rc = cli.main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "a cat", *args])
+    rc = cli.main(["generate", "--model", str(tiny_wan_path), "--prompt", "a cat", *args])
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith(f"ditserve generate: error: {message}")
@@ -118,18 +121,24 @@ def test_bench_attention_still_registered() -> None:
     assert args.func is cli._bench_attention and args.seq_len == 64
 
 
-def test_serving_the_embedded_model_uses_its_own_request_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from ditserve.tiny import GENERATION
-
+def test_serve_defaults_to_the_embedded_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Its request defaults travel in its folder (request_defaults.json), read by the server from there."""
     monkeypatch.setattr(cli, "default_model_path", lambda: str(tmp_path / "bundled"))
     seen: dict = {}
     monkeypatch.setattr("ditserve.server.main.serve",
-                        lambda model, settings, **kw: seen.update(settings=settings, warm=kw["warm"]) or 0)
+                        lambda model, settings, **kw: seen.update(model=model, settings=settings, warm=kw["warm"]) or 0)
     assert cli.main(["serve"]) == 0
-    assert dict(seen["settings"].request_defaults) == dict(
-        height=GENERATION.height, width=GENERATION.width, num_frames=GENERATION.num_frames,
-        num_inference_steps=GENERATION.num_inference_steps, guidance_scale=GENERATION.guidance_scale)
+    assert seen["model"] == str(tmp_path / "bundled") and seen["settings"].model_name == "bundled"
     assert seen["warm"] is True
     assert cli.main(["serve", "--model", str(tmp_path / "other"), "--no-warm-up"]) == 0
-    assert dict(seen["settings"].request_defaults) == {}  # another model: the pipeline's (Wan2.1's) defaults
-    assert seen["warm"] is False
+    assert seen["model"] == str(tmp_path / "other") and seen["warm"] is False
+
+
+def test_generate_help_lists_the_models_own_parameters(tiny_wan_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The request flags, their limits and defaults come from the model named by --model."""
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--model", str(tiny_wan_path), "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--width WIDTH pixels; an int, a multiple of 16, in [16, 512] (default: 512)" in text
+    assert "--steps NUM_INFERENCE_STEPS denoising steps; an int, in [1, 1000] (default: 50)" in text
+    assert "--image" not in text and "--guidance-scale-2" not in text  # Wan2.1 takes neither

@@ -132,7 +132,8 @@ def test_client_waits_while_the_server_loads(tiny_pipeline: Any, tmp_path: Path)
         loaded.wait(30)
         return tiny_pipeline
 
-    with serve_in_thread(create_app(factory, ServerSettings(output_dir=tmp_path))) as url, Client(url) as client:
+    app = create_app(factory, ServerSettings(output_dir=tmp_path), spec=tiny_pipeline.request_spec)
+    with serve_in_thread(app) as url, Client(url) as client:
         with pytest.raises(APIError) as loading:
             client.health()
         assert loading.value.status_code == 503

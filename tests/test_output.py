@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ditserve.output import OutputFormatError, check_output_path, output_format, to_uint8, write_frames
-from ditserve.pipelines.result import GenerationOutput
+from ditserve.engine.result import GenerationOutput
 
 
 def _frames(num: int = 5, height: int = 32, width: int = 48, seed: int = 0) -> np.ndarray:

@@ -20,10 +20,12 @@ import pytest
 import torch
 
 import ditserve
-from ditserve.engine import GenerationRequest, InvalidRequest, validate_request
+from ditserve.engine import GenerationRequest, InvalidRequest, Param, RequestSpec
+from ditserve.engine.request import standard_params
 from ditserve.loading import PipelineFolderError, UnknownModelError
 from ditserve.models.wan import WanTransformer3DModel
-from ditserve.pipelines import GenerationCancelled, GenerationOutput, PipelineConfigError, WanPipeline
+from ditserve.pipelines import GenerationCancelled, GenerationOutput, PipelineConfigError
+from ditserve.pipelines.wan import WanPipeline
 from ditserve.pipelines.options import resolve_device, resolve_dtype
 from helpers.checkpoints import build_tiny_wan_pipeline
 
@@ -68,7 +70,15 @@ def test_from_pretrained_builds_ours_with_checkpoint_components(wan_pipe: WanPip
     assert wan_pipe.vae.dtype == torch.float32
     assert type(wan_pipe.new_scheduler()).__name__ == "UniPCMultistepScheduler"
     assert wan_pipe.new_scheduler() is not wan_pipe.new_scheduler()  # fresh per run: no shared state
-    assert wan_pipe.size_multiples == (16, 16, 4)
+    spec = wan_pipe.request_spec
+    assert (spec.param("height").multiple, spec.param("width").multiple) == (16, 16)
+    assert (spec.param("num_frames").multiple, spec.param("num_frames").offset) == (4, 1)
+    assert spec.output == "video" and not spec.takes_image and spec.extras == ()
+    # Wan2.1's published defaults; limits from the tiny DiT's rotary table (32 patches) and the scheduler
+    assert {k: v for k, v in spec.defaults().items() if k != "prompt"} == dict(
+        negative_prompt="", height=480, width=512, num_frames=81, num_inference_steps=50, guidance_scale=5.0,
+        seed=0, fps=16.0)
+    assert spec.param("width").maximum == 512 and spec.param("num_inference_steps").maximum == 1000
 
 
 def test_bf16_keeps_fp32_modules_and_vae_in_float32(tiny_wan_path: Path) -> None:
@@ -88,7 +98,7 @@ def test_unknown_pipeline_class_lists_supported(tiny_wan_path: Path, tmp_path: P
     shutil.copytree(tiny_wan_path, folder)
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    with pytest.raises(UnknownModelError, match=r"pipeline class 'FluxPipeline' is not supported; supported pipelines: WanPipeline"):
+    with pytest.raises(UnknownModelError, match=r"pipeline class 'FluxPipeline' is not supported; supported pipelines: WanImageToVideoPipeline, WanPipeline"):
         ditserve.Pipeline.from_pretrained(folder, device="cpu")
 
 
@@ -177,7 +187,8 @@ def test_callback_and_timings(wan_pipe: WanPipeline) -> None:
     assert isinstance(out, GenerationOutput)
     assert calls == [(0, 3), (1, 3), (2, 3)]
     t = out.timings
-    assert set(t) == {"text_encode_s", "denoise_s", "per_step_s", "step_mean_s", "decode_s", "total_s"}
+    assert set(t) == {"queue_s", "text_encode_s", "denoise_s", "per_step_s", "step_mean_s", "decode_wait_s",
+                      "decode_s", "total_s"}
     assert len(t["per_step_s"]) == 3 and all(s > 0 for s in t["per_step_s"])
     assert math.isclose(t["step_mean_s"], sum(t["per_step_s"]) / 3)
     assert t["total_s"] >= t["text_encode_s"] + t["denoise_s"] + t["decode_s"] - 1e-6
@@ -211,14 +222,15 @@ _HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int
 def test_denoise_loop_reads_nothing_back(folder: str, tiny_wan_path: Path, euler_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU stand-in for "no device sync in the loop": no tensor value is read on the host
-    while denoising (on CUDA each such read would stall the CPU until the GPU catches up)."""
-    import ditserve.pipelines.wan as wan_module
+    while the engine steps (on CUDA each such read would stall the CPU until the GPU catches up)."""
+    from ditserve.engine.batching import BatchingEngine
 
     pipe = ditserve.Pipeline.from_pretrained(tiny_wan_path if folder == "unipc" else euler_path, device="cpu")
     reads: list[str] = []
-    real_denoise = wan_module.denoise
+    steps: list[int] = []
+    real_forward = BatchingEngine._forward
 
-    def watched_denoise(*args, **kwargs):
+    def watched_forward(self: BatchingEngine) -> None:
         saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
 
         def spy(name):
@@ -230,14 +242,15 @@ def test_denoise_loop_reads_nothing_back(folder: str, tiny_wan_path: Path, euler
         try:
             for name in _HOST_READS:
                 setattr(torch.Tensor, name, spy(name))
-            return real_denoise(*args, **kwargs)
+            return real_forward(self)
         finally:
             for name, method in saved.items():
                 setattr(torch.Tensor, name, method)
+            steps.append(1)
 
-    monkeypatch.setattr(wan_module, "denoise", watched_denoise)
+    monkeypatch.setattr(BatchingEngine, "_forward", watched_forward)
     pipe.generate(**REQUEST, guidance_scale=5.0, callback=lambda i, n: None, cancel=threading.Event())
-    assert reads == []
+    assert len(steps) == REQUEST["num_inference_steps"] and reads == []
 
 
 # ----------------------------------------------------------------------------- validation
@@ -248,59 +261,103 @@ def test_denoise_loop_reads_nothing_back(folder: str, tiny_wan_path: Path, euler
     [
         ({"prompt": ""}, "prompt", "prompt must be a non-empty string, got an empty or whitespace-only string"),
         ({"prompt": "  \n"}, "prompt", "prompt must be a non-empty string, got an empty or whitespace-only string"),
-        ({"prompt": None}, "prompt", "prompt must be a non-empty string, got NoneType"),
-        ({"prompt": ["a", "b"]}, "prompt", "prompt must be a non-empty string, got list"),
-        ({"negative_prompt": 3}, "negative_prompt", "negative_prompt must be a string, got int"),
-        ({"height": 33}, "height", "height must be a positive multiple of 16, got 33"),
-        ({"height": 0}, "height", "height must be a positive multiple of 16, got 0"),
-        ({"height": -16}, "height", "height must be a positive multiple of 16, got -16"),
-        ({"height": 480.0}, "height", "height must be an int (a positive multiple of 16), got float 480.0"),
-        ({"height": True}, "height", "height must be an int (a positive multiple of 16), got bool True"),
-        ({"width": 840}, "width", "width must be a positive multiple of 16, got 840"),
-        ({"width": "832"}, "width", "width must be an int (a positive multiple of 16), got str '832'"),
-        ({"num_frames": 80}, "num_frames", "num_frames must be of the form 4k+1 (1, 5, 9, ...), got 80"),
-        ({"num_frames": 0}, "num_frames", "num_frames must be of the form 4k+1 (1, 5, 9, ...), got 0"),
-        ({"num_frames": -3}, "num_frames", "num_frames must be of the form 4k+1 (1, 5, 9, ...), got -3"),
-        ({"num_frames": 5.0}, "num_frames", "num_frames must be an int of the form 4k+1 (1, 5, 9, ...), got float 5.0"),
-        ({"num_inference_steps": 0}, "num_inference_steps", "num_inference_steps must be an int >= 1, got 0"),
-        ({"num_inference_steps": 2.5}, "num_inference_steps", "num_inference_steps must be an int >= 1, got float 2.5"),
-        ({"guidance_scale": -1}, "guidance_scale", "guidance_scale must be a finite number >= 0, got -1.0"),
-        ({"guidance_scale": float("nan")}, "guidance_scale", "guidance_scale must be a finite number >= 0, got nan"),
-        ({"guidance_scale": float("inf")}, "guidance_scale", "guidance_scale must be a finite number >= 0, got inf"),
-        ({"guidance_scale": "5"}, "guidance_scale", "guidance_scale must be a finite number >= 0, got str '5'"),
-        ({"seed": -1}, "seed", "seed must be an int in [0, 2**64-1], got -1"),
-        ({"seed": 2**64}, "seed", f"seed must be an int in [0, 2**64-1], got {2**64}"),
-        ({"seed": 1.5}, "seed", "seed must be an int in [0, 2**64-1], got float 1.5"),
+        ({"prompt": None}, "prompt", "prompt is required: a non-empty string"),
+        ({"prompt": ["a", "b"]}, "prompt", "prompt must be a non-empty string of at most 8192 characters, got list"),
+        ({"prompt": "x" * 8193}, "prompt", "prompt must be at most 8192 characters, got 8193"),
+        ({"prompt": "a\ud800"}, "prompt",
+         "prompt must be valid Unicode text; it holds an unpaired surrogate at character 1"),
+        ({"negative_prompt": 3}, "negative_prompt", "negative_prompt must be a string of at most 8192 characters, "
+                                                    "got int"),
+        ({"negative_prompt": "\udfff"}, "negative_prompt",
+         "negative_prompt must be valid Unicode text; it holds an unpaired surrogate at character 0"),
+        ({"height": 33}, "height", "height must be an int, a multiple of 16, in [16, 512], got 33"),
+        ({"height": 0}, "height", "height must be an int, a multiple of 16, in [16, 512], got 0"),
+        ({"height": -16}, "height", "height must be an int, a multiple of 16, in [16, 512], got -16"),
+        ({"height": 480.0}, "height", "height must be an int, a multiple of 16, in [16, 512], got float 480.0"),
+        ({"height": True}, "height", "height must be an int, a multiple of 16, in [16, 512], got bool True"),
+        ({"height": 10**5000}, "height", "height must be an int, a multiple of 16, in [16, 512], "
+                                         "got an int of 16610 bits"),
+        ({"width": 528}, "width", "width must be an int, a multiple of 16, in [16, 512], got 528"),
+        ({"width": "832"}, "width", "width must be an int, a multiple of 16, in [16, 512], got str '832'"),
+        ({"num_frames": 80}, "num_frames", "num_frames must be an int, of the form 4k+1 (1, 5, 9, ...), in [1, 125], "
+                                           "got 80"),
+        ({"num_frames": 129}, "num_frames", "num_frames must be an int, of the form 4k+1 (1, 5, 9, ...), "
+                                            "in [1, 125], got 129"),
+        ({"num_frames": 5.0}, "num_frames", "num_frames must be an int, of the form 4k+1 (1, 5, 9, ...), "
+                                            "in [1, 125], got float 5.0"),
+        ({"num_inference_steps": 0}, "num_inference_steps", "num_inference_steps must be an int, in [1, 1000], got 0"),
+        ({"num_inference_steps": 2**64}, "num_inference_steps",
+         f"num_inference_steps must be an int, in [1, 1000], got {2**64}"),
+        ({"num_inference_steps": 2.5}, "num_inference_steps",
+         "num_inference_steps must be an int, in [1, 1000], got float 2.5"),
+        ({"guidance_scale": -1}, "guidance_scale", "guidance_scale must be a finite number, in [0, 100], got -1"),
+        ({"guidance_scale": float("nan")}, "guidance_scale", "guidance_scale must be a finite number, in [0, 100], "
+                                                             "got nan"),
+        ({"guidance_scale": float("inf")}, "guidance_scale", "guidance_scale must be a finite number, in [0, 100], "
+                                                             "got inf"),
+        ({"guidance_scale": "5"}, "guidance_scale", "guidance_scale must be a finite number, in [0, 100], got str '5'"),
+        ({"seed": -1}, "seed", "seed must be an int, in [0, 18446744073709551615], got -1"),
+        ({"seed": 2**64}, "seed", f"seed must be an int, in [0, 18446744073709551615], got {2**64}"),
+        ({"seed": 1.5}, "seed", "seed must be an int, in [0, 18446744073709551615], got float 1.5"),
+        ({"fps": 1e-5}, "fps", "fps must be a finite number, in [1, 120], got 1e-05"),
+        ({"fps": 1e308}, "fps", "fps must be a finite number, in [1, 120], got 1e+308"),
+        ({"steps": 3}, "steps", "unknown parameter(s) ['steps'] for this model; it takes: prompt, negative_prompt, "
+                                "height, width, num_frames, num_inference_steps, guidance_scale, seed, fps"),
+        ({"guidance_scale_2": 3.0}, "guidance_scale_2", "unknown parameter(s) ['guidance_scale_2'] for this model; "
+                                                        "it takes: prompt, negative_prompt, height, width, "
+                                                        "num_frames, num_inference_steps, guidance_scale, seed, fps"),
     ],
 )
-def test_validate_request_messages(overrides: dict, field: str, message: str) -> None:
+def test_validation_messages(wan_pipe: WanPipeline, overrides: dict, field: str, message: str) -> None:
     args = {**REQUEST, "guidance_scale": 5.0, "seed": 0, **overrides}
     with pytest.raises(InvalidRequest) as info:
-        validate_request(**args)
+        wan_pipe.request_spec.validate(args)
     assert str(info.value) == message
     assert info.value.field == field
     assert isinstance(info.value, ValueError)
 
 
-def test_validate_request_normalises() -> None:
-    request = validate_request("a cat", None, np.int64(64), 32, 1, 2, 1, np.uint64(2**64 - 1))
-    assert request == GenerationRequest("a cat", "", 64, 32, 1, 2, 1.0, 2**64 - 1)
+def test_validation_normalises_and_fills_defaults(wan_pipe: WanPipeline) -> None:
+    spec = wan_pipe.request_spec
+    request = spec.validate(dict(prompt="a cat", negative_prompt=None, height=np.int64(64), width=32,
+                                 num_frames=1, num_inference_steps=2, guidance_scale=1, seed=np.uint64(2**64 - 1)))
+    assert request == GenerationRequest("a cat", "", 64, 32, 1, 2, 1.0, 2**64 - 1, 16.0)
     assert type(request.height) is int and type(request.guidance_scale) is float and type(request.seed) is int
+    filled = spec.validate({"prompt": "a cat"})
+    # Wan2.1's 480x832, clamped to the largest size the tiny DiT's rotary table covers
+    assert (filled.height, filled.width, filled.num_frames, filled.num_inference_steps) == (480, 512, 81, 50)
+    assert filled.fields() == {**spec.defaults(), "prompt": "a cat"}
 
 
-def test_validate_request_uses_given_multiples() -> None:
-    assert validate_request("a", height=24, width=40, num_frames=9, height_multiple=8, width_multiple=8,
-                            frame_multiple=8).num_frames == 9
-    with pytest.raises(InvalidRequest, match=r"num_frames must be of the form 8k\+1 \(1, 9, 17, ...\), got 5"):
-        validate_request("a", num_frames=5, frame_multiple=8)
+def test_a_spec_with_other_rules_and_extras() -> None:
+    """The validator reads any family's declaration: its multiples, limits and own parameters."""
+    params = standard_params(height=24, width=40, num_frames=9, num_inference_steps=4, guidance_scale=2.0, fps=8.0,
+                             size_multiple=(8, 8), max_size=(64, 64), frame_multiple=8, max_frames=17, max_steps=10,
+                             guidance_help="g")
+    spec = RequestSpec(params + (Param("strength", "float", None, "s", minimum=0, maximum=1, nullable=True),))
+    request = spec.validate({"prompt": "a", "strength": 0.5})
+    assert request.num_frames == 9 and request.extras == {"strength": 0.5} and request.fields()["strength"] == 0.5
+    assert spec.validate({"prompt": "a"}).extras == {"strength": None}
+    with pytest.raises(InvalidRequest, match=r"num_frames must be an int, of the form 8k\+1 \(1, 9, 17, ...\), "
+                                             r"in \[1, 17\], got 5"):
+        spec.validate({"prompt": "a", "num_frames": 5})
+    with pytest.raises(InvalidRequest, match=r"strength must be a finite number, in \[0, 1\] or null, got 2"):
+        spec.validate({"prompt": "a", "strength": 2})
+    with pytest.raises(InvalidRequest, match="this model does not take an input image"):
+        spec.validate({"prompt": "a"}, image=np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"default height must be .* got 20"):
+        spec.with_defaults({"height": 20})
+    image_spec = RequestSpec(params, output="image")
+    with pytest.raises(InvalidRequest, match="this model makes images: num_frames must be 1, got 9"):
+        image_spec.validate({"prompt": "a"})
 
 
 def test_generate_validates_before_any_work(wan_pipe: WanPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wan_pipe, "encode_text", lambda *a, **k: pytest.fail("work started on a bad request"))
-    with pytest.raises(InvalidRequest, match="height must be a positive multiple of 16, got 30"):
+    monkeypatch.setattr(wan_pipe, "prepare", lambda *a, **k: pytest.fail("work started on a bad request"))
+    with pytest.raises(InvalidRequest, match="height must be an int, a multiple of 16, in .*, got 30"):
         wan_pipe.generate(**{**REQUEST, "height": 30})
     # the tiny DiT's rotary table covers 32 patches per axis: 512 pixels
-    with pytest.raises(InvalidRequest, match="width must be at most 512 for this model, got 528"):
+    with pytest.raises(InvalidRequest, match=r"width must be an int, a multiple of 16, in \[16, 512\], got 528"):
         wan_pipe.generate(**{**REQUEST, "width": 528})
 
 

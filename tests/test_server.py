@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +21,9 @@ import httpx
 import numpy as np
 import pytest
 
+import ditserve
+from ditserve.loading import UnknownModelError
+from ditserve.pipelines import read_request_spec
 from ditserve.server import ServerSettings, create_app
 from helpers.server import GatedPipeline, serve_in_thread
 
@@ -300,34 +305,46 @@ IMAGE = "/v1/images/generations"
 BAD_REQUESTS = [
     # (path, JSON body or raw bytes, status, param, words in the message)
     (VIDEO, {"prompt": "x", "size": "big"}, 400, "size", "WIDTHxHEIGHT"),
-    (VIDEO, {"prompt": "x", "size": "40x32"}, 400, "size", "width must be a positive multiple of 16, got 40"),
-    (VIDEO, {"prompt": "x", "size": "4096x32"}, 400, "size", "width must be at most"),
+    (VIDEO, {"prompt": "x", "size": "40x32"}, 400, "size", "width must be an int, a multiple of 16, in [16, 512], got 40"),
+    (VIDEO, {"prompt": "x", "size": "4096x32"}, 400, "size", "in [16, 512], got 4096"),
+    (VIDEO, {"prompt": "x", "size": "9" * 5000 + "x32"}, 400, "size", "WIDTHxHEIGHT"),
     (VIDEO, {"prompt": "x", "num_frames": 6}, 400, "num_frames", "4k+1 (1, 5, 9"),
-    (VIDEO, {"prompt": "x", "steps": 0}, 400, "num_inference_steps", "num_inference_steps must be an int >= 1"),
-    (VIDEO, {"prompt": "x", "guidance_scale": -1}, 400, "guidance_scale", "finite number >= 0"),
+    (VIDEO, {"prompt": "x", "steps": 0}, 400, "num_inference_steps", "num_inference_steps must be an int, in [1, 1000]"),
+    (VIDEO, {"prompt": "x", "steps": 10**6}, 400, "num_inference_steps", "in [1, 1000], got 1000000"),
+    (VIDEO, {"prompt": "x", "steps": 2**64}, 400, "num_inference_steps", f"got {2**64}"),
+    (VIDEO, {"prompt": "x", "guidance_scale": -1}, 400, "guidance_scale", "a finite number, in [0, 100]"),
     (VIDEO, {"prompt": "   "}, 400, "prompt", "non-empty string"),
-    (VIDEO, {"prompt": "x", "seed": -1}, 400, "seed", "[0, 2**64-1]"),
-    (VIDEO, {"prompt": "x", "size": "32x32", "num_frames": 201}, 400, "num_frames", "too long for this model"),
-    (VIDEO, {"prompt": "x", "seed": 2**64}, 400, "seed", "[0, 2**64-1]"),
+    (VIDEO, b'{"prompt": "\\ud800"}', 400, "prompt", "unpaired surrogate"),  # valid JSON, not valid text
+    (VIDEO, b'{"prompt": "x", "negative_prompt": "a\\udc00"}', 400, "negative_prompt", "unpaired surrogate"),
+    (VIDEO, {"prompt": "x" * 8193}, 400, "prompt", "at most 8192 characters, got 8193"),
+    (VIDEO, {"prompt": "x", "seed": -1}, 400, "seed", "[0, 18446744073709551615]"),
+    (VIDEO, {"prompt": "x", "size": "32x32", "num_frames": 201}, 400, "num_frames", "in [1, 125], got 201"),
+    (VIDEO, {"prompt": "x", "seed": 2**64}, 400, "seed", "[0, 18446744073709551615]"),
     (VIDEO, {"prompt": "x", "negative_prompt": ["blurry"]}, 422, "negative_prompt", "valid string"),
     (VIDEO, {"prompt": "x", "seconds": 5, "fps": 16, "num_frames": 81}, 400, "seconds", "not both"),
-    (VIDEO, {"prompt": "x", "seconds": 1.1, "fps": 16}, 400, "seconds", "gives 19 frames"),
-    (VIDEO, {"prompt": "x", "seconds": "soon", "fps": 16}, 400, "seconds", "positive number"),
-    (VIDEO, {"prompt": "x", "num_frames": 5, "fps": 0}, 400, "fps", "positive number"),
+    (VIDEO, {"prompt": "x", "seconds": "soon", "fps": 16}, 400, "seconds", "seconds must be a number in (0, 3600]"),
+    (VIDEO, {"prompt": "x", "seconds": 1e308}, 400, "seconds", "seconds must be a number in (0, 3600]"),
+    (VIDEO, {"prompt": "x", "seconds": "1e308"}, 400, "seconds", "seconds must be a number in (0, 3600]"),
+    (VIDEO, {"prompt": "x", "num_frames": 5, "fps": 0}, 400, "fps", "fps must be a finite number, in [1, 120]"),
+    (VIDEO, {"prompt": "x", "num_frames": 5, "fps": 1e308}, 400, "fps", "in [1, 120], got 1e+308"),
+    (VIDEO, {"prompt": "x", "num_frames": 5, "fps": 1e-5}, 400, "fps", "in [1, 120], got 1e-05"),
+    (VIDEO, {"prompt": "x", "seconds": 1, "fps": 1e-300}, 400, "fps", "in [1, 120], got 1e-300"),
     (VIDEO, {"prompt": "x", "model": "sora-2"}, 404, "model", "'sora-2' is not served here; this server serves"),
     (VIDEO, {"prompt": 7}, 422, "prompt", "valid string"),
     (VIDEO, {"prompt": "x", "steps": "2"}, 422, "steps", "valid integer"),
     (VIDEO, {"prompt": "x", "num_frames": 5.0}, 422, "num_frames", "valid integer"),
     (VIDEO, {"prompt": "x", "guidance_scale": True}, 422, "guidance_scale", "valid number"),
     (VIDEO, {"prompt": "x", "duration": 5}, 422, "duration", "unknown field; accepted fields: prompt,"),
+    (VIDEO, {"prompt": "x", "guidance_scale_2": 3.0}, 422, "guidance_scale_2", "unknown field"),
     (VIDEO, {"size": "32x32"}, 422, "prompt", "prompt: field required"),
     (VIDEO, b'{"prompt": "x",', 422, None, "not valid JSON"),
     (VIDEO, b'["prompt"]', 422, None, "must be a JSON object"),
     (IMAGE, {"prompt": "x", "n": 2}, 400, "n", "n must be 1"),
     (IMAGE, {"prompt": "x", "response_format": "png"}, 422, "response_format", "'b64_json' or 'url'"),
     (IMAGE, {"prompt": "x", "num_frames": 5}, 422, "num_frames", "unknown field"),
-    (IMAGE, {"prompt": "x", "size": "32x31"}, 400, "size", "height must be a positive multiple of 16"),
+    (IMAGE, {"prompt": "x", "size": "32x31"}, 400, "size", "height must be an int, a multiple of 16"),
     (IMAGE, {"prompt": "x", "seed": 1.5}, 422, "seed", "valid integer"),
+    (IMAGE, b'{"prompt": "\\ud800"}', 400, "prompt", "unpaired surrogate"),
 ]
 
 
@@ -407,8 +424,8 @@ def test_health_models_and_metrics(tiny_pipeline: Any, tmp_path: Path) -> None:
                      "ditserve_max_batch_size 0.0", "ditserve_max_batch_tokens 65536.0",
                      "ditserve_jobs_paused 0.0", "ditserve_jobs_decoding 0.0"):
             assert name in metrics.text, name
-        request = tiny_pipeline.validate("a bird", height=32, width=32, num_frames=5)
-        assert f"ditserve_last_batch_tokens {2 * tiny_pipeline.tokens_per_sample(request)}.0" in metrics.text  # CFG: 2
+        request = tiny_pipeline.validate("a bird", height=32, width=32, num_frames=5, guidance_scale=5.0)
+        assert f"ditserve_last_batch_tokens {tiny_pipeline.tokens_per_step(request)}.0" in metrics.text
 
 
 def test_keep_jobs_deletes_the_oldest_finished_jobs_and_files(tiny_pipeline: Any, tmp_path: Path) -> None:
@@ -434,7 +451,9 @@ def test_health_is_503_while_loading_and_after_a_failed_load(tiny_pipeline: Any,
         assert loaded.wait(30)
         return tiny_pipeline
 
-    with serve_in_thread(create_app(slow_factory, settings(tmp_path))) as url, httpx.Client(base_url=url) as http:
+    spec = tiny_pipeline.request_spec  # what `serve` reads from the folder before loading
+    with serve_in_thread(create_app(slow_factory, settings(tmp_path), spec=spec)) as url, \
+            httpx.Client(base_url=url) as http:
         health = http.get("/health")
         assert health.status_code == 503 and health.json() == {"status": "loading"}
         early = http.post(VIDEO, json={"prompt": "x", **SMALL})
@@ -450,7 +469,7 @@ def test_health_is_503_while_loading_and_after_a_failed_load(tiny_pipeline: Any,
     def broken_factory() -> Any:
         raise OSError("transformer/diffusion_pytorch_model.safetensors: truncated file")
 
-    app = create_app(broken_factory, settings(tmp_path), on_load_failure=failures.append)
+    app = create_app(broken_factory, settings(tmp_path), spec=spec, on_load_failure=failures.append)
     with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
         deadline = time.monotonic() + 30
         while not failures:
@@ -503,7 +522,7 @@ def test_sigterm_cancels_the_running_job_and_exits_cleanly(tiny_wan_path: Path, 
                 time.sleep(0.1)
             kept = http.post(VIDEO, json={"prompt": "a short one", **SMALL}).json()["id"]
             assert wait_for(http, kept)["status"] == "completed"
-            long = http.post(VIDEO, json={"prompt": "a long one", **SMALL, "steps": 3000}).json()["id"]
+            long = http.post(VIDEO, json={"prompt": "a long one", **SMALL, "steps": 1000}).json()["id"]
             http.post(VIDEO, json={"prompt": "waiting", **SMALL})
             job = wait_for(http, long, statuses=("in_progress",))
             while job["step"] < 1:
@@ -545,18 +564,27 @@ def test_serve_refuses_bad_options_before_opening_the_port(tmp_path: Path, capsy
         ServerSettings(max_batch_tokens=1.5)  # type: ignore[arg-type]
 
 
-def test_request_defaults_fill_what_the_client_leaves_out(tiny_pipeline: Any, tmp_path: Path) -> None:
-    """A server of a small model (the embedded one) must not default a bare request to Wan's 832x480x81."""
+def test_a_folders_request_defaults_fill_what_the_client_leaves_out(tiny_wan_path: Path, tmp_path: Path) -> None:
+    """A small model (the embedded one) ships its own defaults (`request_defaults.json`): a bare request must not
+    default to Wan's 832x480x81, and the client's fields still win."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_wan_path, folder)
     defaults = {"height": 32, "width": 48, "num_frames": 5, "num_inference_steps": 2, "guidance_scale": 3.0}
-    app = create_app(GatedPipeline(tiny_pipeline), settings(tmp_path, request_defaults=defaults))
+    (folder / "request_defaults.json").write_text(json.dumps(defaults))
+    pipe = ditserve.Pipeline.from_pretrained(folder, device="cpu")
+    app = create_app(GatedPipeline(pipe), settings(tmp_path / "out"))
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         bare = http.post("/v1/videos", json={"prompt": "a red ball"}).json()
         assert (bare["size"], bare["num_frames"], bare["num_inference_steps"], bare["guidance_scale"]) == ("48x32", 5, 2, 3.0)
         sized = http.post("/v1/videos", json={"prompt": "a red ball", "size": "32x16", "num_frames": 1}).json()
         assert (sized["size"], sized["num_frames"], sized["num_inference_steps"]) == ("32x16", 1, 2)  # client wins
         assert wait_for(http, bare["id"])["status"] == "completed"
-    with pytest.raises(ValueError, match=r"request_defaults: unknown field\(s\) \['steps'\]"):
-        settings(tmp_path, request_defaults={"steps": 2})
+    (folder / "request_defaults.json").write_text(json.dumps({"steps": 2}))
+    with pytest.raises(UnknownModelError, match=r"request_defaults.json: unknown request parameter\(s\) \['steps'\]"):
+        read_request_spec(folder)
+    (folder / "request_defaults.json").write_text(json.dumps({"height": 20}))
+    with pytest.raises(UnknownModelError, match=r"default height must be an int, a multiple of 16, .* got 20"):
+        read_request_spec(folder)
 
 
 def test_warm_up_generates_the_smallest_request_the_model_takes(tiny_pipeline: Any) -> None:
@@ -571,9 +599,7 @@ def test_warm_up_generates_the_smallest_request_the_model_takes(tiny_pipeline: A
 
     tiny_pipeline.generate = generate
     try:
-        assert warm_up(tiny_pipeline, {"height": 32, "width": 48, "num_frames": 9, "guidance_scale": 3.0}) > 0
+        assert warm_up(tiny_pipeline) > 0
     finally:
         del tiny_pipeline.generate
-    height, width, _ = tiny_pipeline.size_multiples
-    assert calls == [dict(prompt="warm-up", guidance_scale=3.0, height=height, width=width, num_frames=1,
-                          num_inference_steps=1, seed=0)]
+    assert calls == [dict(prompt="warm-up", height=16, width=16, num_frames=1, num_inference_steps=1, seed=0)]

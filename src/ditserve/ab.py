@@ -39,7 +39,6 @@ import numpy as np
 import torch
 
 from ditserve.attention import BACKEND_FACTORIES, resolve_backend_name
-from ditserve.engine import validate_request
 from ditserve.output import to_uint8
 from ditserve.pipelines.errors import PipelineConfigError
 from ditserve.pipelines.options import DTYPE_NAMES, resolve_device, resolve_dtype
@@ -361,8 +360,12 @@ def _timed_run(pipe: Any, request: Mapping[str, Any], resident: int | None) -> t
 
 
 def _backends_used(pipe: Any) -> list[str]:
-    selector = getattr(getattr(pipe, "transformer", None), "attention_selector", None)
-    return sorted(set(selector.choices.values())) if selector is not None else []
+    used: set[str] = set()
+    for module in pipe.denoisers():
+        selector = getattr(module, "attention_selector", None)
+        if selector is not None:
+            used.update(selector.choices.values())
+    return sorted(used)
 
 
 def _environment(devices: list[torch.device]) -> dict[str, Any]:
@@ -386,11 +389,12 @@ def run_ab(
     """Load `model` under both configurations and compare the same generation; see the module docstring.
 
     baseline / candidate: option mappings or `"key=value,..."` strings (keys in `CONFIG_OPTIONS`).
-    request: `Pipeline.generate` keyword arguments (prompt, ..., seed); validated before loading.
+    request: `Pipeline.generate` keyword arguments (prompt, ..., seed); validated against the
+    model's spec before loading (left-out parameters take the model's defaults).
     defaults: options for keys a configuration leaves out (the CLI's --device / --dtype).
     progress(message) is told what is about to run.
     """
-    from ditserve.pipelines import Pipeline
+    from ditserve.pipelines import Pipeline, read_request_spec
 
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise ValueError(f"runs must be an int >= 1, got {runs!r}")
@@ -402,8 +406,8 @@ def run_ab(
     for role, given in (("baseline", baseline), ("candidate", candidate)):
         options = parse_config(given, role) if isinstance(given, str) else check_config(given, role)
         configs[role] = (options, _load_kwargs(options, shared))
-    request = dict(request)
-    validate_request(**request)  # Wan2.1's rules now; each pipeline checks its own again
+    # the model's own rules, before loading; the report shows every parameter, defaults included
+    request = read_request_spec(model).validate(request).fields()
 
     pipes, resident = {}, {}
     for role, (options, kwargs) in configs.items():

@@ -66,26 +66,13 @@ def _bench_attention(args: argparse.Namespace) -> int:
             print(f"{label:<16}{name + chosen:<16}{statistics.median(times):>10.3f}{err:>10.1e}")
     return 0
 
-# Flags of `generate` for each request field, so a validation error names what the user typed.
-_FLAG_OF_FIELD = {
-    "prompt": "--prompt",
-    "negative_prompt": "--negative-prompt",
-    "height": "--height",
-    "width": "--width",
-    "num_frames": "--num-frames",
-    "num_inference_steps": "--steps",
-    "guidance_scale": "--guidance-scale",
-    "seed": "--seed",
-}
-
-
 class _UsageError(Exception):
     """A CLI-level user error (exit 2, no traceback)."""
 
 
 def default_model_path() -> str | None:
     """The model used without --model: the embedded tiny Wan model (package data), None if not installed."""
-    from ditserve.tiny import default_model_path as embedded_model_path
+    from ditserve.tiny.embedded import default_model_path as embedded_model_path
 
     try:
         return str(embedded_model_path())
@@ -93,44 +80,71 @@ def default_model_path() -> str | None:
         return None
 
 
-# `generate`'s request defaults: Wan2.1's published settings, or the embedded tiny model's.
-_WAN_DEFAULTS = dict(height=480, width=832, num_frames=81, steps=50, guidance_scale=5.0)
+_KINDS: dict[str, Any] = {"int": int, "float": float, "str": str}
 
 
-def _embedded_defaults(model: str | None) -> dict[str, Any] | None:
-    """The embedded tiny model's own request settings when `model` (None: the default) is it, else None."""
+def _spec_or_none(model: str | None) -> Any:
+    """The request spec of `model` read from its configs; if that fails (the command reports why when
+    it runs) or no model is named, the embedded model's; None if neither can be read."""
+    from ditserve.pipelines import read_request_spec
+
+    for path in (model, default_model_path()):
+        if path is not None:
+            try:
+                return read_request_spec(path)
+            except Exception:
+                continue
+    return None
+
+
+def _add_request_flags(parser: argparse.ArgumentParser, spec: Any) -> None:
+    """One flag per parameter of the model's spec (prompt aside), with its limits and default in the help."""
+    if spec is None:
+        return
+    for p in spec.params:
+        if p.name == "prompt":
+            continue
+        default = "" if p.default is None else f" (default: {p.default if p.default != '' else repr('')})"
+        parser.add_argument(p.cli_flag, dest=p.name, type=_KINDS[p.kind], default=None,
+                            help=f"{p.help}; {p.accepted()}{default}".replace("%", "%%"))
+    if spec.takes_image:
+        parser.add_argument("--image", default=None, help="a first frame to animate (PNG, JPEG, WebP, ...)")
+
+
+def _request_fields(args: argparse.Namespace, spec: Any) -> dict[str, Any]:
+    """The request parameters given on the command line (left-out ones take the model's defaults)."""
+    fields = {"prompt": args.prompt}
+    for p in spec.params[1:]:
+        value = getattr(args, p.name, None)
+        if value is not None:
+            fields[p.name] = value
+    return fields
+
+
+def _flag_error(error: Any, spec: Any) -> _UsageError:
+    """An `InvalidRequest` re-addressed to the flag the user typed."""
+    try:
+        flag = spec.param(error.field).cli_flag
+    except KeyError:
+        flag = "--" + error.field.replace("_", "-")
+    return _UsageError(f"argument {flag}: {error}")
+
+
+def _note_tiny_grammar(model: str | None, prompt: str) -> None:
+    """The embedded tiny model knows only its grammar's prompts; any other prompt gets a note on stderr."""
     from pathlib import Path
 
     embedded = default_model_path()
     if embedded is None or (model is not None and Path(model).resolve() != Path(embedded).resolve()):
-        return None
-    from ditserve.tiny import GENERATION
+        return
+    from ditserve.tiny import parse_prompt
 
-    return dict(height=GENERATION.height, width=GENERATION.width, num_frames=GENERATION.num_frames,
-                num_inference_steps=GENERATION.num_inference_steps, guidance_scale=GENERATION.guidance_scale)
-
-
-def _fill_request_defaults(args: argparse.Namespace) -> None:
-    """Fill the request flags left unset: the embedded model's own settings when it is the model, else Wan2.1's.
-
-    The tiny model knows only its grammar's prompts; any other prompt gets a note on stderr.
-    """
-    tiny = None if args.url else _embedded_defaults(args.model)
-    if tiny is not None:
-        from ditserve.tiny import parse_prompt
-
-        defaults = dict(tiny, steps=tiny.pop("num_inference_steps"))
-        try:
-            if args.prompt.strip():
-                parse_prompt(args.prompt)
-        except ValueError as e:
-            print(f"ditserve generate: note: the embedded tiny model was trained only on prompts of its grammar: {e}",
-                  file=sys.stderr)
-    else:
-        defaults = _WAN_DEFAULTS
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    try:
+        if prompt.strip():
+            parse_prompt(prompt)
+    except ValueError as e:
+        print(f"ditserve generate: note: the embedded tiny model was trained only on prompts of its grammar: {e}",
+              file=sys.stderr)
 
 
 def _model_path(args: argparse.Namespace) -> str:
@@ -169,20 +183,17 @@ def _run_generate(args: argparse.Namespace) -> str:
 
     from tqdm import tqdm
 
-    from ditserve.engine import InvalidRequest, validate_request
+    from ditserve.engine import InvalidRequest
     from ditserve.output import check_output_path
+    from ditserve.pipelines import read_request_spec
 
     output = check_output_path(args.output)
-    request_args = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
-                        width=args.width, num_frames=args.num_frames, num_inference_steps=args.steps,
-                        guidance_scale=args.guidance_scale, seed=args.seed)
-    try:  # Wan2.1's size rules; the loaded pipeline checks again with its own
-        validate_request(**request_args)
-    except InvalidRequest as e:
-        raise _UsageError(f"argument {_FLAG_OF_FIELD.get(e.field, e.field)}: {e}") from None
-    if not args.fps > 0:
-        raise _UsageError(f"argument --fps: must be > 0, got {args.fps}")
     model = _model_path(args)
+    spec = read_request_spec(model)
+    try:  # the model's own rules, before anything loads
+        request = spec.validate(_request_fields(args, spec), image=getattr(args, "image", None))
+    except InvalidRequest as e:
+        raise _flag_error(e, spec) from None
 
     from ditserve.pipelines import Pipeline
     from ditserve.pipelines.options import resolve_load_options
@@ -193,18 +204,15 @@ def _run_generate(args: argparse.Namespace) -> str:
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=backend, compile=args.compile)
     load_s = time.perf_counter() - start
-    with tqdm(total=args.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
+    with tqdm(total=request.num_inference_steps, desc="denoising", unit="step", disable=args.quiet) as bar:
 
         def progress(step: int, total: int) -> None:
             if bar.total != total:
                 bar.total = total
             bar.update(1)
 
-        try:
-            result = pipe.generate(**request_args, callback=progress)
-        except InvalidRequest as e:
-            raise _UsageError(f"argument {_FLAG_OF_FIELD.get(e.field, e.field)}: {e}") from None
-    path = result.save(output, fps=args.fps)
+        result = pipe.run(request, callback=progress)
+    path = result.save(output, fps=request.fps)
     t = result.timings
     frames, height, width = result.frames.shape[:3]
     return (
@@ -219,7 +227,8 @@ def _generate(args: argparse.Namespace) -> int:
     """`ditserve generate`: one prompt to one .mp4 / .gif / .png."""
     from ditserve.client import ClientError
 
-    _fill_request_defaults(args)
+    if not args.url:
+        _note_tiny_grammar(args.model, args.prompt)
     try:
         summary = _run_remote_generate(args) if args.url else _run_generate(args)
     except _user_errors() as e:
@@ -235,25 +244,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> None:
+def _add_generate(sub: argparse._SubParsersAction, spec: Any) -> None:
     gen = sub.add_parser("generate", help="generate a video (or image) from a prompt",
-                         description="Generate one video from a prompt and write it as .mp4, .gif or .png (first frame).")
+                         description="Generate one video from a prompt and write it as .mp4, .gif or .png (first "
+                                     "frame). The request flags, their limits and defaults are the model's: "
+                                     "`ditserve generate --model PATH --help` lists them for that model.")
     gen.add_argument("--model", help="diffusers-format pipeline folder (model_index.json + components; default: the "
                                      "embedded tiny model, which knows prompts like 'a red circle moving left on a "
                                      "blue background')")
     gen.add_argument("--url", help="send the request to a running `ditserve serve` at this URL instead of loading "
                                    "a model (.mp4: a video job; .png: one image)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default="", help="what to steer away from (used when --guidance-scale > 1)")
-    gen.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: 480; embedded model: 32)")
-    gen.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: 832; embedded model: 32)")
-    gen.add_argument("--num-frames", type=int, default=None, help="4k+1 frames (default: 81; embedded model: 17)")
-    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; embedded model: 20)")
-    gen.add_argument("--guidance-scale", type=float, default=None,
-                     help="CFG scale; <= 1 disables CFG (default: 5.0; embedded model: 3.0)")
-    gen.add_argument("--seed", type=int, default=0, help="noise seed in [0, 2**64-1] (default: 0)")
+    _add_request_flags(gen, spec)
     gen.add_argument("--output", default="output.mp4", help="output file: .mp4, .gif or .png (default: output.mp4)")
-    gen.add_argument("--fps", type=float, default=16.0, help="frames per second of .mp4/.gif (default: 16)")
     gen.add_argument("--attention-backend", default=None,
                      help="attention backend name or 'auto' (default: $DITSERVE_ATTENTION_BACKEND, else auto)")
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -265,7 +268,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_remote_generate(args: argparse.Namespace) -> str:
-    """`generate --url`: the same request to a running server (it validates); save its result to --output."""
+    """`generate --url`: the same request to a running server (it validates and fills its model's defaults)."""
     import contextlib
     import time
 
@@ -276,17 +279,24 @@ def _run_remote_generate(args: argparse.Namespace) -> str:
 
     if args.model:
         raise _UsageError("give --model (generate here) or --url (ask a server that loaded its model), not both")
+    if getattr(args, "image", None) is not None:
+        raise _UsageError("argument --image: not supported with --url yet; generate locally with --model")
     output = check_output_path(args.output)
     if output_format(output) not in ("mp4", "png"):
         raise _UsageError(f"argument --output: with --url the server makes .mp4 (a video) or .png (an image), "
                           f"got {output.name}")
-    size = f"{args.width}x{args.height}"
-    fields = dict(negative_prompt=args.negative_prompt, size=size, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance_scale, seed=args.seed)
+    size = None
+    if args.width is not None or args.height is not None:
+        if args.width is None or args.height is None:
+            raise _UsageError("with --url give both --width and --height (or neither, for the server's default)")
+        size = f"{args.width}x{args.height}"
+    fields = {k: v for k, v in dict(negative_prompt=args.negative_prompt, size=size,
+                                   num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                   seed=args.seed).items() if v is not None}
     with Client(args.url) as client:
         if output_format(output) == "png":
             write_file_atomically(output, client.generate_image(args.prompt, **fields))
-            return f"1 image {size}, {args.steps} steps from {args.url}, seed {args.seed} -> {output}"
+            return f"1 image from {args.url} -> {output}"
         while True:
             try:
                 job = client.create_video(args.prompt, num_frames=args.num_frames, fps=args.fps, **fields)
@@ -295,7 +305,8 @@ def _run_remote_generate(args: argparse.Namespace) -> str:
                 print(f"ditserve generate: {e.message}", file=sys.stderr)
                 time.sleep(e.retry_after)
         try:
-            with tqdm(total=args.steps, desc=f"denoising on {args.url}", unit="step", disable=args.quiet) as bar:
+            with tqdm(total=job["total_steps"], desc=f"denoising on {args.url}", unit="step",
+                      disable=args.quiet) as bar:
                 job = client.wait(job["id"], timeout=24 * 3600, on_update=lambda j: bar.update(j["step"] - bar.n))
         except KeyboardInterrupt:  # do not leave the server working for nobody
             with contextlib.suppress(ClientError):
@@ -319,8 +330,7 @@ def _serve(args: argparse.Namespace) -> int:
         model = _model_path(args)
         settings = ServerSettings(model_name=args.model_name or Path(model).resolve().name,
                                   output_dir=args.output_dir, max_queue=args.max_queue, keep_jobs=args.keep_jobs,
-                                  max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                                  request_defaults=_embedded_defaults(model) or {})
+                                  max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens)
     except (ValueError, _UsageError) as e:
         print(f"ditserve serve: error: {e}", file=sys.stderr)
         return 2
@@ -372,7 +382,7 @@ def _run_ab(args: argparse.Namespace) -> str:
     from pathlib import Path
 
     from ditserve.ab import check_config, format_report, parse_config, run_ab
-    from ditserve.engine import InvalidRequest, validate_request
+    from ditserve.engine import InvalidRequest
 
     baseline = parse_config(args.baseline, "argument --baseline")
     candidate = parse_config(args.candidate, "argument --candidate")
@@ -385,18 +395,19 @@ def _run_ab(args: argparse.Namespace) -> str:
         raise _UsageError(f"argument --warmup: must be >= 0, got {args.warmup}")
     if args.json is not None and not Path(args.json).resolve().parent.is_dir():
         raise _UsageError(f"argument --json: folder {Path(args.json).parent} does not exist")
-    request = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                   num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                   seed=args.seed)
+    model = _model_path(args)
+    from ditserve.pipelines import read_request_spec
+
+    spec = read_request_spec(model)
+    request = _request_fields(args, spec)
     try:
-        validate_request(**request)
-        model = _model_path(args)
+        spec.validate(request)
         _silence_loading_bars()
         progress = None if args.quiet else (lambda message: print(f"ditserve ab: {message}", file=sys.stderr))
         report = run_ab(model, baseline, candidate, request, runs=args.runs, warmup=args.warmup,
                         defaults=defaults, progress=progress)
     except InvalidRequest as e:
-        raise _UsageError(f"argument {_FLAG_OF_FIELD.get(e.field, e.field)}: {e}") from None
+        raise _flag_error(e, spec) from None
     text = format_report(report)
     if args.json is not None:
         text += f"\nwrote {report.write_json(args.json)}"
@@ -417,7 +428,7 @@ def _ab(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_ab(sub: argparse._SubParsersAction) -> None:
+def _add_ab(sub: argparse._SubParsersAction, spec: Any) -> None:
     ab = sub.add_parser(
         "ab", help="compare two loading configurations: output identity, step time, memory",
         description="Load the model under a baseline and a candidate configuration, run the same generation "
@@ -431,13 +442,7 @@ def _add_ab(sub: argparse._SubParsersAction) -> None:
     ab.add_argument("--runs", type=int, default=3, help="timed runs per configuration (default: 3)")
     ab.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first (default: 1)")
     ab.add_argument("--prompt", default="A cat walks on the grass, realistic")
-    ab.add_argument("--negative-prompt", default="", help="used when --guidance-scale > 1")
-    ab.add_argument("--height", type=int, default=480, help="pixels, a multiple of 16 (default: 480)")
-    ab.add_argument("--width", type=int, default=832, help="pixels, a multiple of 16 (default: 832)")
-    ab.add_argument("--num-frames", type=int, default=81, help="4k+1 frames (default: 81)")
-    ab.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
-    ab.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale; <= 1 disables CFG (default: 5.0)")
-    ab.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    _add_request_flags(ab, spec)
     ab.add_argument("--device", default=None, help="for configurations that set none (default: cuda if available)")
     ab.add_argument("--dtype", default=None, help="for configurations that set none (default: bf16 on CUDA, fp32 on CPU)")
     ab.add_argument("--json", default=None, help="also write every number to this JSON file")
@@ -490,13 +495,26 @@ def _add_eval_tiny(sub: argparse._SubParsersAction) -> None:
     ev.set_defaults(func=_eval_tiny)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _model_argument(argv: Sequence[str]) -> str | None:
+    """The value of --model in `argv`, if any (the request flags depend on the model)."""
+    for i, arg in enumerate(argv):
+        if arg == "--model" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; `generate` and `ab` get the request flags of the model `argv` names (or the embedded one)."""
     parser = argparse.ArgumentParser(prog="ditserve", description="Fast inference and serving for diffusion transformers.")
     parser.add_argument("--version", action="version", version=f"ditserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_generate(sub)
+    needs_spec = any(command in argv for command in ("generate", "ab"))
+    spec = _spec_or_none(_model_argument(argv)) if needs_spec else None
+    _add_generate(sub, spec)
     _add_serve(sub)
-    _add_ab(sub)
+    _add_ab(sub, spec)
     _add_eval_tiny(sub)
 
     bench = sub.add_parser("bench-attention", help="time the attention backends available on a device")
@@ -511,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -45,7 +45,7 @@ class GatedPipeline:
 
     - `gated=True`: every batched step waits (before its forward) until `gate` is set;
       `running` is set once a step has started, i.e. jobs are in the batch.
-    - `calls` / `prompts`: requests the engine admitted (its text encoding), in order; a job
+    - `calls` / `prompts`: requests the engine admitted (`prepare`), in order; a job
       cancelled or refused before admission never appears.
     - `batch_sizes`: samples in each forward (a guided request is two).
     - `fail_forward` / `fail_decode`: number (1-based) of the batched forward / of the request
@@ -74,24 +74,24 @@ class GatedPipeline:
         self._lock = threading.Lock()
         self._decode_numbers: dict[Any, int] = {}
 
-    def __getattr__(self, name: str) -> Any:  # validate, device, tokens_per_sample, new_scheduler, ...
+    def __getattr__(self, name: str) -> Any:  # request_spec, device, tokens_per_step, final_latents, ...
         return getattr(self.inner, name)
 
-    def encode_text(self, request: Any, guided: bool) -> Any:
+    def prepare(self, request: Any) -> Any:
         with self._lock:
             self.calls += 1
             self.prompts.append(request.prompt)
-        return self.inner.encode_text(request, guided)
+        return self.inner.prepare(request)
 
-    def predict_packed(self, latents: list[Any], timesteps: Any, text: list[Any]) -> list[Any]:
+    def predict(self, samples: list[Any]) -> list[Any]:
         self.running.set()
         if not self.gate.wait(30):
             raise TimeoutError("GatedPipeline: the test never opened the gate")
-        self.batch_sizes.append(len(latents))
+        self.batch_sizes.append(len(samples))
         failure = self.fail_forward.get(len(self.batch_sizes))
         if failure is not None:
             raise failure
-        return self.inner.predict_packed(latents, timesteps, text)
+        return self.inner.predict(samples)
 
     def decode_batch(self, latents: Any) -> Any:
         numbers = [self._decode_number(row) for row in latents]

@@ -30,7 +30,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ditserve.pipelines.registry import REQUEST_DEFAULTS_FILE
 from ditserve.tiny.data import FRAMES, SIZE, held_out_scenes, train_scenes
+from ditserve.tiny.embedded import GENERATION
 
 from .arch import FLOW_SHIFT, scheduler_config, text_encoder_config, transformer_config, vae_config
 from .text import build_tokenizer
@@ -143,6 +145,8 @@ def train_tiny_model(out: str | Path, settings: TrainSettings, device: str | tor
                        transformer=transformer.to("cpu", stored), vae=vae.to("cpu", stored), scheduler=parts["scheduler"])
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    # how the model is meant to be sampled: every ditserve interface reads its defaults from here
+    (out / REQUEST_DEFAULTS_FILE).write_text(json.dumps(asdict(GENERATION), indent=2) + "\n", encoding="utf-8")
     record["total_seconds"] = time.perf_counter() - began
     record["folder_bytes"] = _folder_size(out)
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")

@@ -1,11 +1,23 @@
-"""Request handling shared by the Python API, the CLI and the server.
+"""The family-agnostic core: requests as data, and the engine that runs them.
 
-`validation`: request checks (re-exported here). `batching`: the continuous-batching engine
-(many requests, one packed DiT forward per step), with its admission `policy` and token
-`budget`. Import those from their modules: the engine builds on `ditserve.pipelines`, which
-imports this package, so it is not re-exported here.
+`request`: `RequestSpec` (a family's declared parameters) and `GenerationRequest`;
+`family`: the `Family` protocol the engine drives, `GuidancePlan`, `Prepared`, `Sample`;
+`batching`: the continuous-batching engine (many requests, one step of the model per
+step), with its step `policy`, token `budget` and VAE `decoder`. This package imports no
+pipeline and no model: families build on it, not the other way round.
 """
 
-from ditserve.engine.validation import MAX_SEED, GenerationRequest, InvalidRequest, validate_request
+from ditserve.engine.errors import EngineClosed, GenerationCancelled, InvalidRequest
+from ditserve.engine.request import MAX_SEED, GenerationRequest, Param, RequestSpec
+from ditserve.engine.result import GenerationOutput
 
-__all__ = ["MAX_SEED", "GenerationRequest", "InvalidRequest", "validate_request"]
+__all__ = [
+    "MAX_SEED",
+    "EngineClosed",
+    "GenerationCancelled",
+    "GenerationOutput",
+    "GenerationRequest",
+    "InvalidRequest",
+    "Param",
+    "RequestSpec",
+]

@@ -1,40 +1,40 @@
-"""Continuous batching: the requests that advance at a step share ONE packed DiT forward.
+"""Continuous batching: the requests that advance at a step share one step of the family's model.
 
 Each request keeps everything that makes its result its own: latents, a fresh scheduler
-(its own timesteps and solver history), step count, guidance scale, negative prompt and
-seed. At every step boundary the engine
+(its own timesteps and solver history), step count, guidance plan, conditioning and seed.
+At every step boundary the engine
 
 1. drops requests whose cancel token is set (queued or admitted; they get `GenerationCancelled`),
 2. admits queued requests, FIFO, up to `max_batch_size` admitted at once; an admitted
-   request's text is encoded and its noise drawn exactly as in `Pipeline.generate`, so it
-   does not matter when it joins,
+   request is prepared by its family (`Family.prepare`: text encoded, noise drawn, scheduler
+   started) exactly as for a request alone, so it does not matter when it joins,
 3. picks the admitted requests that advance now (`ditserve.engine.policy`: least remaining
    work first, filled up to `fill_tokens` beyond the first within the `max_batch_tokens`
-   memory budget, none passed over more than `max_skipped` steps in a row) and runs one
-   `predict_packed` over their samples (a guided request is two samples, cond and uncond;
-   guidance 1.0 is one), each with its own timestep and text, then steps each request's
-   scheduler with its own guidance combination,
+   memory budget, none passed over more than `max_skipped` steps in a row) and hands all
+   their samples to `Family.predict` (a request with classifier-free guidance is two samples),
+   then combines each request's predictions with its `GuidancePlan` and steps its scheduler,
 4. hands every request that just did its last step to the `Decoder` (its own thread and
-   CUDA stream, `ditserve.engine.decoder`), so the VAE never runs inside a forward and no
+   CUDA stream, `ditserve.engine.decoder`), so the VAE never runs inside a step and no
    request waits for another's decode; the decoder resolves the request's future with
-   `generate`'s timings plus `queue_s`.
+   its timings.
 
-Samples never attend to each other: that is the packed forward's attention metadata.
-Because a request's math does not depend on its neighbours, nor on the steps it sits out,
-its result batched equals its result alone (to float rounding of the packed vs dense layout).
+Samples never attend to each other (the family's packed forward keeps them apart). Because
+a request's math depends neither on its neighbours nor on the steps it sits out, its result
+batched equals its result alone (to float rounding of the packed vs dense layout). A request
+alone is the same code with a batch of one: that is `Pipeline.generate`.
 
 Driving it: either synchronously (`run_until_idle()`: step until nothing is queued or
-admitted and every decode is done, what `Pipeline.generate_batch` does) or in the
-background (`start()` runs `run_forever()` on a daemon thread until `stop()`; what a server
-does). Stepping is serialised by a lock, so only one thread steps at a time; `submit`,
-`stats`, `close` and `stop` may be called from any thread. The default memory budget
+admitted and every decode is done, what `Pipeline.generate` does) or in the background
+(`start()` runs `run_forever()` on a daemon thread until `stop()`; what a server does).
+Stepping is serialised by a lock, so only one thread steps at a time; `submit`, `stats`,
+`close` and `stop` may be called from any thread. The default memory budget
 (`ditserve.engine.budget`) is half the free device memory divided by an activation
 estimate per token.
 
-Failures stay per request where they can: a cancel, text encoding, a callback or the
-decode end only their own request (a failed batched decode, the requests in it); an error
-in the batched forward itself (e.g. out of memory) fails every request in that forward,
-since it cannot be pinned on one of them.
+Failures stay per request where they can: a cancel, preparing, a callback or the decode
+end only their own request (a failed batched decode, the requests in it); an error in the
+step's forward itself (e.g. out of memory) fails the requests in that step, since it cannot
+be pinned on one of them; requests the policy paused that step go on.
 """
 
 from __future__ import annotations
@@ -47,54 +47,22 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ditserve.engine.decoder import Decoder
+from ditserve.engine.errors import EngineClosed, GenerationCancelled
+from ditserve.engine.family import CancelToken, Family, Prepared, Sample, StepCallback
 from ditserve.engine.policy import DEFAULT_FILL_TOKENS, DEFAULT_MAX_SKIPPED, Candidate, select_step
-from ditserve.engine.validation import GenerationRequest
-from ditserve.pipelines.denoise import CancelToken, StepCallback, combine_guidance, start_schedule
-from ditserve.pipelines.errors import GenerationCancelled
-from ditserve.pipelines.result import GenerationOutput
-from ditserve.pipelines.timing import StepTimer
+from ditserve.engine.request import GenerationRequest
+from ditserve.engine.result import GenerationOutput
+from ditserve.engine.timing import StepTimer
 
-__all__ = ["BatchStages", "BatchingEngine", "EngineClosed", "EngineStats", "StepStats"]
+__all__ = ["BatchingEngine", "EngineClosed", "EngineStats", "StepStats"]
 
 log = logging.getLogger("ditserve.engine")
-
-
-class EngineClosed(RuntimeError):
-    """`submit` after `close` / `stop`: the engine takes no new requests."""
-
-
-class BatchStages(Protocol):
-    """What the engine needs from a pipeline (`WanPipeline` provides it): its shared stages."""
-
-    device: torch.device
-
-    def tokens_per_sample(self, request: GenerationRequest) -> int:
-        """Tokens one sample of this request adds to a DiT forward."""
-
-    def default_max_batch_tokens(self) -> int:
-        """The token budget to use when none is given (see `ditserve.engine.budget`)."""
-
-    def encode_text(self, request: GenerationRequest, guided: bool) -> tuple[Tensor, Tensor | None]:
-        """(cond, uncond or None) embeddings `[1, L, text_dim]`."""
-
-    def initial_latents(self, request: GenerationRequest) -> Tensor:
-        """The seeded starting noise `[1, C, F, H, W]` (float32), as the single-request path draws it."""
-
-    def new_scheduler(self) -> Any:
-        """A fresh diffusers scheduler."""
-
-    def predict_packed(self, latents: list[Tensor], timesteps: Tensor, text: list[Tensor]) -> list[Tensor]:
-        """One DiT forward over samples `[C, F_i, H_i, W_i]` with timesteps `[N]`, text `[L_i, D]`."""
-
-    def decode_batch(self, latents: Tensor) -> list[np.ndarray]:
-        """Clean latents `[B, C, F, H, W]` (one shape) -> B frame arrays (F, H, W, 3) in [0, 1] on the host."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +105,7 @@ class _Queued:
     future: Future[GenerationOutput]
     callback: StepCallback | None
     cancel: CancelToken | None
+    on_start: Callable[[], None] | None
     tokens: int
     submitted_at: float
 
@@ -146,20 +115,16 @@ class _Active:
     """A request in the batch: its own latents, scheduler and position in its own schedule."""
 
     queued: _Queued
-    guided: bool
-    cond: Tensor  # [L, D]
-    uncond: Tensor | None
-    latents: Tensor  # [1, C, F, H, W] float32
-    scheduler: Any
-    timesteps: Tensor
-    timer: StepTimer  # marks: admitted, text encoded, each step done
+    prepared: Prepared
+    latents: Tensor  # [1, C, ...] float32
+    timer: StepTimer  # marks: admitted, prepared, each step done
     admitted_at: float
     step: int = 0
     skipped: int = 0  # steps in a row this request sat out
     total: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.total = len(self.timesteps)
+        self.total = len(self.prepared.timesteps)
 
     @property
     def remaining(self) -> int:
@@ -174,7 +139,7 @@ class BatchingEngine:
     """Runs many generation requests at once, one packed DiT forward per step (see the module doc).
 
     `max_batch_tokens`: tokens (all samples, see `ditserve.engine.budget`) one step may hold;
-    None = `stages.default_max_batch_tokens()`. A request bigger than that runs alone.
+    None = `family.default_max_batch_tokens()`. A request bigger than that runs alone.
     `max_batch_size`: most requests admitted at once (None: no limit; 1: one at a time, each
     to its end). `fill_tokens` / `max_skipped`: the step policy (`ditserve.engine.policy`).
     `on_step(StepStats)` runs on the stepping thread after every batched forward (metrics);
@@ -183,7 +148,7 @@ class BatchingEngine:
 
     def __init__(
         self,
-        stages: BatchStages,
+        family: Family,
         *,
         max_batch_tokens: int | None = None,
         max_batch_size: int | None = None,
@@ -191,7 +156,7 @@ class BatchingEngine:
         max_skipped: int = DEFAULT_MAX_SKIPPED,
         on_step: Callable[[StepStats], None] | None = None,
     ) -> None:
-        budget = stages.default_max_batch_tokens() if max_batch_tokens is None else max_batch_tokens
+        budget = family.default_max_batch_tokens() if max_batch_tokens is None else max_batch_tokens
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
             raise ValueError(f"max_batch_tokens must be a positive int, got {budget!r}")
         if max_batch_size is not None and (
@@ -201,13 +166,13 @@ class BatchingEngine:
         for name, value in (("fill_tokens", fill_tokens), ("max_skipped", max_skipped)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        self._stages = stages
+        self._family = family
         self.max_batch_tokens = budget
         self.max_batch_size = max_batch_size
         self.fill_tokens = fill_tokens
         self.max_skipped = max_skipped
         self._on_step = on_step
-        self._decoder = Decoder(stages.decode_batch)
+        self._decoder = Decoder(family.decode_batch)
         self._cond = threading.Condition()  # guards everything below it
         self._queue: deque[_Queued] = deque()
         self._active: list[_Active] = []  # changed only by the stepping thread, under _cond
@@ -227,25 +192,31 @@ class BatchingEngine:
         *,
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> Future[GenerationOutput]:
         """Queue a validated request; returns at once with a future of its `GenerationOutput`.
 
         The future raises `GenerationCancelled` if `cancel` was set before its last step (or
         the future was cancelled while queued), else whatever failed its generation.
-        `callback(i, total)` runs on the stepping thread after its step i (0-based).
-        Raises `EngineClosed` after `close` / `stop`.
+        `on_start()` runs on the stepping thread when the request is admitted (before it is
+        prepared); `callback(i, total)` after its step i (0-based). Raises `EngineClosed`
+        after `close` / `stop`.
         """
         if not isinstance(request, GenerationRequest):
-            raise TypeError(f"submit takes a validated GenerationRequest (Pipeline.validate), got {type(request).__name__}")
-        guided = request.guidance_scale > 1.0  # diffusers' do_classifier_free_guidance
-        tokens = self._stages.tokens_per_sample(request) * (2 if guided else 1)
+            raise TypeError(f"submit takes a validated GenerationRequest (RequestSpec.validate), "
+                            f"got {type(request).__name__}")
+        tokens = self.tokens_of(request)
         future: Future[GenerationOutput] = Future()
         with self._cond:
             if self._closed:
                 raise EngineClosed("the batching engine is closed and takes no new requests")
-            self._queue.append(_Queued(request, future, callback, cancel, tokens, time.perf_counter()))
+            self._queue.append(_Queued(request, future, callback, cancel, on_start, tokens, time.perf_counter()))
             self._cond.notify_all()
         return future
+
+    def tokens_of(self, request: GenerationRequest) -> int:
+        """Tokens the request adds to each step it is in (compare with `max_batch_tokens`)."""
+        return self._family.tokens_per_step(request)
 
     def stats(self) -> EngineStats:
         with self._cond:
@@ -377,19 +348,15 @@ class BatchingEngine:
                 self._active.append(state)
 
     def _start(self, q: _Queued) -> _Active:
-        """Encode text, draw noise, set up a fresh scheduler: what `generate` does before step 0."""
-        stages = self._stages
+        """Prepare the request (text, noise, scheduler): what happens before its step 0."""
+        if q.on_start is not None:
+            q.on_start()
         admitted_at = time.perf_counter()
-        timer = StepTimer(stages.device)
+        timer = StepTimer(self._family.device)
         timer.start()
-        guided = q.request.guidance_scale > 1.0
-        cond, uncond = stages.encode_text(q.request, guided)
-        latents = stages.initial_latents(q.request)
-        scheduler = stages.new_scheduler()
-        timesteps = start_schedule(scheduler, q.request.num_inference_steps, stages.device)
+        prepared = self._family.prepare(q.request)
         timer.mark()
-        return _Active(q, guided, cond[0], None if uncond is None else uncond[0], latents, scheduler,
-                       timesteps, timer, admitted_at)
+        return _Active(q, prepared, prepared.latents, timer, admitted_at)
 
     def _select(self) -> list[_Active]:
         """The admitted requests that advance this step (`ditserve.engine.policy`)."""
@@ -402,36 +369,28 @@ class BatchingEngine:
         return [state for state in active if id(state) in chosen]  # admission order
 
     def _forward(self) -> None:
-        """One packed forward over the chosen requests' samples, then each one's scheduler step."""
+        """One step for the chosen requests: all their samples through the family, then each one's scheduler."""
         batch = self._select()
-        latents: list[Tensor] = []
-        timesteps: list[Tensor] = []
-        text: list[Tensor] = []
-        for state in batch:  # a guided request is two samples: cond, then uncond
-            x, t = state.latents[0], state.timesteps[state.step]
-            latents.append(x)
-            timesteps.append(t)
-            text.append(state.cond)
-            if state.guided:
-                latents.append(x)
-                timesteps.append(t)
-                text.append(state.uncond)
+        samples = [
+            Sample(state.latents, state.prepared.timesteps[state.step], state.step, condition, state.prepared)
+            for state in batch
+            for condition in state.prepared.conditions
+        ]
         try:
-            preds = self._stages.predict_packed(latents, torch.stack(timesteps), text)
-        except Exception as e:  # cannot tell whose fault: every request in this forward fails
-            self._fail_active(e)
+            preds = self._family.predict(samples)
+            if len(preds) != len(samples):
+                raise RuntimeError(f"the family returned {len(preds)} predictions for {len(samples)} samples")
+        except Exception as e:  # cannot tell whose fault: the requests in this step fail, the paused ones go on
+            self._fail(batch, e)
             return
         index = 0
         failed: list[_Active] = []
         for state in batch:
-            if state.guided:
-                pred = combine_guidance(preds[index], preds[index + 1], state.queued.request.guidance_scale)
-                index += 2
-            else:
-                pred = preds[index]
-                index += 1
-            t = state.timesteps[state.step]
-            state.latents = state.scheduler.step(pred[None], t, state.latents, return_dict=False)[0]
+            plan = state.prepared.guidance
+            pred = plan.combine(preds[index:index + plan.samples], state.step)
+            index += plan.samples
+            t = state.prepared.timesteps[state.step]
+            state.latents = state.prepared.scheduler.step(pred, t, state.latents, return_dict=False)[0]
             state.step += 1
             state.timer.mark()
             if state.queued.callback is not None:
@@ -444,7 +403,7 @@ class BatchingEngine:
             for state in failed:
                 self._active.remove(state)
             self._steps += 1
-            stats = StepStats(requests=len(batch), samples=len(latents),
+            stats = StepStats(requests=len(batch), samples=len(samples),
                               tokens=sum(s.queued.tokens for s in batch), queued=len(self._queue),
                               paused=len(self._active) - len(batch) + len(failed))
             self._last_step = stats
@@ -461,7 +420,10 @@ class BatchingEngine:
             for state in done:
                 self._active.remove(state)
         denoised_at = time.perf_counter()
-        self._decoder.submit_all([(state.latents, partial(self._resolve, state, denoised_at)) for state in done])
+        self._decoder.submit_all([
+            (self._family.final_latents(state.prepared, state.latents), partial(self._resolve, state, denoised_at))
+            for state in done
+        ])
 
     def _resolve(self, state: _Active, denoised_at: float, frames: np.ndarray | None, error: BaseException | None,
                  decode_start: float, decode_end: float) -> None:
@@ -473,7 +435,7 @@ class BatchingEngine:
         per_step = intervals[1:]
         timings: dict[str, float | list[float]] = {
             "queue_s": state.admitted_at - state.queued.submitted_at,
-            "text_encode_s": intervals[0],
+            "text_encode_s": intervals[0],  # text encoding, noise and scheduler set-up
             "denoise_s": denoised_at - state.admitted_at - intervals[0],
             "per_step_s": per_step,  # time between its own steps (steps it sat out included)
             "step_mean_s": sum(per_step) / len(per_step) if per_step else 0.0,
@@ -487,11 +449,18 @@ class BatchingEngine:
                                                         timings=timings))
 
     def _fail_active(self, error: BaseException) -> None:
-        """End every active request with `error` (a failed batched forward, or an engine bug)."""
+        """End every active request with `error` (an engine bug outside a step's forward)."""
         with self._cond:
             batch = list(self._active)
-            self._active.clear()
-        for state in batch:
+        self._fail(batch, error)
+
+    def _fail(self, states: list[_Active], error: BaseException) -> None:
+        """End `states` with `error` and drop them from the batch; the other admitted requests go on."""
+        with self._cond:
+            for state in states:
+                if state in self._active:
+                    self._active.remove(state)
+        for state in states:
             if not state.queued.future.done():
                 state.queued.future.set_exception(error)
 

@@ -68,12 +68,9 @@ class Decoder:
         self._thread: threading.Thread | None = None
         self._stream: torch.cuda.Stream | None = None
 
-    def submit(self, latents: Tensor, done: DecodeDone) -> None:
-        """Queue `latents` `[1, C, F, H, W]` (from the calling thread's current stream)."""
-        self.submit_all([(latents, done)])
-
     def submit_all(self, items: list[tuple[Tensor, DecodeDone]]) -> None:
-        """Queue several at once, so that those of one shape can share a VAE call."""
+        """Queue latents `[1, C, ...]` (from the calling thread's current stream) with their callbacks;
+        several at once, so that those of one shape can share a VAE call."""
         if not items:
             return
         jobs = []

@@ -1,16 +1,17 @@
-"""Pipelines: one module per family, built from shared stages (text, latents, denoise, decode)."""
+"""Pipelines: one module per family (its request spec, loading and stages), and the registry."""
 
-from ditserve.pipelines.base import PIPELINE_CLASSES, Pipeline, pipeline_class_for
-from ditserve.pipelines.errors import GenerationCancelled, PipelineConfigError
-from ditserve.pipelines.result import GenerationOutput
-from ditserve.pipelines.wan import WanPipeline
+from ditserve.engine import GenerationCancelled, GenerationOutput
+from ditserve.pipelines.base import Pipeline
+from ditserve.pipelines.errors import PipelineConfigError
+from ditserve.pipelines.registry import FAMILIES, family_class_for
+from ditserve.pipelines.spec import read_request_spec
 
 __all__ = [
-    "PIPELINE_CLASSES",
+    "FAMILIES",
     "GenerationCancelled",
     "GenerationOutput",
     "Pipeline",
     "PipelineConfigError",
-    "WanPipeline",
-    "pipeline_class_for",
+    "family_class_for",
+    "read_request_spec",
 ]

@@ -1,57 +1,55 @@
-"""`Pipeline`: the family-agnostic entry point (`Pipeline.from_pretrained(path)`) and interface.
+"""`Pipeline`: the entry point (`Pipeline.from_pretrained(path)`) and what every family implements.
 
-`Pipeline.from_pretrained` reads model_index.json and hands the folder to the family's
-class named by its `_class_name`; each family (one module per family) implements
-`_from_folder` and `run`. `generate` is shared: validate the request against the loaded
-model's size rules, then `run` it. `generate_batch` runs several requests through the
-batching engine, which needs the family's shared stages (`ditserve.engine.batching.BatchStages`).
+`Pipeline.from_pretrained` reads model_index.json and hands the folder to the family class
+the registry (`ditserve.pipelines.registry`) names for it. A family implements:
+
+- `read_request_spec(root, model_index)`: its request parameters, from the folder's configs
+  alone (no weights), so the CLI and the server know them before loading;
+- `_from_folder`: load the components;
+- the engine's `Family` methods (`ditserve.engine.family`): `tokens_per_step`,
+  `default_max_batch_tokens`, `prepare`, `predict`, `decode_batch` (and `final_latents`
+  when it changes the latents after the last step);
+- `denoisers()`: the modules `compile()` compiles.
+
+`generate` validates against the spec and runs the batching engine, one request or many:
+the same loop the server runs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
+from torch import Tensor
 
-from ditserve.engine import GenerationRequest, InvalidRequest, validate_request
+from ditserve.engine import GenerationOutput, GenerationRequest, InvalidRequest, RequestSpec
+from ditserve.engine.batching import BatchingEngine
+from ditserve.engine.family import CancelToken, Prepared, Sample
 from ditserve.loading import UnknownModelError, read_model_index
-from ditserve.pipelines.denoise import CancelToken, StepCallback
-from ditserve.pipelines.result import GenerationOutput
+from ditserve.pipelines.registry import family_class_for, folder_request_defaults
 
-__all__ = ["PIPELINE_CLASSES", "Pipeline", "pipeline_class_for"]
-
-# model_index.json `_class_name` -> "module:Class"; imported only when a folder names it.
-PIPELINE_CLASSES: Mapping[str, str] = MappingProxyType({"WanPipeline": "ditserve.pipelines.wan:WanPipeline"})
+__all__ = ["Pipeline"]
 
 P = TypeVar("P", bound="Pipeline")
 
 
-def pipeline_class_for(model_index: Mapping[str, Any], source: str | os.PathLike[str]) -> type[Pipeline]:
-    """The ditserve pipeline class for a model_index.json (`source` names it in errors)."""
-    name = model_index.get("_class_name")
-    if name not in PIPELINE_CLASSES:
-        shown = "no _class_name" if name is None else f"pipeline class {name!r}"
-        raise UnknownModelError(
-            f"{source}: {shown} is not supported; supported pipelines: {', '.join(sorted(PIPELINE_CLASSES))}"
-        )
-    module, _, attr = PIPELINE_CLASSES[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 class Pipeline(ABC):
-    """A loaded text-to-image/video pipeline: `generate(...)` -> `GenerationOutput`."""
+    """A loaded text-to-image/video pipeline: `generate(prompt, **params)` -> `GenerationOutput`.
+
+    One engine run at a time per instance: the engine uses every component on its stepping
+    and decoding threads, so nothing else may use them meanwhile (a server runs one engine
+    over the pipeline for its whole life).
+    """
 
     device: torch.device
     dtype: torch.dtype
-    transformer: torch.nn.Module
+    request_spec: RequestSpec
 
     @classmethod
     def from_pretrained(
@@ -72,17 +70,34 @@ class Pipeline(ABC):
         """
         root = Path(path)
         index = read_model_index(root)
-        target = pipeline_class_for(index, root / "model_index.json")
+        target = family_class_for(index, root / "model_index.json")
         if not issubclass(target, cls):
             raise UnknownModelError(f"{root}: holds a {index.get('_class_name')}, not a {cls.__name__}")
+        spec = target.folder_request_spec(root, index)
         pipe = target._from_folder(root, index, device=device, dtype=dtype, attention_backend=attention_backend)
+        pipe.request_spec = spec
         if compile:
             pipe.compile()
         return pipe
 
-    def compile(self) -> None:
-        """torch.compile the denoiser's repeated blocks in place (attention stays eager)."""
-        self.transformer.compile_blocks()
+    @classmethod
+    def folder_request_spec(cls, root: Path, model_index: Mapping[str, Any]) -> RequestSpec:
+        """The family's spec for this folder, with the folder's own defaults (`request_defaults.json`) if any."""
+        spec = cls.read_request_spec(root, model_index)
+        overrides = folder_request_defaults(root)
+        if not overrides:
+            return spec
+        try:
+            return spec.with_defaults(overrides)
+        except ValueError as e:
+            raise UnknownModelError(f"{root / 'request_defaults.json'}: {e}") from None
+
+    # -- what a family implements ------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def read_request_spec(cls, root: Path, model_index: Mapping[str, Any]) -> RequestSpec:
+        """The request parameters of the model in `root`, from its configs only (no weights)."""
 
     @classmethod
     @abstractmethod
@@ -97,61 +112,74 @@ class Pipeline(ABC):
     ) -> P:
         """Build the pipeline from a folder whose model_index.json names this class."""
 
-    @property
     @abstractmethod
-    def size_multiples(self) -> tuple[int, int, int]:
-        """(height, width, frames) multiples a request must respect (frames: 4 means 4k+1)."""
+    def denoisers(self) -> list[torch.nn.Module]:
+        """The DiT(s) a step may run (two for Wan2.2-A14B's experts)."""
 
-    def validate(self, prompt: Any, negative_prompt: Any = "", height: Any = 480, width: Any = 832,
-                 num_frames: Any = 81, num_inference_steps: Any = 50, guidance_scale: Any = 5.0,
-                 seed: Any = 0) -> GenerationRequest:
-        """`ditserve.engine.validate_request` with this model's size rules."""
-        h, w, f = self.size_multiples
-        request = validate_request(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
-                                   guidance_scale, seed, height_multiple=h, width_multiple=w, frame_multiple=f)
-        self.check_limits(request)
-        return request
+    @abstractmethod
+    def tokens_per_step(self, request: GenerationRequest) -> int: ...
 
-    def check_limits(self, request: GenerationRequest) -> None:
-        """Model-specific bounds beyond the size multiples (raise `InvalidRequest`); none by default."""
+    @abstractmethod
+    def default_max_batch_tokens(self) -> int: ...
+
+    @abstractmethod
+    def prepare(self, request: GenerationRequest) -> Prepared: ...
+
+    @abstractmethod
+    def predict(self, samples: Sequence[Sample]) -> list[Tensor]: ...
+
+    @abstractmethod
+    def decode_batch(self, latents: Tensor) -> list[np.ndarray]: ...
+
+    def final_latents(self, prepared: Prepared, latents: Tensor) -> Tensor:
+        """The latents to decode after the last step: as they are, unless a family says otherwise."""
+        return latents
+
+    # -- shared ------------------------------------------------------------------------------
+
+    def compile(self) -> None:
+        """torch.compile every denoiser's repeated blocks in place (attention stays eager)."""
+        for module in self.denoisers():
+            module.compile_blocks()
+
+    def validate(self, prompt: Any = None, *, image: Any = None, **params: Any) -> GenerationRequest:
+        """`request_spec.validate`: the normalised request, or `InvalidRequest` before any work."""
+        return self.request_spec.validate({"prompt": prompt, **params}, image=image)
 
     def generate(
         self,
         prompt: str | Sequence[str | Mapping[str, Any] | GenerationRequest],
-        negative_prompt: str = "",
-        height: int = 480,
-        width: int = 832,
-        num_frames: int = 81,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
-        seed: int = 0,
         *,
+        image: Any = None,
         callback: Callable[..., None] | None = None,
         cancel: CancelToken | None = None,
+        **params: Any,
     ) -> GenerationOutput | list[GenerationOutput]:
-        """Generate one video (num_frames=1: one image). Raises `InvalidRequest` before any work.
+        """Generate one video or image. Raises `InvalidRequest` before any work.
 
-        guidance_scale <= 1 turns classifier-free guidance off (one forward per step).
-        callback(step_index, total_steps) runs after each denoising step (0-based index);
-        cancel.is_set() is checked before each step and raises `GenerationCancelled`.
+        params: the model's request parameters (`request_spec`; e.g. height, width,
+        num_frames, num_inference_steps, guidance_scale, seed, negative_prompt, fps, and the
+        family's own); left out, the model's defaults. image: a first frame (path, bytes, PIL
+        image or uint8 array) for models that take one. callback(step_index, total_steps) runs
+        after each denoising step (0-based); cancel.is_set() is checked before each step and
+        raises `GenerationCancelled`.
 
         A list as `prompt` generates a batch, step by step together (`generate_batch`), and
-        returns a list of outputs in its order. Each entry is a prompt string, a dict of these
-        keyword arguments, or a `GenerationRequest`; the keyword arguments given here fill what a
-        string or dict entry leaves out, and entry i's seed defaults to `seed + i`.
+        returns a list of outputs in its order. Each entry is a prompt string, a dict of
+        parameters (may include "image"), or a `GenerationRequest`; `params` fill what an entry
+        leaves out, and entry i's seed defaults to `seed + i`.
         callback(request_index, step_index, total_steps) then names the request.
         """
         if isinstance(prompt, list | tuple):
-            shared = dict(negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
-                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+            seed = params.pop("seed", 0)
+            shared = dict(params, image=image) if image is not None else params
             entries = [
                 entry if isinstance(entry, GenerationRequest)
                 else {**shared, "seed": seed + i, **(entry if isinstance(entry, Mapping) else {"prompt": entry})}
                 for i, entry in enumerate(prompt)
             ]
             return self.generate_batch(entries, callback=callback, cancel=cancel)
-        request = self.validate(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
-                                guidance_scale, seed)
+        request = self.validate(prompt, image=image, **params)
         return self.run(request, callback=callback, cancel=cancel)
 
     def generate_batch(
@@ -173,41 +201,44 @@ class Pipeline(ABC):
         runs after each step of each request; `cancel` stops them all at the next step.
         Raises the first failed request's error (e.g. `GenerationCancelled`) after all ended.
         """
-        from ditserve.engine.batching import BatchingEngine  # the engine builds on this package
-
         validated = [self._validated(i, request) for i, request in enumerate(requests)]
+        return self._run_engine(validated, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
+                                callbacks=[None if callback is None else partial(callback, i)
+                                           for i in range(len(validated))], cancel=cancel)
+
+    def run(
+        self,
+        request: GenerationRequest,
+        *,
+        callback: Callable[[int, int], None] | None = None,
+        cancel: CancelToken | None = None,
+    ) -> GenerationOutput:
+        """Generate from an already validated request: the engine with a batch of one."""
+        (output,) = self._run_engine([request], callbacks=[callback], cancel=cancel)
+        return output
+
+    def _run_engine(self, requests: list[GenerationRequest], *, callbacks: list[Callable[[int, int], None] | None],
+                    cancel: CancelToken | None, max_batch_tokens: int | None = None,
+                    max_batch_size: int | None = None) -> list[GenerationOutput]:
         engine = BatchingEngine(self, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size)
-        futures = [
-            engine.submit(request, cancel=cancel,
-                          callback=None if callback is None else partial(callback, i))
-            for i, request in enumerate(validated)
-        ]
+        futures = [engine.submit(request, cancel=cancel, callback=cb) for request, cb in zip(requests, callbacks)]
         engine.run_until_idle()
         return [future.result() for future in futures]
 
     def _validated(self, index: int, request: Mapping[str, Any] | GenerationRequest) -> GenerationRequest:
         """One entry of `generate_batch`, validated like `generate`'s arguments."""
-        fields = dataclasses.asdict(request) if isinstance(request, GenerationRequest) else request
-        if not isinstance(fields, Mapping):
+        if isinstance(request, GenerationRequest):
+            fields: Mapping[str, Any] = {**request.fields(), "image": request.image}
+        elif isinstance(request, Mapping):
+            fields = request
+        else:
             raise TypeError(f"requests[{index}] must be a dict of generate()'s arguments or a GenerationRequest, "
                             f"got {type(request).__name__}")
-        unknown = sorted(set(fields) - set(GenerationRequest.__dataclass_fields__))
-        if unknown:
-            raise TypeError(f"requests[{index}] has unknown keys {unknown}; "
-                            f"known: {', '.join(GenerationRequest.__dataclass_fields__)}")
+        fields = dict(fields)
+        image = fields.pop("image", None)
         if "prompt" not in fields:
             raise TypeError(f"requests[{index}] needs a 'prompt'")
         try:
-            return self.validate(**fields)
+            return self.request_spec.validate(fields, image=image)
         except InvalidRequest as e:
             raise InvalidRequest(e.field, f"requests[{index}]: {e}") from None
-
-    @abstractmethod
-    def run(
-        self,
-        request: GenerationRequest,
-        *,
-        callback: StepCallback | None = None,
-        cancel: CancelToken | None = None,
-    ) -> GenerationOutput:
-        """Generate from an already validated request (servers validate at admission)."""

@@ -1,23 +1,32 @@
-"""Wan2.1 text-to-video: our DiT + the checkpoint's UMT5 encoder, Wan VAE and scheduler.
+"""The Wan family (Wan2.1 and Wan2.2): our DiT(s) + the checkpoint's UMT5 encoder, Wan VAE and scheduler.
 
-The math is diffusers' `WanPipeline.__call__` step for step (same prompt cleaning, 512-token
-zero-padded text, noise drawn like `randn_tensor`, float32 latents, scheduler from the
-checkpoint, latents de-normalised with the VAE's mean/std before decoding), so the same
-seed gives the same video. Differences are in how, not what: the conditional and
-unconditional branches run as one batch-2 forward, prompt and negative prompt are encoded
-in one batch, and the loop never synchronises with the device.
+One class runs every text-to-video Wan folder diffusers' `WanPipeline` runs, told apart by
+model_index.json:
+- Wan2.1 T2V: one transformer.
+- Wan2.2 T2V-A14B: `transformer` (high noise) and `transformer_2` (low noise), switched at
+  `boundary_ratio * num_train_timesteps`; `guidance_scale` for the first, `guidance_scale_2`
+  for the second.
+- Wan2.2 TI2V-5B: `expand_timesteps` (per-token timesteps), the 48-channel Wan2.2 VAE; text
+  to video, or image to video from a first frame as diffusers' `WanImageToVideoPipeline`
+  does it (the frame's latents replace the first latent frame at every step, at timestep 0).
 
-Component dtypes: the DiT and the text encoder in `dtype` (the DiT keeps diffusers'
-`_keep_in_fp32_modules` in float32, as diffusers does for any non-float32 dtype); the VAE
-always in float32, as diffusers' Wan docs recommend (`AutoencoderKLWan.from_pretrained(...,
-torch_dtype=torch.float32)`): its decoder is small next to the DiT and bf16 visibly bands.
+The math is diffusers' step for step (same prompt cleaning, 512-token zero-padded text,
+noise drawn like `randn_tensor`, float32 latents, scheduler from the checkpoint, latents
+de-normalised with the VAE's mean/std before decoding), so the same seed gives the same
+video. Differences are in how, not what: cond and uncond run in one forward, requests of
+any sizes share packed forwards (`WanTransformer3DModel.forward_packed`), and the loop never
+synchronises with the device.
+
+Component dtypes: the DiT(s) and the text encoder in `dtype` (the DiT keeps diffusers'
+`_keep_in_fp32_modules` in float32); the VAE always in float32, as diffusers' Wan docs
+recommend: its decoder is small next to the DiT and bf16 visibly bands.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +34,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ditserve.engine import GenerationRequest, InvalidRequest
+from ditserve.engine import GenerationRequest, RequestSpec
 from ditserve.engine.budget import block_activation_bytes, default_max_batch_tokens
+from ditserve.engine.family import GuidancePlan, Prepared, Sample
+from ditserve.engine.request import standard_params, Param
 from ditserve.loading import UnknownModelError, component_path, load_component, read_config
 from ditserve.models.wan import WanTransformer3DModel
 from ditserve.pipelines.base import Pipeline
-from ditserve.pipelines.denoise import CancelToken, StepCallback, denoise, guided_predictor
 from ditserve.pipelines.errors import PipelineConfigError
 from ditserve.pipelines.latents import seeded_noise, video_latent_shape
 from ditserve.pipelines.options import resolve_load_options
-from ditserve.pipelines.result import GenerationOutput
 from ditserve.pipelines.schedulers import scheduler_factory
 from ditserve.pipelines.text import encode_prompts
-from ditserve.pipelines.timing import StepTimer, synchronize
 
 __all__ = ["WanPipeline"]
 
 log = logging.getLogger("ditserve.pipelines")
 
-MAX_SEQUENCE_LENGTH = 512  # diffusers' WanPipeline.__call__ default; Wan2.1 was trained with it
+MAX_SEQUENCE_LENGTH = 512  # diffusers' WanPipeline.__call__ default; Wan was trained with it
 VAE_DTYPE = torch.float32
 
 # model_index.json entries this pipeline knows how to build.
@@ -54,25 +62,52 @@ _EXPECTED_COMPONENTS = {
 }
 
 
-def _check_model_index(root: Path, index: Mapping[str, Any]) -> None:
-    """Refuse Wan variants this pipeline does not run, before loading anything."""
+@dataclass(frozen=True)
+class _Variant:
+    """Which Wan this folder holds, from model_index.json alone."""
+
+    two_experts: bool  # Wan2.2-A14B: transformer_2 and boundary_ratio
+    boundary_ratio: float | None
+    expand_timesteps: bool  # Wan2.2-TI2V: per-token timesteps, image input
+
+
+# Published request defaults per variant (diffusers' docs and the model cards).
+_DEFAULTS = {
+    "wan2.1": dict(height=480, width=832, num_frames=81, num_inference_steps=50, guidance_scale=5.0, fps=16.0),
+    "wan2.2-a14b": dict(height=720, width=1280, num_frames=81, num_inference_steps=40, guidance_scale=4.0, fps=16.0),
+    "wan2.2-ti2v": dict(height=704, width=1280, num_frames=121, num_inference_steps=50, guidance_scale=5.0,
+                        fps=24.0),
+}
+_A14B_GUIDANCE_2 = 3.0
+
+
+def _declared(entry: Any) -> Any:
+    """model_index.json's `["library", "Class"]` -> "Class" (None for an absent component)."""
+    if isinstance(entry, list | tuple):
+        return entry[1] if len(entry) == 2 else None
+    return entry
+
+
+def _variant(root: Path, index: Mapping[str, Any]) -> _Variant:
+    """Refuse Wan folders this pipeline does not run, before loading anything."""
     source = root / "model_index.json"
     for name, cls in _EXPECTED_COMPONENTS.items():
-        entry = index.get(name)
-        declared = entry[1] if isinstance(entry, list | tuple) and len(entry) == 2 else entry
+        declared = _declared(index.get(name))
         if declared != cls:
             raise UnknownModelError(f"{source}: component {name!r} is {declared!r}; WanPipeline needs {cls!r}")
-    second = index.get("transformer_2")
-    two_stage = (isinstance(second, list | tuple) and any(v is not None for v in second)) or (
-        index.get("boundary_ratio") is not None
-    )
-    if two_stage:
-        raise UnknownModelError(
-            f"{source}: two-stage Wan2.2 pipelines (transformer_2 / boundary_ratio) are not supported; "
-            "only single-transformer Wan2.1 text-to-video"
-        )
-    if index.get("expand_timesteps"):
-        raise UnknownModelError(f"{source}: expand_timesteps=true (Wan2.2 TI2V) is not supported")
+    if _declared(index.get("image_encoder")) is not None:
+        raise UnknownModelError(f"{source}: Wan2.1 image-to-video (image_encoder) is not supported; "
+                                "supported: Wan2.1 T2V, Wan2.2 T2V-A14B and TI2V-5B")
+    second = _declared(index.get("transformer_2"))
+    ratio = index.get("boundary_ratio")
+    if (second is None) != (ratio is None):
+        raise UnknownModelError(f"{source}: transformer_2 and boundary_ratio come together (Wan2.2-A14B); "
+                                f"got transformer_2={second!r}, boundary_ratio={ratio!r}")
+    if second is not None and second != "WanTransformer3DModel":
+        raise UnknownModelError(f"{source}: transformer_2 is {second!r}; WanPipeline needs 'WanTransformer3DModel'")
+    if ratio is not None and not (isinstance(ratio, int | float) and 0 < ratio < 1):
+        raise UnknownModelError(f"{source}: boundary_ratio must be a number in (0, 1), got {ratio!r}")
+    return _Variant(second is not None, None if ratio is None else float(ratio), bool(index.get("expand_timesteps")))
 
 
 def _from_pretrained_kwargs(dtype: torch.dtype) -> dict[str, Any]:
@@ -84,59 +119,122 @@ def _from_pretrained_kwargs(dtype: torch.dtype) -> dict[str, Any]:
     return {key: dtype}
 
 
-class WanPipeline(Pipeline):
-    """Wan2.1 text-to-video. Build with `WanPipeline.from_pretrained(path)` (or `ditserve.Pipeline`).
+@dataclass(frozen=True)
+class _Condition:
+    """One sample's conditioning: its text embeddings `[L, text_dim]` in the DiT's dtype."""
 
-    One generation at a time per instance: diffusers' Wan VAE keeps a feature cache on the
-    module during `decode`, so concurrent callers (a server) must serialise `run`. To run
-    many requests at once use the batching engine (`generate_batch`, or
-    `ditserve.engine.batching.BatchingEngine` from a server): it does every stage of every
-    request on its one stepping thread, so nothing else may use this instance meanwhile.
-    """
+    text: Tensor
+
+
+@dataclass(frozen=True)
+class _RequestState:
+    """What a Wan request keeps besides its latents: which expert runs each step, and its first frame."""
+
+    experts: tuple[int, ...]  # per step: 0 = transformer, 1 = transformer_2
+    first_frame: Tensor | None  # TI2V image-to-video: the image's normalised latents [1, C, 1, H, W]
+    keep_mask: Tensor | None  # 1 where the latents are denoised, 0 on the given first frame
+
+
+class WanPipeline(Pipeline):
+    """Wan2.1 / Wan2.2 text-to-video (and TI2V image-to-video). Build with `Pipeline.from_pretrained(path)`."""
 
     def __init__(
         self,
         *,
-        transformer: WanTransformer3DModel,
+        transformers: Sequence[WanTransformer3DModel],
         text_encoder: torch.nn.Module,
         tokenizer: Any,
         vae: torch.nn.Module,
         new_scheduler: Callable[[], Any],
         device: torch.device,
         dtype: torch.dtype,
+        boundary_ratio: float | None = None,
+        expand_timesteps: bool = False,
     ) -> None:
-        """Components already on `device`; `new_scheduler()` returns a fresh scheduler per run.
+        """Components already on `device`; `new_scheduler()` returns a fresh scheduler per request.
 
-        The transformer's self-attention projections are fused in place (`fuse_qkv_projections`:
-        same weights, same keys, one matrix product instead of three)."""
-        transformer.fuse_qkv_projections()
-        self.transformer = transformer
+        transformers: one DiT, or two (high-noise, low-noise) with `boundary_ratio`. Their
+        self-attention projections are fused in place (same weights and keys, one matrix product).
+        """
+        if len(transformers) not in (1, 2) or (len(transformers) == 2) != (boundary_ratio is not None):
+            raise PipelineConfigError("a Wan pipeline has one transformer, or two with a boundary_ratio")
+        for transformer in transformers:
+            transformer.fuse_qkv_projections()
+        self.transformers = list(transformers)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.vae = vae
         self.new_scheduler = new_scheduler
         self.device = device
         self.dtype = dtype
+        self.boundary_ratio = boundary_ratio
+        self.expand_timesteps = expand_timesteps
 
         vae_config = vae.config
         self.vae_temporal = int(vae_config.scale_factor_temporal)
         self.vae_spatial = int(vae_config.scale_factor_spatial)
         z_dim = int(vae_config.z_dim)
-        if transformer.config.in_channels != z_dim:
-            raise PipelineConfigError(
-                f"transformer in_channels={transformer.config.in_channels} does not match the VAE's z_dim={z_dim}"
-            )
+        first = transformers[0].config
+        for transformer in transformers:
+            if transformer.config.in_channels != z_dim:
+                raise PipelineConfigError(f"transformer in_channels={transformer.config.in_channels} does not match "
+                                          f"the VAE's z_dim={z_dim}")
+            if transformer.config.patch_size != first.patch_size:
+                raise PipelineConfigError("both experts must use one patch size")
         d_model = getattr(text_encoder.config, "d_model", None)
-        if d_model is not None and d_model != transformer.config.text_dim:
+        if d_model is not None and d_model != first.text_dim:
             raise PipelineConfigError(
-                f"text encoder d_model={d_model} does not match the transformer's text_dim={transformer.config.text_dim}"
+                f"text encoder d_model={d_model} does not match the transformer's text_dim={first.text_dim}"
             )
         # diffusers: latents / (1 / std) + mean, computed in the VAE's dtype on its device
         shape = (1, z_dim, 1, 1, 1)
         self._latents_mean = torch.tensor(vae_config.latents_mean).view(shape).to(device, vae.dtype)
         self._latents_inv_std = 1.0 / torch.tensor(vae_config.latents_std).view(shape).to(device, vae.dtype)
+        self._image_processor: Any = None
 
-    # -- loading ---------------------------------------------------------------------------
+    @property
+    def transformer(self) -> WanTransformer3DModel:
+        """The (first, high-noise) DiT."""
+        return self.transformers[0]
+
+    def denoisers(self) -> list[torch.nn.Module]:
+        return list(self.transformers)
+
+    # -- the family's declaration --------------------------------------------------------------
+
+    @classmethod
+    def read_request_spec(cls, root: Path, model_index: Mapping[str, Any]) -> RequestSpec:
+        variant = _variant(root, model_index)
+        transformer = read_config(component_path(root, "transformer"))
+        vae = read_config(component_path(root, "vae"))
+        scheduler = read_config(component_path(root, "scheduler"), "scheduler_config.json")
+        pt, ph, pw = transformer.get("patch_size", (1, 2, 2))
+        spatial = int(vae.get("scale_factor_spatial", 8))
+        temporal = int(vae.get("scale_factor_temporal", 4))
+        rope = int(transformer.get("rope_max_seq_len", 1024))
+        name = "wan2.2-ti2v" if variant.expand_timesteps else "wan2.2-a14b" if variant.two_experts else "wan2.1"
+        defaults = dict(_DEFAULTS[name])
+        max_size = (rope * spatial * ph, rope * spatial * pw)
+        # a small custom DiT (rope table shorter than the published size): default to the largest it takes
+        defaults["height"], defaults["width"] = min(defaults["height"], max_size[0]), min(defaults["width"], max_size[1])
+        guidance_help = ("classifier-free guidance scale; <= 1 turns guidance off (one sample per step)"
+                         + (" (high-noise expert)" if variant.two_experts else ""))
+        params = standard_params(
+            **defaults,
+            size_multiple=(spatial * ph, spatial * pw),
+            max_size=max_size,
+            frame_multiple=temporal,
+            max_frames=(rope * pt - 1) * temporal + 1,
+            max_steps=int(scheduler.get("num_train_timesteps", 1000)),
+            guidance_help=guidance_help,
+        )
+        if variant.two_experts:
+            params += (Param("guidance_scale_2", "float", _A14B_GUIDANCE_2,
+                             "guidance scale of the low-noise expert (null: the same as guidance_scale)",
+                             minimum=0, maximum=100, nullable=True),)
+        return RequestSpec(params, output="video", takes_image=variant.expand_timesteps)
+
+    # -- loading -----------------------------------------------------------------------------
 
     @classmethod
     def _from_folder(
@@ -152,93 +250,149 @@ class WanPipeline(Pipeline):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         device, dtype, backend = resolve_load_options(device, dtype, attention_backend)
-        _check_model_index(root, model_index)
+        variant = _variant(root, model_index)
         scheduler_dir = component_path(root, "scheduler")
         new_scheduler = scheduler_factory(
             read_config(scheduler_dir, "scheduler_config.json"), source=scheduler_dir / "scheduler_config.json"
         )
-        transformer = load_component(
-            root,
-            "transformer",
-            lambda config: WanTransformer3DModel.from_config(config, attention_backend=backend),
-            device=device,
-            dtype=dtype,
-            keep_float32=WanTransformer3DModel._keep_in_fp32_modules,
-        )
+        transformers = [
+            load_component(
+                root,
+                name,
+                lambda config: WanTransformer3DModel.from_config(config, attention_backend=backend),
+                device=device,
+                dtype=dtype,
+                keep_float32=WanTransformer3DModel._keep_in_fp32_modules,
+            )
+            for name in (("transformer", "transformer_2") if variant.two_experts else ("transformer",))
+        ]
         tokenizer = AutoTokenizer.from_pretrained(component_path(root, "tokenizer"))
         text_encoder = UMT5EncoderModel.from_pretrained(
             component_path(root, "text_encoder"), **_from_pretrained_kwargs(dtype)
         ).to(device).eval()
         vae = AutoencoderKLWan.from_pretrained(component_path(root, "vae"), torch_dtype=VAE_DTYPE).to(device).eval()
-        return cls(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
-                   new_scheduler=new_scheduler, device=device, dtype=dtype)
+        return cls(transformers=transformers, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
+                   new_scheduler=new_scheduler, device=device, dtype=dtype, boundary_ratio=variant.boundary_ratio,
+                   expand_timesteps=variant.expand_timesteps)
 
-    # -- request rules ---------------------------------------------------------------------
-
-    @property
-    def size_multiples(self) -> tuple[int, int, int]:
-        _, ph, pw = self.transformer.config.patch_size
-        return self.vae_spatial * ph, self.vae_spatial * pw, self.vae_temporal
-
-    def check_limits(self, request: GenerationRequest) -> None:
-        """The DiT's rotary table covers rope_max_seq_len patches per axis."""
-        limit = self.transformer.config.rope_max_seq_len
-        mult_h, mult_w, _ = self.size_multiples
-        pt = self.transformer.config.patch_size[0]
-        for field, value, largest in (
-            ("height", request.height, limit * mult_h),
-            ("width", request.width, limit * mult_w),
-        ):
-            if value > largest:
-                raise InvalidRequest(field, f"{field} must be at most {largest} for this model, got {value}")
-        latent_frames = (request.num_frames - 1) // self.vae_temporal + 1
-        if latent_frames // pt > limit:
-            raise InvalidRequest("num_frames", f"num_frames={request.num_frames} is too long for this model "
-                                 f"(at most {(limit * pt - 1) * self.vae_temporal + 1})")
-
-    # -- stages ----------------------------------------------------------------------------
-
-    def encode_text(self, request: GenerationRequest, guided: bool) -> tuple[Tensor, Tensor | None]:
-        """(cond, uncond or None) text embeddings `[1, 512, text_dim]` in the DiT's dtype."""
-        prompts = [request.prompt, request.negative_prompt] if guided else [request.prompt]
-        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts,
-                                max_sequence_length=MAX_SEQUENCE_LENGTH, device=self.device)
-        embeds = embeds.to(self.text_encoder.dtype).to(self.transformer.dtype)
-        return embeds[:1], (embeds[1:] if guided else None)
-
-    def _model_call(self, latents: Tensor, timesteps: Tensor, text: Tensor) -> Tensor:
-        return self.transformer(latents.to(self.transformer.dtype), timesteps, text, return_dict=False)[0]
+    # -- sizes -------------------------------------------------------------------------------
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int, int]:
         """`(1, C, F, H, W)` of this request's latents."""
         return video_latent_shape(self.transformer.config.in_channels, request.num_frames, request.height,
                                   request.width, temporal_factor=self.vae_temporal, spatial_factor=self.vae_spatial)
 
-    def initial_latents(self, request: GenerationRequest) -> Tensor:
-        """The seeded starting noise (float32), the same whether the request runs alone or batched."""
-        return seeded_noise(self.latent_shape(request), request.seed, self.device, torch.float32)
-
-    # -- what the batching engine needs (`ditserve.engine.batching.BatchStages`) -------------
-
-    def tokens_per_sample(self, request: GenerationRequest) -> int:
-        """DiT tokens (patches) of one sample of this request."""
+    def tokens_per_step(self, request: GenerationRequest) -> int:
+        """Patch tokens of one sample, times two with classifier-free guidance."""
         _, _, frames, height, width = self.latent_shape(request)
         pt, ph, pw = self.transformer.config.patch_size
-        return (frames // pt) * (height // ph) * (width // pw)
+        return (frames // pt) * (height // ph) * (width // pw) * (2 if self._guided(request) else 1)
 
     def default_max_batch_tokens(self) -> int:
-        """Tokens per batched step that fit in free device memory (`ditserve.engine.budget`)."""
-        config = self.transformer.config
-        per_token = block_activation_bytes(config.inner_dim, config.ffn_dim, self.dtype)
+        """Tokens per step that fit in free device memory (`ditserve.engine.budget`)."""
+        per_token = max(block_activation_bytes(t.config.inner_dim, t.config.ffn_dim, self.dtype)
+                        for t in self.transformers)
         return default_max_batch_tokens(per_token, self.device)
 
-    def predict_packed(self, latents: list[Tensor], timesteps: Tensor, text: list[Tensor]) -> list[Tensor]:
-        """One DiT forward over samples of any sizes (`WanTransformer3DModel.forward_packed`)."""
-        return self.transformer.forward_packed(latents, timesteps, text)
+    # -- preparing a request -----------------------------------------------------------------
 
-    def decode(self, latents: Tensor) -> np.ndarray:
-        """Latents `[1, C, F, H, W]` -> float32 frames (F, H, W, 3) in [0, 1] on the host."""
-        return self.decode_batch(latents)[0]
+    @staticmethod
+    def _guided(request: GenerationRequest) -> bool:
+        return request.guidance_scale > 1.0  # diffusers' do_classifier_free_guidance
+
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        """Text embeddings `[len(prompts), 512, text_dim]` in the DiT's dtype."""
+        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts,
+                                max_sequence_length=MAX_SEQUENCE_LENGTH, device=self.device)
+        return embeds.to(self.text_encoder.dtype).to(self.transformer.dtype)
+
+    @torch.no_grad()
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        guided = self._guided(request)
+        embeds = self.encode_text([request.prompt, request.negative_prompt] if guided else [request.prompt])
+        latents = seeded_noise(self.latent_shape(request), request.seed, self.device, torch.float32)
+        scheduler = self.new_scheduler()
+        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        scheduler.set_begin_index(0)  # spares the scheduler a device-to-host search for the current step
+        timesteps = scheduler.timesteps
+        experts = self._experts(scheduler, timesteps)
+        if guided:
+            second = request.extras.get("guidance_scale_2")
+            scales = [request.guidance_scale if e == 0 or second is None else second for e in experts]
+            plan = GuidancePlan.classifier_free(scales)
+        else:
+            plan = GuidancePlan.single()
+        first_frame = keep = None
+        if request.image is not None:
+            first_frame, keep = self._encode_first_frame(request, latents.shape)
+        state = _RequestState(experts, first_frame, keep)
+        conditions = tuple(_Condition(e) for e in embeds)
+        return Prepared(latents, scheduler, timesteps, conditions, plan, state)
+
+    def _experts(self, scheduler: Any, timesteps: Tensor) -> tuple[int, ...]:
+        """Which expert runs each step (diffusers: `transformer` while t >= boundary, then `transformer_2`).
+
+        Read once per request at admission (a few numbers), never inside the loop."""
+        if self.boundary_ratio is None:
+            return (0,) * len(timesteps)
+        boundary = self.boundary_ratio * scheduler.config.num_train_timesteps
+        return tuple(0 if t >= boundary else 1 for t in timesteps.cpu().tolist())
+
+    def _encode_first_frame(self, request: GenerationRequest, shape: torch.Size) -> tuple[Tensor, Tensor]:
+        """The image resized to the request (diffusers' VideoProcessor), encoded by the VAE (its mode),
+        normalised; and the mask that keeps it in the first latent frame."""
+        from diffusers.video_processor import VideoProcessor
+        from PIL import Image
+
+        if self._image_processor is None:
+            self._image_processor = VideoProcessor(vae_scale_factor=self.vae_spatial)
+        pixels = self._image_processor.preprocess(Image.fromarray(request.image), height=request.height,
+                                                  width=request.width).to(self.device, torch.float32)
+        encoded = self.vae.encode(pixels.unsqueeze(2).to(VAE_DTYPE)).latent_dist.mode()
+        first = ((encoded.to(torch.float32) - self._latents_mean.float()) * self._latents_inv_std.float())
+        keep = torch.ones(1, 1, *shape[2:], dtype=torch.float32, device=self.device)
+        keep[:, :, 0] = 0
+        return first, keep
+
+    # -- one step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, samples: Sequence[Sample]) -> list[Tensor]:
+        """One packed forward per expert in use this step (requests at different steps may need both)."""
+        preds: list[Tensor | None] = [None] * len(samples)
+        by_expert: dict[int, list[int]] = {}
+        for i, sample in enumerate(samples):
+            by_expert.setdefault(sample.prepared.state.experts[sample.step], []).append(i)
+        for expert, positions in sorted(by_expert.items()):
+            model = self.transformers[expert]
+            latents, timesteps, texts = [], [], []
+            for i in positions:
+                x, t = self._model_input(samples[i])
+                latents.append(x[0].to(model.dtype))
+                timesteps.append(t)
+                texts.append(samples[i].condition.text)
+            for i, out in zip(positions, model.forward_packed(latents, timesteps, texts)):
+                preds[i] = out[None]
+        return preds  # type: ignore[return-value]
+
+    def _model_input(self, sample: Sample) -> tuple[Tensor, Tensor]:
+        """(latents, timestep): with a given first frame, that frame's latents at timestep 0 (per token)."""
+        state: _RequestState = sample.prepared.state
+        if state.first_frame is None:
+            return sample.latents, sample.timestep
+        keep = state.keep_mask
+        x = (1 - keep) * state.first_frame + keep * sample.latents
+        _, ph, pw = self.transformer.config.patch_size
+        per_token = (keep[0, 0][:, ::ph, ::pw] * sample.timestep).flatten()
+        return x, per_token
+
+    def final_latents(self, prepared: Prepared, latents: Tensor) -> Tensor:
+        state: _RequestState = prepared.state
+        if state.first_frame is None:
+            return latents
+        return (1 - state.keep_mask) * state.first_frame + state.keep_mask * latents
+
+    # -- decoding ----------------------------------------------------------------------------
 
     @torch.no_grad()
     def decode_batch(self, latents: Tensor) -> list[np.ndarray]:
@@ -265,48 +419,3 @@ class WanPipeline(Pipeline):
                 self.vae.disable_tiling()
         video = (video * 0.5 + 0.5).clamp(0, 1)
         return list(video.permute(0, 2, 3, 4, 1).float().cpu().numpy())
-
-    # -- one generation --------------------------------------------------------------------
-
-    def run(
-        self,
-        request: GenerationRequest,
-        *,
-        callback: StepCallback | None = None,
-        cancel: CancelToken | None = None,
-    ) -> GenerationOutput:
-        guided = request.guidance_scale > 1.0  # diffusers' do_classifier_free_guidance
-        with torch.no_grad():
-            start = time.perf_counter()
-            cond, uncond = self.encode_text(request, guided)
-            synchronize(self.device)
-            encoded = time.perf_counter()
-
-            latents = self.initial_latents(request)
-            timer = StepTimer(self.device)
-            latents = denoise(
-                self.new_scheduler(),
-                latents,
-                guided_predictor(self._model_call, cond, uncond, request.guidance_scale),
-                num_inference_steps=request.num_inference_steps,
-                device=self.device,
-                callback=callback,
-                cancel=cancel,
-                timer=timer,
-            )
-            synchronize(self.device)
-            denoised = time.perf_counter()
-
-            frames = self.decode(latents)
-            decoded = time.perf_counter()
-
-        per_step = timer.per_step_s()
-        timings: dict[str, float | list[float]] = {
-            "text_encode_s": encoded - start,
-            "denoise_s": denoised - encoded,
-            "per_step_s": per_step,
-            "step_mean_s": sum(per_step) / len(per_step) if per_step else 0.0,
-            "decode_s": decoded - denoised,
-            "total_s": decoded - start,
-        }
-        return GenerationOutput(frames=frames, seed=request.seed, timings=timings)

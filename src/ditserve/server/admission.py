@@ -1,7 +1,9 @@
-"""Turning a request body into a validated job, with the pipeline's own rules, before anything is queued.
+"""Turning a request body into a validated job, with the served model's `RequestSpec`, before anything is queued.
 
 Every rejection is an `InvalidRequest` naming the field as the client sent it (`size`,
 `seconds`, `n`), so the error says what to change; the server answers it with 400.
+Fields the client leaves out take the model's defaults (the spec's, which a model folder's
+`request_defaults.json` may set).
 """
 
 from __future__ import annotations
@@ -9,19 +11,19 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from collections.abc import Mapping
 from typing import Any
 
-from ditserve.engine import InvalidRequest
-from ditserve.server.execute import ServablePipeline
+from pydantic import BaseModel
+
+from ditserve.engine import GenerationRequest, InvalidRequest, RequestSpec
 from ditserve.server.jobs import Job
-from ditserve.server.schemas import ImageGenerationRequest, VideoCreateRequest
 from ditserve.server.settings import ServerSettings
 
 __all__ = ["ModelNotServed", "image_job", "parse_size", "video_job"]
 
-_SIZE = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")
+_SIZE = re.compile(r"\s*(\d{1,9})\s*[xX]\s*(\d{1,9})\s*")
 RANDOM_SEED_BOUND = 2**32  # random seeds stay short enough to type back in
+_NOT_REQUEST_FIELDS = ("model", "size", "seconds", "user", "n", "response_format")
 
 
 class ModelNotServed(InvalidRequest):
@@ -30,55 +32,48 @@ class ModelNotServed(InvalidRequest):
 
 def parse_size(size: str) -> tuple[int, int]:
     """'832x480' -> (width=832, height=480)."""
-    match = _SIZE.fullmatch(size)
+    match = _SIZE.fullmatch(size) if len(size) <= 64 else None
     if not match:
-        raise InvalidRequest("size", f"size must be 'WIDTHxHEIGHT' in pixels, e.g. '832x480', got {size!r}")
+        raise InvalidRequest("size", f"size must be 'WIDTHxHEIGHT' in pixels, e.g. '832x480', got {size[:64]!r}")
     return int(match[1]), int(match[2])
 
 
 def _check_model(model: str | None, served: str) -> None:
     if model is not None and model != served:
-        raise ModelNotServed("model", f"model {model!r} is not served here; this server serves {served!r} "
+        raise ModelNotServed("model", f"model {model[:200]!r} is not served here; this server serves {served!r} "
                                       "(see GET /v1/models), or leave model out")
 
 
-def _positive_number(field: str, value: Any) -> float:
+def _seconds(value: float | str) -> float:
     try:
-        number = float(value)
-    except (TypeError, ValueError):
+        number = float(value) if not isinstance(value, str) or len(value) <= 32 else math.nan
+    except ValueError:
         number = math.nan
-    if not (math.isfinite(number) and number > 0):
-        raise InvalidRequest(field, f"{field} must be a positive number, got {value!r}")
+    if not (math.isfinite(number) and 0 < number <= 3600):
+        raise InvalidRequest("seconds", f"seconds must be a number in (0, 3600], got {str(value)[:32]!r}")
     return number
 
 
-def _frames_and_fps(body: VideoCreateRequest, default_fps: float) -> tuple[int | None, float, str | None]:
-    """(num_frames or None for the default, fps, how frames were derived from seconds, for messages).
-
-    `seconds` alone (as OpenAI's clients send it) means seconds at the server's default fps.
-    """
-    fps = default_fps if body.fps is None else _positive_number("fps", body.fps)
-    if body.seconds is None:
-        return body.num_frames, fps, None
-    if body.num_frames is not None:
-        raise InvalidRequest("seconds", "give either num_frames or seconds (with fps), not both")
-    seconds = _positive_number("seconds", body.seconds)
-    frames = round(seconds * fps) + 1
-    return frames, fps, f"seconds={seconds:g} at fps={fps:g} gives {frames} frames"
+def _frames_from_seconds(seconds: float, fps: float, spec: RequestSpec) -> tuple[int, str]:
+    """The frame count nearest to seconds*fps + 1 that the model takes, and how it was derived."""
+    frames = spec.param("num_frames")
+    wanted = seconds * fps + 1
+    k = max(0, round((wanted - frames.offset) / frames.multiple))
+    count = k * frames.multiple + frames.offset
+    return count, f"seconds={seconds:g} at fps={fps:g} gives {count} frames"
 
 
-def _validated(pipeline: ServablePipeline, fields: dict[str, Any], size: str | None, derived: str | None,
-               defaults: Mapping[str, Any]) -> Any:
-    """`pipeline.validate` with errors re-addressed to the fields the client sent (size, seconds).
-
-    Fields the client left out take `defaults` (the server's), then the pipeline's own."""
+def _validated(spec: RequestSpec, body: BaseModel, fields: dict[str, Any], derived: str | None) -> GenerationRequest:
+    """`spec.validate` with errors re-addressed to the fields the client sent (size, seconds)."""
+    given = {k: v for k, v in body.model_dump().items() if k not in _NOT_REQUEST_FIELDS and v is not None}
+    given.update({k: v for k, v in fields.items() if v is not None})
+    size = getattr(body, "size", None)
     if size is not None:
-        fields["width"], fields["height"] = parse_size(size)
-    if fields.get("seed") is None:
-        fields["seed"] = secrets.randbelow(RANDOM_SEED_BOUND)
-    given = {**defaults, **{k: v for k, v in fields.items() if v is not None}}
+        given["width"], given["height"] = parse_size(size)
+    if given.get("seed") is None:
+        given["seed"] = secrets.randbelow(RANDOM_SEED_BOUND)
     try:
-        return pipeline.validate(**given)
+        return spec.validate(given)
     except InvalidRequest as e:
         if size is not None and e.field in ("height", "width"):
             raise InvalidRequest("size", f"size {size!r}: {e}") from None
@@ -87,23 +82,26 @@ def _validated(pipeline: ServablePipeline, fields: dict[str, Any], size: str | N
         raise
 
 
-def video_job(body: VideoCreateRequest, pipeline: ServablePipeline, settings: ServerSettings) -> Job:
+def video_job(body: BaseModel, spec: RequestSpec, settings: ServerSettings) -> Job:
     _check_model(body.model, settings.model_name)
-    num_frames, fps, derived = _frames_and_fps(body, settings.default_fps)
-    request = _validated(pipeline, {
-        "prompt": body.prompt, "negative_prompt": body.negative_prompt, "num_frames": num_frames,
-        "num_inference_steps": body.num_inference_steps, "guidance_scale": body.guidance_scale, "seed": body.seed,
-    }, body.size, derived, settings.request_defaults)
-    return Job(kind="video", request=request, fps=fps)
+    if spec.output != "video":
+        raise InvalidRequest("model", f"{settings.model_name} makes images, not videos: use POST "
+                                      "/v1/images/generations")
+    fields: dict[str, Any] = {}
+    derived = None
+    if body.seconds is not None:
+        if body.num_frames is not None:
+            raise InvalidRequest("seconds", "give either num_frames or seconds (with fps), not both")
+        fps = spec.param("fps").check(body.fps if body.fps is not None else spec.param("fps").default)
+        fields["num_frames"], derived = _frames_from_seconds(_seconds(body.seconds), fps, spec)
+    request = _validated(spec, body, fields, derived)
+    return Job(kind="video", request=request, fps=request.fps)
 
 
-def image_job(body: ImageGenerationRequest, pipeline: ServablePipeline, settings: ServerSettings) -> Job:
+def image_job(body: BaseModel, spec: RequestSpec, settings: ServerSettings) -> Job:
     _check_model(body.model, settings.model_name)
     if body.n != 1:
         raise InvalidRequest("n", f"n must be 1 (one image per request), got {body.n}; "
                                    "send several requests for several images")
-    request = _validated(pipeline, {
-        "prompt": body.prompt, "negative_prompt": body.negative_prompt, "num_frames": 1,
-        "num_inference_steps": body.num_inference_steps, "guidance_scale": body.guidance_scale, "seed": body.seed,
-    }, body.size, None, settings.request_defaults)
+    request = _validated(spec, body, {"num_frames": 1}, None)
     return Job(kind="image", request=request, fps=1.0)

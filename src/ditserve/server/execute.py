@@ -10,35 +10,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ditserve.engine import GenerationRequest, InvalidRequest
+from ditserve.engine import GenerationCancelled, GenerationOutput, InvalidRequest
 from ditserve.server.jobs import Job
 from ditserve.server.metrics import Metrics
 
-if TYPE_CHECKING:  # torch is imported only once the model loads
-    from ditserve.pipelines import GenerationOutput
-
-__all__ = ["ServablePipeline", "output_name", "record_failure", "write_output"]
+__all__ = ["output_name", "record_failure", "write_output"]
 
 log = logging.getLogger("ditserve.server")
-
-
-class ServablePipeline(Protocol):
-    """What the server needs from a pipeline (`ditserve.Pipeline` has it).
-
-    `validate` runs at admission, on the event loop, so it must be cheap and never touch the
-    device. Jobs run through the batching engine, so the pipeline must also provide the
-    engine's stages (`ditserve.engine.batching.BatchStages`: `device`, `tokens_per_sample`,
-    `default_max_batch_tokens`, `encode_text`, `initial_latents`, `new_scheduler`,
-    `predict_packed`, `decode`); they are not repeated here to keep torch out of the import.
-    """
-
-    def validate(self, prompt: Any, negative_prompt: Any = ..., height: Any = ..., width: Any = ...,
-                 num_frames: Any = ..., num_inference_steps: Any = ..., guidance_scale: Any = ...,
-                 seed: Any = ...) -> GenerationRequest: ...
 
 
 def output_name(job: Job) -> str:
@@ -60,8 +41,6 @@ def _release_cuda_cache() -> None:
 
 def record_failure(job: Job, error: BaseException) -> None:
     """End `job` with the error its generation raised: cancelled, or failed with a code and reason."""
-    from ditserve.pipelines import GenerationCancelled  # imports torch: the engine already did
-
     if isinstance(error, GenerationCancelled):
         log.info("job %s: %s", job.id, error)
         job.mark_cancelled(str(error))

@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -51,18 +50,17 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
 
-def warm_up(pipeline: Any, request_defaults: Mapping[str, Any]) -> float:
+def warm_up(pipeline: Any) -> float:
     """One generation of the smallest size the model takes (one frame, one step); seconds it took.
 
     The first generation pays one-off costs (CUDA and cuDNN initialisation, JIT compilation of
     the FlashAttention-4 kernels): paid here, before /health says ready, rather than by the
-    first client. Guidance and negative prompt are the served defaults, so the CFG path warms.
+    first client. Guidance and negative prompt are the model's defaults, so the CFG path warms.
     """
-    height, width, _ = pipeline.size_multiples
-    kept = {k: v for k, v in request_defaults.items() if k in ("guidance_scale", "negative_prompt")}
+    spec = pipeline.request_spec
     start = time.perf_counter()
-    pipeline.generate(prompt="warm-up", **kept, height=height, width=width, num_frames=1, num_inference_steps=1,
-                      seed=0)
+    pipeline.generate(prompt="warm-up", height=spec.param("height").minimum, width=spec.param("width").minimum,
+                      num_frames=1, num_inference_steps=1, seed=0)
     return time.perf_counter() - start
 
 
@@ -83,11 +81,11 @@ def serve(
     """Serve the model folder at `model`; return the exit status (0 after a requested shutdown, 1 if loading failed).
 
     `warm`: run `warm_up` after loading, before /health reports ready."""
-    from ditserve.loading import read_model_index
+    from ditserve.pipelines import read_request_spec
     from ditserve.pipelines.options import resolve_load_options
 
     # wrong paths and options fail now, before the port opens and the model loads
-    read_model_index(Path(model))
+    spec = read_request_spec(Path(model))
     device, dtype, attention_backend = resolve_load_options(device, dtype, attention_backend)
 
     def load():  # runs on a background thread after the port opens, so /health answers 503 meanwhile
@@ -96,7 +94,7 @@ def serve(
         pipeline = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=attention_backend,
                                             compile=compile)
         if warm:
-            log.info("warm-up generation took %.1f s", warm_up(pipeline, settings.request_defaults))
+            log.info("warm-up generation took %.1f s", warm_up(pipeline))
         return pipeline
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -108,7 +106,7 @@ def serve(
         if server is not None:
             server.should_exit = True
 
-    app = create_app(load, settings, on_load_failure=on_load_failure)
+    app = create_app(load, settings, spec=spec, on_load_failure=on_load_failure)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
                             access_log=log_level == "debug")
     server = _Server(config, app.state.ditserve)

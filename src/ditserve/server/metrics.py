@@ -21,9 +21,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:  # the runner imports this module; the engine imports torch
+from ditserve.server.stats import RunnerStats
+
+if TYPE_CHECKING:  # the engine imports torch
     from ditserve.engine.batching import StepStats
-    from ditserve.server.runner import RunnerStats
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 

@@ -1,6 +1,7 @@
-"""The HTTP endpoints. Handlers are `async` and never block: generation runs on the batching engine's thread."""
+"""The HTTP endpoints. Handlers are `async` and never block: generation runs on the batching engine's thread.
 
-from __future__ import annotations
+(No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at
+runtime, and the request bodies are per-model classes local to `build_router`.)"""
 
 import asyncio
 import base64
@@ -8,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel
 
 from ditserve.server.admission import image_job, video_job
 from ditserve.server.errors import ApiError
@@ -15,20 +17,16 @@ from ditserve.server.jobs import Job, JobSnapshot, JobStatus
 from ditserve.server.metrics import CONTENT_TYPE
 from ditserve.server.schemas import (
     ImageData,
-    ImageGenerationRequest,
     ImagesResponse,
     ModelCard,
     ModelList,
-    VideoCreateRequest,
     VideoList,
     VideoObject,
     video_object,
 )
 from ditserve.server.state import ServerState
 
-__all__ = ["router"]
-
-router = APIRouter()
+__all__ = ["build_router"]
 
 _MEDIA_TYPES = {".mp4": "video/mp4", ".png": "image/png"}
 
@@ -74,104 +72,114 @@ def _file(snap: JobSnapshot) -> FileResponse:
                         filename=snap.path.name)
 
 
-# -- videos -----------------------------------------------------------------------------------
+def build_router(video_body: type[BaseModel], image_body: type[BaseModel]) -> APIRouter:
+    """The endpoints, with the served model's request bodies (`schemas.request_bodies`)."""
+    router = APIRouter()
+    VideoBody = video_body  # noqa: N806 (used as annotations below)
+    ImageBody = image_body  # noqa: N806
 
-@router.post("/v1/videos", response_model=VideoObject, tags=["videos"])
-async def create_video(body: VideoCreateRequest, state: State) -> VideoObject:
-    """Create a video job; returns at once with status `queued` (poll GET /v1/videos/{id})."""
-    job = video_job(body, state.pipeline(), state.settings)
-    state.admit(job)
-    return video_object(job.snapshot(), state.settings.model_name)
+    # -- videos -----------------------------------------------------------------------------------
 
-
-@router.get("/v1/videos", response_model=VideoList, tags=["videos"])
-async def list_videos(state: State) -> VideoList:
-    """Video jobs the server holds, newest first."""
-    jobs = [j for j in reversed(state.store.jobs()) if j.kind == "video"]
-    return VideoList(data=[video_object(j.snapshot(), state.settings.model_name) for j in jobs])
-
-
-@router.get("/v1/videos/{video_id}", response_model=VideoObject, tags=["videos"])
-async def get_video(video_id: str, state: State) -> VideoObject:
-    return video_object(_find(state, video_id, "video").snapshot(), state.settings.model_name)
+    @router.post("/v1/videos", response_model=VideoObject, tags=["videos"])
+    async def create_video(body: VideoBody, state: State) -> VideoObject:
+        """Create a video job; returns at once with status `queued` (poll GET /v1/videos/{id})."""
+        state.pipeline()  # 503 unless loaded
+        job = video_job(body, state.spec, state.settings)
+        state.admit(job)
+        return video_object(job.snapshot(), state.settings.model_name)
 
 
-@router.get("/v1/videos/{video_id}/content", tags=["videos"], response_class=FileResponse)
-async def video_content(video_id: str, state: State) -> FileResponse:
-    """The MP4 of a completed job (409 before that)."""
-    return _file(_find(state, video_id, "video").snapshot())
+    @router.get("/v1/videos", response_model=VideoList, tags=["videos"])
+    async def list_videos(state: State) -> VideoList:
+        """Video jobs the server holds, newest first."""
+        jobs = [j for j in reversed(state.store.jobs()) if j.kind == "video"]
+        return VideoList(data=[video_object(j.snapshot(), state.settings.model_name) for j in jobs])
 
 
-@router.delete("/v1/videos/{video_id}", response_model=VideoObject, tags=["videos"])
-async def cancel_video(video_id: str, state: State) -> VideoObject:
-    """Cancel a queued job (answered `cancelled`) or a running one (answered `in_progress`: it stops
-    before its next denoising step, and GET then shows `cancelled`). A finished job gives 409."""
-    job = _find(state, video_id, "video")
-    if not state.runner.cancel(video_id):
-        raise ApiError(409, f"{video_id} is already {job.status.value}; only queued or in_progress jobs can be "
-                            "cancelled", code="not_cancellable")
-    return video_object(job.snapshot(), state.settings.model_name)
+    @router.get("/v1/videos/{video_id}", response_model=VideoObject, tags=["videos"])
+    async def get_video(video_id: str, state: State) -> VideoObject:
+        return video_object(_find(state, video_id, "video").snapshot(), state.settings.model_name)
 
 
-# -- images -----------------------------------------------------------------------------------
-
-@router.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-             tags=["images"])
-async def generate_image(body: ImageGenerationRequest, request: Request, state: State) -> ImagesResponse:
-    """Generate one image (a single-frame run) and answer when it is done."""
-    job = image_job(body, state.pipeline(), state.settings)
-    state.admit(job)
-    snap = await _wait_finished(job)
-    if snap.status is JobStatus.CANCELLED:
-        raise ApiError(503, f"the image was not made: {snap.error.message if snap.error else 'cancelled'}",
-                       type="server_error", code="cancelled")
-    if snap.status is not JobStatus.COMPLETED or snap.path is None:
-        error = snap.error
-        raise ApiError(500, f"generation failed: {error.message if error else 'unknown error'}",
-                       type="server_error", code=error.code if error else "generation_failed")
-    seed = snap.request.seed
-    if body.response_format == "url":
-        url = str(request.url_for("file_content", file_id=snap.id))
-        return ImagesResponse(created=int(snap.created_at), data=[ImageData(url=url, seed=seed)])
-    try:
-        data = await asyncio.to_thread(snap.path.read_bytes)
-    except FileNotFoundError:
-        raise ApiError(500, "the image was deleted before it could be returned; raise --keep-jobs",
-                       type="server_error", code="deleted") from None
-    return ImagesResponse(created=int(snap.created_at),
-                          data=[ImageData(b64_json=base64.b64encode(data).decode("ascii"), seed=seed)])
+    @router.get("/v1/videos/{video_id}/content", tags=["videos"], response_class=FileResponse)
+    async def video_content(video_id: str, state: State) -> FileResponse:
+        """The MP4 of a completed job (409 before that)."""
+        return _file(_find(state, video_id, "video").snapshot())
 
 
-@router.get("/v1/files/{file_id}/content", name="file_content", tags=["images"], response_class=FileResponse)
-async def file_content(file_id: str, state: State) -> FileResponse:
-    """The file of any completed job (images' `url` points here)."""
-    return _file(_find(state, file_id, None).snapshot())
+    @router.delete("/v1/videos/{video_id}", response_model=VideoObject, tags=["videos"])
+    async def cancel_video(video_id: str, state: State) -> VideoObject:
+        """Cancel a queued job (answered `cancelled`) or a running one (answered `in_progress`: it stops
+        before its next denoising step, and GET then shows `cancelled`). A finished job gives 409."""
+        job = _find(state, video_id, "video")
+        if not state.runner.cancel(video_id):
+            raise ApiError(409, f"{video_id} is already {job.status.value}; only queued or in_progress jobs can be "
+                                "cancelled", code="not_cancellable")
+        return video_object(job.snapshot(), state.settings.model_name)
 
 
-# -- service ----------------------------------------------------------------------------------
+    # -- images -----------------------------------------------------------------------------------
 
-@router.get("/health", tags=["service"])
-async def health(state: State) -> JSONResponse:
-    """200 when a request can be generated; 503 while loading, after a failed load, or shutting down."""
-    if state.ready:
-        stats = state.runner.stats()
-        return JSONResponse({"status": "ok", "model": state.settings.model_name, "queued": stats.queued,
-                             "running": stats.running})
-    if state.draining:
-        status = {"status": "shutting_down"}
-    elif state.load_error is not None:
-        status = {"status": "failed", "error": state.load_error}
-    else:
-        status = {"status": "loading"}
-    return JSONResponse(status, status_code=503)
+    @router.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
+                 tags=["images"])
+    async def generate_image(body: ImageBody, request: Request, state: State) -> ImagesResponse:
+        """Generate one image (a single-frame run) and answer when it is done."""
+        state.pipeline()  # 503 unless loaded
+        job = image_job(body, state.spec, state.settings)
+        state.admit(job)
+        snap = await _wait_finished(job)
+        if snap.status is JobStatus.CANCELLED:
+            raise ApiError(503, f"the image was not made: {snap.error.message if snap.error else 'cancelled'}",
+                           type="server_error", code="cancelled")
+        if snap.status is not JobStatus.COMPLETED or snap.path is None:
+            error = snap.error
+            raise ApiError(500, f"generation failed: {error.message if error else 'unknown error'}",
+                           type="server_error", code=error.code if error else "generation_failed")
+        seed = snap.request.seed
+        if body.response_format == "url":
+            url = str(request.url_for("file_content", file_id=snap.id))
+            return ImagesResponse(created=int(snap.created_at), data=[ImageData(url=url, seed=seed)])
+        try:
+            data = await asyncio.to_thread(snap.path.read_bytes)
+        except FileNotFoundError:
+            raise ApiError(500, "the image was deleted before it could be returned; raise --keep-jobs",
+                           type="server_error", code="deleted") from None
+        return ImagesResponse(created=int(snap.created_at),
+                              data=[ImageData(b64_json=base64.b64encode(data).decode("ascii"), seed=seed)])
 
 
-@router.get("/v1/models", response_model=ModelList, tags=["service"])
-async def models(state: State) -> ModelList:
-    return ModelList(data=[ModelCard(id=state.settings.model_name, created=int(state.started_at))])
+    @router.get("/v1/files/{file_id}/content", name="file_content", tags=["images"], response_class=FileResponse)
+    async def file_content(file_id: str, state: State) -> FileResponse:
+        """The file of any completed job (images' `url` points here)."""
+        return _file(_find(state, file_id, None).snapshot())
 
 
-@router.get("/metrics", tags=["service"])
-async def metrics(state: State) -> Response:
-    """Prometheus text format."""
-    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+    # -- service ----------------------------------------------------------------------------------
+
+    @router.get("/health", tags=["service"])
+    async def health(state: State) -> JSONResponse:
+        """200 when a request can be generated; 503 while loading, after a failed load, or shutting down."""
+        if state.ready:
+            stats = state.runner.stats()
+            return JSONResponse({"status": "ok", "model": state.settings.model_name, "queued": stats.queued,
+                                 "running": stats.running})
+        if state.draining:
+            status = {"status": "shutting_down"}
+        elif state.load_error is not None:
+            status = {"status": "failed", "error": state.load_error}
+        else:
+            status = {"status": "loading"}
+        return JSONResponse(status, status_code=503)
+
+
+    @router.get("/v1/models", response_model=ModelList, tags=["service"])
+    async def models(state: State) -> ModelList:
+        return ModelList(data=[ModelCard(id=state.settings.model_name, created=int(state.started_at))])
+
+
+    @router.get("/metrics", tags=["service"])
+    async def metrics(state: State) -> Response:
+        """Prometheus text format."""
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    return router

@@ -27,20 +27,20 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ditserve.engine import GenerationRequest
-from ditserve.server.execute import ServablePipeline, record_failure, write_output
+from ditserve.engine import GenerationOutput, InvalidRequest
+from ditserve.server.execute import record_failure, write_output
 from ditserve.server.jobs import Job, JobStatus
 from ditserve.server.metrics import Metrics
+from ditserve.server.stats import RunnerStats
 
 if TYPE_CHECKING:  # torch is imported only once the model loads
     from ditserve.engine.batching import BatchingEngine
-    from ditserve.pipelines import GenerationOutput
+    from ditserve.engine.family import Family
 
-__all__ = ["JobRunner", "QueueFull", "RunnerClosed", "RunnerStats"]
+__all__ = ["JobRunner", "QueueFull", "RequestTooLarge", "RunnerClosed"]
 
 log = logging.getLogger("ditserve.server")
 
@@ -54,45 +54,20 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+class RequestTooLarge(InvalidRequest):
+    """The request needs more tokens per step than one step may hold (`--max-batch-tokens`): it could
+    only run alone, for a long time, and would likely run out of memory; refused up front (400)."""
+
+    def __init__(self, tokens: int, budget: int) -> None:
+        super().__init__("size", f"this request needs {tokens} tokens per denoising step (size x frames, twice with "
+                                 f"guidance > 1); one step holds at most {budget} (--max-batch-tokens, from the "
+                                 "device's free memory): ask for a smaller size or fewer frames")
+        self.tokens = tokens
+        self.budget = budget
+
+
 class RunnerClosed(Exception):
     """The runner is shutting down and takes no new jobs."""
-
-
-@dataclass(frozen=True)
-class RunnerStats:
-    """queued: jobs waiting to join the batch; running: jobs in it (or having their file written);
-    capacity: most waiting jobs accepted; mean_job_s: mean run time of recent jobs (None before
-    the first); last_batch_size / last_step_tokens: requests and DiT tokens of the latest batched
-    step (0 before the first); max_batch_size / max_batch_tokens: the limits in force (None: no
-    size limit / the engine has not started); decoding: jobs done denoising, waiting for or in
-    the VAE; paused: jobs admitted but sitting the latest step out (the step policy)."""
-
-    queued: int
-    running: int
-    capacity: int
-    mean_job_s: float | None
-    last_batch_size: int = 0
-    last_step_tokens: int = 0
-    max_batch_size: int | None = None
-    max_batch_tokens: int | None = None
-    decoding: int = 0
-    paused: int = 0
-
-
-class _AdmissionTap:
-    """The pipeline as the engine sees it; `encode_text` is the engine's first call for a request it
-    admits, so that is where its job becomes `in_progress`. Everything else passes through."""
-
-    def __init__(self, pipeline: ServablePipeline, admitted: Any) -> None:
-        self._pipeline = pipeline
-        self._admitted = admitted
-
-    def encode_text(self, request: GenerationRequest, guided: bool) -> Any:
-        self._admitted(request)
-        return self._pipeline.encode_text(request, guided)  # type: ignore[attr-defined]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pipeline, name)
 
 
 class JobRunner:
@@ -111,21 +86,20 @@ class JobRunner:
         self._max_batch_tokens = max_batch_tokens
         self._lock = threading.Lock()  # never held while a job finishes (its callbacks take it)
         self._jobs: dict[str, tuple[Job, Future[GenerationOutput]]] = {}  # submitted, not finished
-        self._by_request: dict[int, Job] = {}  # id(job.request) -> job, for the admission tap
         self._closed = False
         self._durations: deque[float] = deque(maxlen=16)
         self._engine: BatchingEngine | None = None
         self._outputs: queue.SimpleQueue[tuple[Job, GenerationOutput] | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_outputs, name="ditserve-writer", daemon=True)
 
-    def start(self, pipeline: ServablePipeline) -> None:
+    def start(self, pipeline: Family) -> None:
         """Build the engine over the loaded pipeline (its default budget needs the model in memory) and start it.
 
         Raises what the engine raises for limits it cannot use.
         """
         from ditserve.engine.batching import BatchingEngine
 
-        engine = BatchingEngine(_AdmissionTap(pipeline, self._admitted), max_batch_size=self._max_batch_size,
+        engine = BatchingEngine(pipeline, max_batch_size=self._max_batch_size,
                                 max_batch_tokens=self._max_batch_tokens, on_step=self._metrics.observe_step)
         with self._lock:
             if self._engine is not None:
@@ -141,16 +115,19 @@ class JobRunner:
     # -- for the routes --------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
-        """Queue a job and return at once; raises `QueueFull` or `RunnerClosed`."""
+        """Queue a job and return at once; raises `RequestTooLarge`, `QueueFull` or `RunnerClosed`."""
         with self._lock:
             if self._closed or self._engine is None:
                 raise RunnerClosed("the server is shutting down and takes no new jobs" if self._closed
                                    else "the model is not loaded yet")
+            tokens = self._engine.tokens_of(job.request)
+            if tokens > self._engine.max_batch_tokens:
+                raise RequestTooLarge(tokens, self._engine.max_batch_tokens)
             if self._queued_locked() >= self._capacity:
                 raise QueueFull(self._capacity, self._retry_after_locked())
-            self._by_request[id(job.request)] = job
             future = self._engine.submit(job.request, cancel=job.cancel_event,
-                                         callback=lambda i, total: job.set_progress(i + 1, total))
+                                         callback=lambda i, total: job.set_progress(i + 1, total),
+                                         on_start=lambda: self._admitted(job))
             self._jobs[job.id] = (job, future)
         job.on_finish(self._forget)
         future.add_done_callback(lambda f: self._generated(job, f))
@@ -221,11 +198,9 @@ class JobRunner:
 
     # -- engine and writer threads ----------------------------------------------------------
 
-    def _admitted(self, request: GenerationRequest) -> None:
-        """The engine admitted `request` into the batch (stepping thread)."""
-        with self._lock:
-            job = self._by_request.get(id(request))
-        if job is not None and job.start():
+    def _admitted(self, job: Job) -> None:
+        """The engine admitted `job` into the batch (stepping thread)."""
+        if job.start():
             self._metrics.observe_queue_wait(time.time() - job.created_at)
 
     def _generated(self, job: Job, future: Future[GenerationOutput]) -> None:
@@ -255,7 +230,6 @@ class JobRunner:
     def _forget(self, job: Job) -> None:
         with self._lock:
             self._jobs.pop(job.id, None)
-            self._by_request.pop(id(job.request), None)
 
     def _queued_locked(self) -> int:
         return sum(1 for job, _ in self._jobs.values() if job.status is JobStatus.QUEUED)

@@ -1,71 +1,97 @@
 """HTTP request and response bodies (pydantic), in the style of OpenAI's videos and images APIs.
 
-Request bodies check shape only: known fields, JSON types (strict: "5" is not 5, true is
-not 1). A body that fails here gets 422. Value rules (sizes, frame counts, steps, guidance,
-seed) belong to the pipeline's `validate`, applied in `admission.py` (400), so the server
-and the Python API accept exactly the same requests.
+Request bodies are built per served model from its `RequestSpec` (`request_bodies`): the
+family's own parameters (e.g. Wan2.2-A14B's guidance_scale_2) are fields, and the field
+descriptions carry the model's defaults and limits.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, create_model
 
+from ditserve.engine import RequestSpec
 from ditserve.server.jobs import JobSnapshot
 
 __all__ = [
     "ErrorInfo",
     "ImageData",
-    "ImageGenerationRequest",
     "ImagesResponse",
     "ModelCard",
     "ModelList",
-    "VideoCreateRequest",
+    "request_bodies",
     "VideoList",
     "VideoObject",
     "video_object",
 ]
 
-_STEPS = Field(
-    default=None,
-    validation_alias=AliasChoices("num_inference_steps", "steps"),
-    description="Denoising steps (>= 1); `steps` is accepted as a short name. Default: 50.",
-)
+_STRICT = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+_KINDS: dict[str, Any] = {"int": int, "float": float, "str": str}
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+def _described(spec: RequestSpec, name: str, text: str) -> str:
+    p = spec.param(name)
+    default = "" if p.default is None else f" Default: {p.default}."
+    return f"{text} ({p.accepted()}).{default}"
 
 
-class VideoCreateRequest(_Body):
-    """POST /v1/videos. Give the length as `num_frames`, or as `seconds` (frames = seconds*fps + 1)."""
+def _common_fields(spec: RequestSpec) -> dict[str, Any]:
+    """Fields both bodies take; value rules are the spec's (checked after parsing, answered 400)."""
+    fields: dict[str, Any] = {
+        "prompt": (str, Field(description=_described(spec, "prompt", "What to generate"))),
+        "negative_prompt": (str | None, Field(None, description=_described(spec, "negative_prompt",
+                                                                            "What to steer away from"))),
+        "model": (str | None, Field(None, description="Must be the served model's id if given (see /v1/models).")),
+        "num_inference_steps": (int | None, Field(
+            None, validation_alias=AliasChoices("num_inference_steps", "steps"),
+            description=_described(spec, "num_inference_steps", "Denoising steps; `steps` is accepted too"))),
+        "guidance_scale": (float | None, Field(None, description=_described(spec, "guidance_scale",
+                                                                            spec.param("guidance_scale").help))),
+        "seed": (int | None, Field(None, description="0 .. 2**64-1; omitted -> a random seed, reported back.")),
+        "user": (str | None, Field(None, description="Accepted for OpenAI compatibility and ignored.")),
+    }
+    for p in spec.extras:
+        kind = _KINDS[p.kind]
+        fields[p.name] = (kind | None, Field(None, description=_described(spec, p.name, p.help)))
+    return fields
 
-    prompt: str
-    negative_prompt: str | None = None
-    model: str | None = Field(None, description="Must be the served model's id if given (see /v1/models).")
-    size: str | None = Field(None, description="'WIDTHxHEIGHT' in pixels, e.g. '832x480' (the default).")
-    num_frames: int | None = Field(None, description="Frames, of the form 4k+1 for Wan (default 81).")
-    seconds: float | str | None = Field(None, description="Length in seconds (number or numeric string, as OpenAI "
-                                                           "sends it); frames = seconds*fps + 1.")
-    fps: float | None = Field(None, description="Frame rate of the MP4 (default 16).")
-    num_inference_steps: int | None = _STEPS
-    guidance_scale: float | None = Field(None, description="Classifier-free guidance, >= 0 (default 5.0).")
-    seed: int | None = Field(None, description="0 .. 2**64-1; omitted -> a random seed, reported back.")
+
+def _size_description(spec: RequestSpec) -> str:
+    height, width = spec.param("height"), spec.param("width")
+    return (f"'WIDTHxHEIGHT' in pixels, e.g. '{width.default}x{height.default}' (the default); width "
+            f"{width.accepted().removeprefix('an int, ')}, height {height.accepted().removeprefix('an int, ')}.")
 
 
-class ImageGenerationRequest(_Body):
-    """POST /v1/images/generations: one frame, returned in the response."""
+def request_bodies(spec: RequestSpec) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The request bodies of POST /v1/videos and POST /v1/images/generations for a model's spec.
 
-    prompt: str
-    negative_prompt: str | None = None
-    model: str | None = None
-    n: int = Field(1, description="Images per request; only 1 is supported.")
-    size: str | None = Field(None, description="'WIDTHxHEIGHT' in pixels (default '832x480').")
-    response_format: Literal["b64_json", "url"] = "b64_json"
-    num_inference_steps: int | None = _STEPS
-    guidance_scale: float | None = None
-    seed: int | None = None
+    They check shape only: known fields and JSON types (strict: "5" is not 5). A body that
+    fails here gets 422; the spec's value rules then give 400 (`admission.py`), so the server
+    and the Python API accept exactly the same requests.
+    """
+    common = _common_fields(spec)
+    frames = spec.param("num_frames")
+    video = create_model(
+        "request_bodies",
+        __config__=_STRICT,
+        **common,
+        size=(str | None, Field(None, description=_size_description(spec))),
+        num_frames=(int | None, Field(None, description=_described(spec, "num_frames", "Frames"))),
+        seconds=(float | str | None, Field(None, description="Length in seconds (number or numeric string, as "
+                                                             "OpenAI sends it); frames = seconds*fps + 1, rounded "
+                                                             f"to the model's rule ({frames.accepted()}).")),
+        fps=(float | None, Field(None, description=_described(spec, "fps", "Frame rate of the MP4"))),
+    )
+    image = create_model(
+        "ImageGenerationRequest",
+        __config__=_STRICT,
+        **common,
+        size=(str | None, Field(None, description=_size_description(spec))),
+        n=(int, Field(1, description="Images per request; only 1 is supported.")),
+        response_format=(Literal["b64_json", "url"], "b64_json"),
+    )
+    return video, image
 
 
 class ErrorInfo(BaseModel):
@@ -93,6 +119,7 @@ class VideoObject(BaseModel):
     num_inference_steps: int
     guidance_scale: float
     seed: int
+    parameters: dict[str, Any] = Field(description="The model's own parameters (e.g. guidance_scale_2).")
     step: int = Field(description="Denoising steps finished.")
     total_steps: int
     error: ErrorInfo | None
@@ -153,6 +180,7 @@ def video_object(snap: JobSnapshot, model: str) -> VideoObject:
         num_inference_steps=req.num_inference_steps,
         guidance_scale=req.guidance_scale,
         seed=req.seed,
+        parameters=dict(req.extras),
         step=snap.step,
         total_steps=snap.total_steps,
         error=ErrorInfo(code=snap.error.code, message=snap.error.message) if snap.error else None,

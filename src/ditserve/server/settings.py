@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-__all__ = ["REQUEST_DEFAULT_FIELDS", "ServerSettings"]
-
-REQUEST_DEFAULT_FIELDS = frozenset(
-    {"height", "width", "num_frames", "num_inference_steps", "guidance_scale", "negative_prompt"})
+__all__ = ["ServerSettings"]
 
 
 @dataclass(frozen=True)
@@ -23,10 +18,6 @@ class ServerSettings:
     max_batch_tokens: DiT tokens one batched step may hold (None: the engine's default, from
         free device memory; see `ditserve.engine.budget`). A bigger job runs alone.
     keep_jobs: finished jobs (and files) kept; older ones are deleted.
-    default_fps: frame rate of videos whose request gives none.
-    request_defaults: values for fields a request leaves out (height, width, num_frames,
-        num_inference_steps, guidance_scale, negative_prompt), e.g. the embedded tiny model's
-        own settings; fields not named here take the pipeline's defaults (Wan2.1's).
     shutdown_timeout_s: how long shutdown waits for the running jobs to stop and files to be written.
     """
 
@@ -36,8 +27,6 @@ class ServerSettings:
     max_batch_size: int | None = None
     max_batch_tokens: int | None = None
     keep_jobs: int = 100
-    default_fps: float = 16.0
-    request_defaults: Mapping[str, Any] = field(default_factory=dict)
     shutdown_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -49,12 +38,6 @@ class ServerSettings:
         _check_limit("max_batch_tokens", self.max_batch_tokens, "leave it out for the default from free memory")
         if self.keep_jobs < 1:
             raise ValueError(f"keep_jobs must be >= 1, got {self.keep_jobs}")
-        if not self.default_fps > 0:
-            raise ValueError(f"default_fps must be > 0, got {self.default_fps}")
-        unknown = sorted(set(self.request_defaults) - REQUEST_DEFAULT_FIELDS)
-        if unknown:
-            raise ValueError(f"request_defaults: unknown field(s) {unknown}; "
-                             f"choose from {sorted(REQUEST_DEFAULT_FIELDS)}")
         if self.output_dir is not None:
             object.__setattr__(self, "output_dir", Path(self.output_dir))
             if self.output_dir.exists() and not self.output_dir.is_dir():

@@ -14,9 +14,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
+from ditserve.engine import RequestSpec
 from ditserve.server.errors import ApiError
-from ditserve.server.execute import ServablePipeline
 from ditserve.server.jobs import Job, JobStore
 from ditserve.server.metrics import Metrics
 from ditserve.server.runner import JobRunner, QueueFull, RunnerClosed
@@ -26,7 +27,10 @@ __all__ = ["PipelineSource", "ServerState", "remove_partial_files"]
 
 log = logging.getLogger("ditserve.server")
 
-PipelineSource = ServablePipeline | Callable[[], ServablePipeline]
+if TYPE_CHECKING:  # torch is imported only once the model loads
+    from ditserve.engine.family import Family
+
+PipelineSource = Union["Family", Callable[[], "Family"]]
 
 SHUTDOWN_REASON = "cancelled: the server is shutting down"
 
@@ -44,16 +48,17 @@ def remove_partial_files(folder: Path) -> list[Path]:
 class ServerState:
     """Everything the routes share; lives in `app.state.ditserve`."""
 
-    def __init__(self, source: PipelineSource, settings: ServerSettings,
+    def __init__(self, source: PipelineSource, settings: ServerSettings, spec: RequestSpec,
                  on_load_failure: Callable[[BaseException], None] | None = None) -> None:
         self.settings = settings
+        self.spec = spec
         self.metrics = Metrics()
         self.store = JobStore(settings.keep_jobs)
         self.started_at = time.time()
         self.load_error: str | None = None
         self.draining = False
         self._source = source
-        self._pipeline: ServablePipeline | None = None  # set once the runner's engine runs on it
+        self._pipeline: Family | None = None  # set once the runner's engine runs on it
         self._on_load_failure = on_load_failure
         self._runner: JobRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -77,7 +82,7 @@ class ServerState:
                                  max_batch_tokens=self.settings.max_batch_tokens)
         self.metrics.watch(self._runner.stats, lambda: {s.value: n for s, n in self.store.counts().items()},
                            lambda: self.ready)
-        if hasattr(self._source, "validate"):  # a loaded pipeline
+        if hasattr(self._source, "prepare"):  # a loaded pipeline
             self._runner.start(self._source)  # type: ignore[arg-type]
             self._pipeline = self._source  # type: ignore[assignment]
         else:
@@ -130,7 +135,7 @@ class ServerState:
     def ready(self) -> bool:
         return self._pipeline is not None and not self.draining
 
-    def pipeline(self) -> ServablePipeline:
+    def pipeline(self) -> Family:
         """The loaded pipeline, or a 503 saying why there is none."""
         if self.draining:
             raise ApiError(503, "the server is shutting down and takes no new jobs", type="server_error",

@@ -69,8 +69,9 @@ def load_generator(model_path: str | os.PathLike[str], *, device: str = "cpu", r
         pipe = Pipeline.from_pretrained(model_path, device=device, dtype="float32")
 
         def generate(prompt: str, guidance: float, steps: int, seed: int) -> np.ndarray:
-            return pipe.generate(prompt, g.negative_prompt, g.height, g.width, g.num_frames, steps, guidance,
-                                 seed).frames
+            return pipe.generate(prompt, negative_prompt=g.negative_prompt, height=g.height, width=g.width,
+                                 num_frames=g.num_frames, num_inference_steps=steps, guidance_scale=guidance,
+                                 seed=seed).frames
 
         return generate
     if runner == "diffusers":

@@ -1,0 +1,27 @@
+"""Errors the engine raises for a request or for its own state."""
+
+from __future__ import annotations
+
+__all__ = ["EngineClosed", "GenerationCancelled", "InvalidRequest"]
+
+
+class InvalidRequest(ValueError):
+    """A request field is out of range or of the wrong type. `field` names it (for HTTP 400s)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class GenerationCancelled(Exception):
+    """The request's cancel token was set before a denoising step (or between blocks of one);
+    nothing was decoded or written."""
+
+    def __init__(self, step: int, total_steps: int) -> None:
+        super().__init__(f"generation cancelled before denoising step {step + 1} of {total_steps}")
+        self.step = step
+        self.total_steps = total_steps
+
+
+class EngineClosed(RuntimeError):
+    """`submit` after `close` / `stop`: the engine takes no new requests."""

@@ -1,0 +1,310 @@
+"""A family's request parameters as data (`RequestSpec`) and the one validator that reads them.
+
+Each model family declares what a request may hold: names, types, defaults, limits and size
+rules (`Param`), whether it makes videos or images, and whether it takes a first-frame image.
+Validation, the CLI's flags and help, the server's request bodies and defaults, `ditserve ab`
+and the engine's token count all read that declaration, so no family's constants live
+anywhere else. Validation needs no torch, no model and no device: it runs before any work.
+
+A `GenerationRequest` holds the fields every family has (prompt, size, frames, steps,
+guidance, seed, fps, an optional image) as attributes, and a family's own parameters (e.g.
+Wan2.2-A14B's `guidance_scale_2`) in `extras`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from numbers import Integral, Real
+from types import MappingProxyType
+from typing import Any, Literal
+
+import numpy as np
+
+from ditserve.engine.errors import InvalidRequest
+from ditserve.engine.images import load_image
+
+__all__ = [
+    "COMMON_FIELDS",
+    "MAX_SEED",
+    "GenerationRequest",
+    "InvalidRequest",
+    "Output",
+    "Param",
+    "RequestSpec",
+    "standard_params",
+]
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts [0, 2**64 - 1]
+MAX_PROMPT_CHARS = 8_192  # far beyond what any text encoder reads (Wan's UMT5: 512 tokens)
+Output = Literal["video", "image"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated, normalised request: plain ints, floats and strings.
+
+    `extras`: the family's own parameters by name (read-only). `image`: the first-frame
+    image (uint8 `[H, W, 3]`) for families that take one, else None.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    height: int = 32
+    width: int = 32
+    num_frames: int = 1
+    num_inference_steps: int = 1
+    guidance_scale: float = 1.0
+    seed: int = 0
+    fps: float = 16.0
+    extras: Mapping[str, Any] = field(default_factory=dict)
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extras", MappingProxyType(dict(self.extras)))
+
+    def fields(self) -> dict[str, Any]:
+        """Every parameter by name (common ones and extras; not the image): what a spec validates."""
+        common = {name: getattr(self, name) for name in COMMON_FIELDS}
+        return {**common, **self.extras}
+
+    def with_seed(self, seed: int) -> GenerationRequest:
+        return replace(self, seed=seed)
+
+
+COMMON_FIELDS = ("prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps",
+                 "guidance_scale", "seed", "fps")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One request parameter: its type, default and limits.
+
+    kind: "int", "float" or "str". minimum / maximum: inclusive bounds (for "str": length in
+    characters). multiple / offset: an int must satisfy (value - offset) % multiple == 0
+    (sizes: multiples of 16; Wan frames: 4k+1). nullable: None is accepted and kept (its
+    meaning is the help's, e.g. "same as guidance_scale"). flag: the CLI flag (default
+    `--name-with-dashes`).
+    """
+
+    name: str
+    kind: Literal["int", "float", "str"]
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    multiple: int = 1
+    offset: int = 0
+    nullable: bool = False
+    flag: str | None = None
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def accepted(self) -> str:
+        """What values are accepted, in words (for errors and help)."""
+        if self.kind == "str":
+            noun = "a non-empty string" if self.minimum else "a string"
+            return f"{noun} of at most {self.maximum:.0f} characters" if self.maximum is not None else noun
+        noun = "an int" if self.kind == "int" else "a finite number"
+        rules = []
+        if self.multiple > 1:
+            if self.offset:
+                examples = ", ".join(str(self.multiple * k + self.offset) for k in range(3))
+                rules.append(f"of the form {self.multiple}k+{self.offset} ({examples}, ...)")
+            else:
+                rules.append(f"a multiple of {self.multiple}")
+        if self.minimum is not None and self.maximum is not None:
+            rules.append(f"in [{_number(self.minimum)}, {_number(self.maximum)}]")
+        elif self.minimum is not None:
+            rules.append(f">= {_number(self.minimum)}")
+        elif self.maximum is not None:
+            rules.append(f"<= {_number(self.maximum)}")
+        return ", ".join([noun, *rules]) + (" or null" if self.nullable else "")
+
+    def check(self, value: Any) -> Any:
+        """The normalised value, or `InvalidRequest` naming this parameter and what it accepts."""
+        if value is None and self.nullable:
+            return None
+        if self.kind == "str":
+            return self._check_str(value)
+        if self.kind == "int":
+            if not isinstance(value, Integral) or isinstance(value, bool):
+                raise InvalidRequest(self.name, f"{self.name} must be {self.accepted()}, got {_shown(value)}")
+            number: int | float = int(value)
+        else:
+            if not isinstance(value, Real) or isinstance(value, bool):
+                raise InvalidRequest(self.name, f"{self.name} must be {self.accepted()}, got {_shown(value)}")
+            number = float(value)
+            if not math.isfinite(number):
+                raise InvalidRequest(self.name, f"{self.name} must be {self.accepted()}, got {number}")
+        too_small = self.minimum is not None and number < self.minimum
+        too_large = self.maximum is not None and number > self.maximum
+        off_grid = self.kind == "int" and (number - self.offset) % self.multiple != 0
+        if too_small or too_large or off_grid:
+            raise InvalidRequest(self.name, f"{self.name} must be {self.accepted()}, got {_number(number)}")
+        return number
+
+    def _check_str(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise InvalidRequest(self.name, f"{self.name} must be {self.accepted()}, got {type(value).__name__}")
+        if self.maximum is not None and len(value) > self.maximum:
+            raise InvalidRequest(self.name, f"{self.name} must be at most {self.maximum:.0f} characters, "
+                                            f"got {len(value)}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequest(self.name, f"{self.name} must be valid Unicode text; it holds an unpaired "
+                                            f"surrogate at character {e.start}") from None
+        if "\x00" in value:
+            raise InvalidRequest(self.name, f"{self.name} must not contain NUL characters")
+        if self.minimum and not value.strip():
+            raise InvalidRequest(self.name, f"{self.name} must be a non-empty string, got an empty or "
+                                            "whitespace-only string")
+        return value
+
+
+def _number(x: float) -> str:
+    """A number for a message; huge ints are summarised (str() of a 5,000-digit int raises)."""
+    if isinstance(x, int):
+        return str(x) if x.bit_length() <= 128 else f"an int of {x.bit_length()} bits"
+    if x.is_integer() and abs(x) < 1e16:
+        return str(int(x))
+    return f"{x:g}"
+
+
+def _shown(value: Any) -> str:
+    text = _number(value) if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def standard_params(
+    *,
+    height: int,
+    width: int,
+    num_frames: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    fps: float,
+    size_multiple: tuple[int, int],
+    max_size: tuple[int, int],
+    frame_multiple: int,
+    max_frames: int,
+    max_steps: int,
+    guidance_help: str,
+    negative_prompt: str = "",
+) -> tuple[Param, ...]:
+    """The parameters every family has, with the family's defaults and limits.
+
+    size_multiple / max_size: (height, width). frame_multiple: frames are k*multiple + 1
+    (1 for image models: any count, usually 1). max_frames: 1 for image models.
+    """
+    frame_rule = dict(multiple=frame_multiple, offset=1) if frame_multiple > 1 else {}
+    return (
+        Param("prompt", "str", None, "what to generate", minimum=1, maximum=MAX_PROMPT_CHARS),
+        Param("negative_prompt", "str", negative_prompt, "what to steer away from (with guidance)",
+              maximum=MAX_PROMPT_CHARS),
+        Param("height", "int", height, "pixels", minimum=size_multiple[0], maximum=max_size[0],
+              multiple=size_multiple[0]),
+        Param("width", "int", width, "pixels", minimum=size_multiple[1], maximum=max_size[1],
+              multiple=size_multiple[1]),
+        Param("num_frames", "int", num_frames, "frames of the video (1: one image)", minimum=1, maximum=max_frames,
+              **frame_rule),
+        Param("num_inference_steps", "int", num_inference_steps, "denoising steps", minimum=1, maximum=max_steps,
+              flag="--steps"),
+        Param("guidance_scale", "float", guidance_scale, guidance_help, minimum=0, maximum=100),
+        Param("seed", "int", 0, "noise seed", minimum=0, maximum=MAX_SEED),
+        Param("fps", "float", fps, "frames per second of the written video", minimum=1, maximum=120),
+    )
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """What a family's requests may hold (see the module docstring).
+
+    params: the common parameters first (`standard_params`), then the family's own.
+    output: "video" or "image" (an image model makes one frame). takes_image: a first-frame
+    image may (image_required=False) or must be given. max_image_pixels: the largest input
+    image accepted (width x height, before resizing to the request's size).
+    """
+
+    params: tuple[Param, ...]
+    output: Output = "video"
+    takes_image: bool = False
+    max_image_pixels: int = 4096 * 4096
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.params]
+        if tuple(names[: len(COMMON_FIELDS)]) != COMMON_FIELDS:
+            raise ValueError(f"a RequestSpec starts with the common parameters {COMMON_FIELDS}, got {names}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate parameter names in {names}")
+        for p in self.params[1:]:  # a declaration whose defaults break its own limits is a bug
+            try:
+                p.check(p.default)
+            except InvalidRequest as e:
+                raise ValueError(f"default {e}") from None
+
+    @property
+    def extras(self) -> tuple[Param, ...]:
+        """The family's own parameters (beyond the common ones)."""
+        return self.params[len(COMMON_FIELDS):]
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def defaults(self) -> dict[str, Any]:
+        """Every parameter's default (the prompt's is None: it has none)."""
+        return {p.name: p.default for p in self.params}
+
+    def with_defaults(self, overrides: Mapping[str, Any]) -> RequestSpec:
+        """This spec with other defaults (e.g. a checkpoint's own), each checked against its limits."""
+        unknown = sorted(set(overrides) - {p.name for p in self.params} - {"prompt"})
+        if unknown:
+            raise ValueError(f"unknown request parameter(s) {unknown}; known: {[p.name for p in self.params]}")
+        params = []
+        for p in self.params:
+            if p.name in overrides:
+                try:
+                    p.check(overrides[p.name])
+                except InvalidRequest as e:
+                    raise ValueError(f"default {e}") from None
+                p = replace(p, default=overrides[p.name])
+            params.append(p)
+        return replace(self, params=tuple(params))
+
+    def validate(self, fields: Mapping[str, Any], image: Any = None) -> GenerationRequest:
+        """Check every field (missing ones take the defaults) and return the normalised request.
+
+        Raises `InvalidRequest` on the first bad field, in declaration order (prompt first), so a
+        request with several errors always reports the same one. Unknown names are refused.
+        `negative_prompt=None` means the default. `image`: see `ditserve.engine.images`.
+        """
+        known = {p.name for p in self.params}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise InvalidRequest(unknown[0], f"unknown parameter(s) {unknown} for this model; it takes: "
+                                             f"{', '.join(p.name for p in self.params)}")
+        values: dict[str, Any] = {}
+        for p in self.params:
+            value = fields.get(p.name, p.default)
+            if value is None and p.name == "negative_prompt":
+                value = p.default
+            if value is None and p.name == "prompt":
+                raise InvalidRequest("prompt", "prompt is required: a non-empty string")
+            values[p.name] = p.check(value)
+        if self.output == "image" and values["num_frames"] != 1:
+            raise InvalidRequest("num_frames", f"this model makes images: num_frames must be 1, got "
+                                               f"{values['num_frames']}")
+        picture = None
+        if image is not None:
+            if not self.takes_image:
+                raise InvalidRequest("image", "this model does not take an input image")
+            picture = load_image(image, max_pixels=self.max_image_pixels)
+        common = {name: values.pop(name) for name in COMMON_FIELDS}
+        return GenerationRequest(**common, extras=values, image=picture)
