@@ -1,10 +1,15 @@
-"""A tiny random Wan2.1 text-to-video pipeline folder, built offline, for tests.
+"""Tiny random Wan pipeline folders, built offline, for tests.
 
-The folder is written by diffusers' and transformers' own classes (`save_pretrained`), so
-it has exactly the layout, file names and config keys of a published Wan2.1 checkpoint
-(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers), only with random weights and tiny sizes. Nothing
-is downloaded: the tokenizer is a T5-style Unigram tokenizer over a small built-in English
-vocabulary. Tests compare ditserve against `diffusers.WanPipeline.from_pretrained(path)`.
+- `build_tiny_wan_pipeline`: Wan2.1 text-to-video (as Wan-AI/Wan2.1-T2V-1.3B-Diffusers);
+- `build_tiny_wan22_a14b_pipeline`: Wan2.2 T2V-A14B: two DiTs (high / low noise), `boundary_ratio`;
+- `build_tiny_wan22_ti2v_pipeline`: Wan2.2 TI2V-5B: `expand_timesteps` (per-token timesteps),
+  the 48-channel Wan2.2 VAE (16x spatial compression).
+
+Each folder is written by diffusers' and transformers' own classes (`save_pretrained`), so
+it has exactly the layout, file names and config keys of the published checkpoint, only with
+random weights and tiny sizes. Nothing is downloaded: the tokenizer is a T5-style Unigram
+tokenizer over a small built-in English vocabulary. Tests compare ditserve against
+`diffusers.WanPipeline.from_pretrained(path)`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ import torch
 from torch import nn
 
 __all__ = [
+    "build_tiny_wan22_a14b_pipeline",
+    "build_tiny_wan22_ti2v_pipeline",
+    "build_tiny_wan22_transformer_config",
+    "build_tiny_wan22_vae_config",
     "build_tiny_wan_pipeline",
     "build_tiny_wan_transformer_config",
     "build_tiny_wan_vae_config",
@@ -77,6 +86,43 @@ def build_tiny_wan_vae_config() -> dict[str, Any]:
         dim_mult=[1, 1, 1, 1],
         num_res_blocks=1,
         temperal_downsample=[False, True, True],
+    )
+
+
+def build_tiny_wan22_transformer_config() -> dict[str, Any]:
+    """The tiny TI2V transformer: the Wan2.1 tiny one with 48 latent channels in and out
+    (TI2V-5B's DiT is the Wan2.1 architecture on the Wan2.2 VAE's latents)."""
+    return dict(build_tiny_wan_transformer_config(), in_channels=48, out_channels=48)
+
+
+def build_tiny_wan22_vae_config() -> dict[str, Any]:
+    """Constructor arguments of a tiny Wan2.2 `AutoencoderKLWan` (TI2V-5B's VAE, shrunk).
+
+    As published: z_dim 48, residual down/up blocks (`is_residual`), pixels patchified 2x2
+    before the encoder (`patch_size` 2, so 3 * 2 * 2 = 12 channels in and out), hence 16x
+    spatial and 4x temporal compression. Only the widths and depths are tiny. latents_mean /
+    latents_std are fixed pseudo-random values (48 each), not the published ones.
+    """
+    g = torch.Generator().manual_seed(22)
+    mean = (0.5 * torch.randn(48, generator=g)).tolist()
+    std = (0.5 + 1.5 * torch.rand(48, generator=g)).tolist()
+    return dict(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=48,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        dropout=0.0,
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_temporal=4,
+        scale_factor_spatial=16,
+        latents_mean=[round(v, 4) for v in mean],
+        latents_std=[round(v, 4) for v in std],
     )
 
 
@@ -160,6 +206,45 @@ def _seeded(seed: int, build: Callable[[], M]) -> M:
     return module
 
 
+def _empty_target(path: str | Path) -> Path:
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path}: exists and is not an empty folder; refusing to write a pipeline into it")
+    return path
+
+
+def _unipc(flow_shift: float) -> Any:
+    """Wan's published scheduler: UniPC on flow-matching sigmas."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                   num_train_timesteps=1000, flow_shift=flow_shift)
+
+
+def _save_wan_pipeline(path: Path, seed: int, transformer_configs: list[dict[str, Any]],
+                       vae_config: dict[str, Any], scheduler: Any, **pipeline_config: Any) -> Path:
+    """Build the text encoder, the transformers (`transformer`, then `transformer_2`; seeds
+    `seed`, `seed + 1`) and the VAE from fresh seeds, and save them with `diffusers.WanPipeline`.
+    The global torch RNG is left as it was."""
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = build_tiny_t5_tokenizer()
+        te_config = UMT5Config(**build_tiny_umt5_config(len(tokenizer)))
+        text_encoder = _seeded(seed, lambda: UMT5EncoderModel(te_config))
+        transformers = [_seeded(seed + i, lambda c=c: WanTransformer3DModel(**c))
+                        for i, c in enumerate(transformer_configs)]
+        vae = _seeded(seed, lambda: AutoencoderKLWan(**vae_config))
+
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformers[0],
+                       transformer_2=transformers[1] if len(transformers) > 1 else None, vae=vae,
+                       scheduler=scheduler, **pipeline_config)
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def build_tiny_wan_pipeline(path: str | Path, seed: int = 0, *, scheduler: str = "unipc") -> Path:
     """Write a tiny random Wan2.1 T2V pipeline folder loadable by `diffusers.WanPipeline.from_pretrained`.
 
@@ -167,37 +252,39 @@ def build_tiny_wan_pipeline(path: str | Path, seed: int = 0, *, scheduler: str =
     "euler" (`FlowMatchEulerDiscreteScheduler`, shift 3). Same `seed`, same weights. The
     global torch RNG is left as it was. `path` must not exist or be an empty folder.
     """
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path}: exists and is not an empty folder; refusing to write a pipeline into it")
+    path = _empty_target(path)
     if scheduler == "unipc":
-        sched = UniPCMultistepScheduler(
-            prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
-        )
+        sched = _unipc(3.0)
     elif scheduler == "euler":
         sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     else:
         raise ValueError(f"scheduler must be 'unipc' or 'euler', got {scheduler!r}")
+    return _save_wan_pipeline(path, seed, [build_tiny_wan_transformer_config()], build_tiny_wan_vae_config(), sched)
 
-    with torch.random.fork_rng(devices=[]):
-        tokenizer = build_tiny_t5_tokenizer()
-        te_config = UMT5Config(**build_tiny_umt5_config(len(tokenizer)))
-        text_encoder = _seeded(seed, lambda: UMT5EncoderModel(te_config))
-        transformer = _seeded(seed, lambda: WanTransformer3DModel(**build_tiny_wan_transformer_config()))
-        vae = _seeded(seed, lambda: AutoencoderKLWan(**build_tiny_wan_vae_config()))
 
-    pipe = WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=sched
-    )
-    path.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
+def build_tiny_wan22_a14b_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Wan2.2 T2V-A14B-style folder (as Wan-AI/Wan2.2-T2V-A14B-Diffusers).
+
+    Two Wan2.1-architecture DiTs with different weights: `transformer` runs the high-noise
+    steps (timestep >= boundary_ratio * 1000), `transformer_2` the rest; `boundary_ratio`
+    0.875 in model_index.json; the Wan2.1 VAE (16 latent channels); UniPC with flow_shift 12.
+    Same `seed`, same weights; `path` must not exist or be an empty folder.
+    """
+    config = build_tiny_wan_transformer_config()
+    return _save_wan_pipeline(_empty_target(path), seed, [config, config], build_tiny_wan_vae_config(),
+                              _unipc(12.0), boundary_ratio=0.875)
+
+
+def build_tiny_wan22_ti2v_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Wan2.2 TI2V-5B-style folder (as Wan-AI/Wan2.2-TI2V-5B-Diffusers).
+
+    `expand_timesteps: true` in model_index.json (the pipeline passes one timestep per patch
+    token, `[B, S]`; image-to-video puts the first latent frame at 0), the 48-channel Wan2.2
+    VAE (`build_tiny_wan22_vae_config`: sizes must be multiples of 32 = 16x VAE x 2x patch),
+    a DiT with 48 channels in and out, UniPC with flow_shift 5. Same `seed`, same weights;
+    `path` must not exist or be an empty folder.
+    """
+    return _save_wan_pipeline(_empty_target(path), seed, [build_tiny_wan22_transformer_config()],
+                              build_tiny_wan22_vae_config(), _unipc(5.0), expand_timesteps=True)

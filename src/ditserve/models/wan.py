@@ -1,4 +1,4 @@
-"""Wan2.1 diffusion transformer (text-to-video), in one file.
+"""Wan2.1 / Wan2.2 diffusion transformer (text-to-video), in one file.
 
 Parameter names and shapes are those of diffusers' `WanTransformer3DModel`, so the published
 `transformer/` safetensors load with `load_state_dict(strict=True)`. The math follows the
@@ -11,8 +11,14 @@ One block implementation serves two layouts:
   packed  `forward_packed(...)` samples of different sizes: tokens [1, T, dim], attention on
                                 [T, H, D] with `AttentionMetadata` (cu_seqlens) built once per
                                 forward; per-sample timesteps and rotary grids.
-The only difference inside a block is how per-sample modulation reaches the tokens
-(`_per_token`) and whether attention drops the batch dim (metadata.packed).
+The only difference inside a block is how modulation reaches the tokens (`_per_token`) and
+whether attention drops the batch dim (metadata.packed).
+
+Timesteps are one per sample (Wan2.1, Wan2.2 A14B) or one per patch token (Wan2.2 TI2V-5B:
+`timestep [B, S]`, the image-conditioned first frame at 0). Either way the time MLP embeds a
+small table of distinct timesteps (`[R, 6, dim]` modulation), never one row per token; when
+tokens of a sample do not share a row, a per-token row index `[B, S]` (packed: `[1, T]`) picks
+each token's row. With one timestep per sample there is no index and no gather.
 """
 
 from __future__ import annotations
@@ -315,14 +321,24 @@ class WanAttention(nn.Module):
         return self.to_out[0](out.flatten(-2).type_as(q))
 
 
-def _per_token(values: Tensor, token_sample: Tensor | None) -> Tensor:
-    """Per-sample rows `[N, dim]` laid out to broadcast against tokens `[B, S, dim]`.
+def _per_token(values: Tensor, rows: Tensor | None) -> Tensor:
+    """Modulation table rows `[R, dim]` laid out to broadcast against tokens `[B, S, dim]`.
 
-    Dense (token_sample None): B == N (or N == 1), so `[N, 1, dim]`. Packed: B == 1 and
-    `token_sample[t]` is token t's sample, so a gather to `[1, T, dim]` (torch.compile fuses
-    it into the elementwise op that consumes it).
+    rows None: one row per sample (R == B, or R == 1 for all), so `[R, 1, dim]`: no gather.
+    Otherwise `rows[b, s]` is token (b, s)'s row (`[B, S]`; packed: `[1, T]`), so a gather to
+    `[B, S, dim]` (torch.compile fuses it into the elementwise op that consumes it).
     """
-    return values.unsqueeze(1) if token_sample is None else values[token_sample].unsqueeze(0)
+    return values.unsqueeze(1) if rows is None else values[rows]
+
+
+def _timestep_table(timesteps: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token timesteps (any shape) -> (distinct values `[R]`, each token's row, same shape).
+
+    The time MLP and modulation then run on R rows (2 for TI2V: 0 and t) instead of one per
+    token. `torch.unique` syncs with the host once; embedding every token instead would cost
+    a `[tokens, dim] x [dim, 6 * dim]` product, far more than the sync.
+    """
+    return torch.unique(timesteps, sorted=True, return_inverse=True)
 
 
 class WanTransformerBlock(nn.Module):
@@ -348,15 +364,16 @@ class WanTransformerBlock(nn.Module):
         context: Tensor,
         modulation: Tensor,
         rotary: Rotary,
-        token_sample: Tensor | None = None,
+        rows: Tensor | None = None,
         self_metadata: AttentionMetadata | None = None,
         cross_metadata: AttentionMetadata | None = None,
     ) -> Tensor:
-        """x `[B, S, dim]`, context `[B, L, dim]`, modulation `[N, 6, dim]` (per sample)."""
-        mod = (self.scale_shift_table + modulation.float()).unbind(1)  # 6 x [N, dim], float32
+        """x `[B, S, dim]`, context `[B, L, dim]`, modulation table `[R, 6, dim]`, and each
+        token's row of it (`rows`, see `_per_token`; None: one row per sample)."""
+        mod = (self.scale_shift_table + modulation.float()).unbind(1)  # 6 x [R, dim], float32
 
         def at(i: int) -> Tensor:  # shift, scale, gate, c_shift, c_scale, c_gate; gathered lazily
-            return _per_token(mod[i], token_sample)
+            return _per_token(mod[i], rows)
 
         h = (self._norm(x) * (1 + at(1)) + at(0)).type_as(x)
         x = (x.float() + self.attn1(h, None, rotary, self_metadata) * at(2)).type_as(x)
@@ -522,19 +539,19 @@ class WanTransformer3DModel(nn.Module):
         context: Tensor,
         modulation: Tensor,
         rotary: Rotary,
-        token_sample: Tensor | None,
+        rows: Tensor | None,
         self_metadata: AttentionMetadata | None,
         cross_metadata: AttentionMetadata | None,
     ) -> Tensor:
         for block in self.blocks:
-            x = block(x, context, modulation, rotary, token_sample, self_metadata, cross_metadata)
+            x = block(x, context, modulation, rotary, rows, self_metadata, cross_metadata)
         return x
 
-    def _head(self, x: Tensor, temb: Tensor, token_sample: Tensor | None) -> Tensor:
-        """Output norm modulated by temb, then projection to patch pixels `[B, S, p*C]`."""
-        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).unbind(1)  # [N, dim] each
+    def _head(self, x: Tensor, temb: Tensor, rows: Tensor | None) -> Tensor:
+        """Output norm modulated by the temb table `[R, dim]`, then projection to patch pixels `[B, S, p*C]`."""
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).unbind(1)  # [R, dim] each
         norm = F.layer_norm(x.float(), x.shape[-1:], eps=self.config.eps)
-        x = (norm * (1 + _per_token(scale, token_sample)) + _per_token(shift, token_sample)).type_as(x)
+        x = (norm * (1 + _per_token(scale, rows)) + _per_token(shift, rows)).type_as(x)
         return self.proj_out(x)
 
     def _unpatchify(self, x: Tensor, grid: Grid) -> Tensor:
@@ -556,6 +573,28 @@ class WanTransformer3DModel(nn.Module):
 
     # -- dense: B samples of one shape ---------------------------------------------------
 
+    @staticmethod
+    def _dense_timesteps(timestep: Tensor | float, batch: int, tokens: int,
+                         device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """`forward`'s timestep -> (timestep table `[R]`, each token's row `[B, S]` or None).
+
+        None (no gather) when every token of a sample shares its timestep: a scalar, `[B]`, or
+        `[B, S]` holding one value only.
+        """
+        timestep = torch.as_tensor(timestep, device=device)
+        if timestep.ndim == 2:
+            if tuple(timestep.shape) != (batch, tokens):
+                raise ValueError(f"per-token timestep must be [B={batch}, S={tokens}] (one per patch token), "
+                                 f"got {tuple(timestep.shape)}")
+            table, rows = _timestep_table(timestep)
+            return (table, None) if table.numel() == 1 else (table, rows)
+        if timestep.ndim > 2:
+            raise ValueError(f"timestep must be a scalar, [B] or [B, S], got {tuple(timestep.shape)}")
+        timestep = timestep.reshape(-1)
+        if timestep.numel() not in (1, batch):
+            raise ValueError(f"timestep must hold 1 or B={batch} values, got {timestep.numel()}")
+        return timestep, None
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -565,8 +604,9 @@ class WanTransformer3DModel(nn.Module):
         return_dict: bool = False,
         attention_kwargs: dict[str, Any] | None = None,
     ) -> tuple[Tensor] | WanTransformerOutput:
-        """diffusers-compatible call: latents `[B, C, F, H, W]`, timestep `[B]` (or one for all),
-        text `[B, L, text_dim]` -> `(noise_pred [B, C_out, F, H, W],)`.
+        """diffusers-compatible call: latents `[B, C, F, H, W]`, timestep `[B]` (or one for all, or
+        `[B, S]`: one per patch token in (f, h, w) order, as Wan2.2 TI2V passes it), text
+        `[B, L, text_dim]` -> `(noise_pred [B, C_out, F, H, W],)`.
 
         Attention runs dense (`[B, S, H, D]`, no metadata): the fastest layout for one request.
         """
@@ -579,12 +619,7 @@ class WanTransformer3DModel(nn.Module):
         batch = hidden_states.shape[0]
         self._check_latent(hidden_states.shape[1:], "hidden_states")
         grid = self._grid(*hidden_states.shape[2:])
-        timestep = torch.as_tensor(timestep, device=hidden_states.device)
-        if timestep.ndim > 1:
-            raise NotImplementedError("per-token timesteps (Wan2.2 TI2V, timestep [B, S]) are not implemented")
-        timestep = timestep.reshape(-1)
-        if timestep.numel() not in (1, batch):
-            raise ValueError(f"timestep must hold 1 or B={batch} values, got {timestep.numel()}")
+        timestep, rows = self._dense_timesteps(timestep, batch, math.prod(grid), hidden_states.device)
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch:
             raise ValueError(f"encoder_hidden_states must be [B={batch}, L, text_dim], got {tuple(encoder_hidden_states.shape)}")
         self._check_text(encoder_hidden_states, "encoder_hidden_states")
@@ -592,20 +627,54 @@ class WanTransformer3DModel(nn.Module):
         x = self._embed_patches(hidden_states)
         temb, modulation = self.condition_embedder.embed_time(timestep, x.dtype)
         context = self.condition_embedder.embed_text(encoder_hidden_states)
-        x = self._blocks(x, context, modulation, self._rotary(grid, x.device), None, None, None)
-        out = self._unpatchify(self._head(x, temb, None), grid)
+        x = self._blocks(x, context, modulation, self._rotary(grid, x.device), rows, None, None)
+        out = self._unpatchify(self._head(x, temb, rows), grid)
         return WanTransformerOutput(out) if return_dict else (out,)
 
     # -- packed: samples of different sizes in one forward -------------------------------
 
+    @staticmethod
+    def _packed_timesteps(timesteps: Tensor | Sequence[float | Tensor], counts: Sequence[int],
+                          device: torch.device) -> Tensor | list[Tensor]:
+        """`forward_packed`'s timesteps: a `[N]` tensor when every sample has one timestep (as
+        before per-token timesteps existed: no extra work), else one tensor per sample, 0-d
+        (shared by all its tokens) or `[S_i]` (one per patch token)."""
+        n = len(counts)
+        one_each = (timesteps.ndim <= 1 if isinstance(timesteps, Tensor)
+                    else all(isinstance(t, int | float) for t in timesteps))
+        if one_each:
+            flat = torch.as_tensor(timesteps, device=device).reshape(-1)
+            if flat.numel() != n:
+                raise ValueError(f"need one timestep per sample ({n}), got {flat.numel()}")
+            return flat
+        if isinstance(timesteps, Tensor) and timesteps.ndim > 2:
+            raise ValueError(f"timesteps must be [N] or [N, S], got {tuple(timesteps.shape)}")
+        entries = [torch.as_tensor(t, device=device) for t in timesteps]  # [N, S] tensor: its rows
+        if len(entries) != n:
+            raise ValueError(f"need one timestep per sample ({n}), got {len(entries)}")
+        out = []
+        for i, (t, count) in enumerate(zip(entries, counts)):
+            if t.numel() == 1 and t.ndim <= 1:
+                out.append(t.reshape(()))
+            elif t.ndim == 1 and t.numel() == count:
+                out.append(t)
+            else:
+                raise ValueError(f"timesteps[{i}] must be one value or one per patch token ([{count}]), "
+                                 f"got shape {tuple(t.shape)}")
+        return torch.stack(out) if all(t.ndim == 0 for t in out) else out
+
     def forward_packed(
         self,
         latents: Sequence[Tensor],
-        timesteps: Tensor | Sequence[float],
+        timesteps: Tensor | Sequence[float | Tensor],
         text_embeds: Sequence[Tensor],
     ) -> list[Tensor]:
-        """One forward over samples of different sizes: latents `[C, F_i, H_i, W_i]`, one
-        timestep per sample, text `[L_i, text_dim]` -> noise predictions `[C_out, F_i, H_i, W_i]`.
+        """One forward over samples of different sizes: latents `[C, F_i, H_i, W_i]`, timesteps,
+        text `[L_i, text_dim]` -> noise predictions `[C_out, F_i, H_i, W_i]`.
+
+        `timesteps`: a tensor `[N]` or a sequence of N entries, each one timestep (a number or a
+        0-d tensor) or one per patch token of its sample (`[S_i]`, (f, h, w) order: Wan2.2 TI2V),
+        so one batch can mix both kinds.
 
         Tokens of all samples are concatenated (`[1, T, dim]`); attention runs packed
         (`[T, H, D]`) with self/cross `AttentionMetadata` built once here. Samples never see
@@ -617,9 +686,6 @@ class WanTransformer3DModel(nn.Module):
             raise ValueError(f"need one text embedding per latent and at least one sample, got {n} latents "
                              f"and {len(text_embeds)} text embeddings")
         device = latents[0].device
-        timesteps = torch.as_tensor(timesteps, device=device).reshape(-1)
-        if timesteps.numel() != n:
-            raise ValueError(f"need one timestep per sample ({n}), got {timesteps.numel()}")
         for i, (lat, text) in enumerate(zip(latents, text_embeds)):
             if lat.ndim != 4:
                 raise ValueError(f"latents[{i}] must be [C, F, H, W], got {tuple(lat.shape)}")
@@ -627,26 +693,33 @@ class WanTransformer3DModel(nn.Module):
             if text.ndim != 2:
                 raise ValueError(f"text_embeds[{i}] must be [L, text_dim], got {tuple(text.shape)}")
             self._check_text(text, f"text_embeds[{i}]")
-
-        if len({lat.shape for lat in latents}) == 1 and len({text.shape for text in text_embeds}) == 1:
-            (out,) = self.forward(torch.stack(list(latents)), timesteps, torch.stack(list(text_embeds)))
-            return list(out.unbind(0))
-
         grids = [self._grid(*lat.shape[1:]) for lat in latents]
         counts = [f * h * w for f, h, w in grids]
+        timesteps = self._packed_timesteps(timesteps, counts, device)
+        per_token = None if isinstance(timesteps, Tensor) else [t.expand(c) for t, c in zip(timesteps, counts)]
+
+        if len({lat.shape for lat in latents}) == 1 and len({text.shape for text in text_embeds}) == 1:
+            stacked = timesteps if per_token is None else torch.stack(per_token)  # [N] or [N, S]
+            (out,) = self.forward(torch.stack(list(latents)), stacked, torch.stack(list(text_embeds)))
+            return list(out.unbind(0))
+
         text_lens = [text.shape[0] for text in text_embeds]
         self_metadata = AttentionMetadata.from_lengths(counts, device=device)
         cross_metadata = AttentionMetadata.from_lengths(counts, text_lens, device=device)
-        token_sample = torch.repeat_interleave(
-            torch.arange(n, device=device), torch.tensor(counts, device=device), output_size=sum(counts)
-        )
+        if per_token is None:  # one row per sample: token -> its sample
+            table = timesteps
+            rows = torch.repeat_interleave(
+                torch.arange(n, device=device), torch.tensor(counts, device=device), output_size=sum(counts)
+            )
+        else:  # a table of the distinct timesteps of all tokens
+            table, rows = _timestep_table(torch.cat(per_token))
 
         x = torch.cat([self._embed_patches(lat[None]) for lat in latents], dim=1)  # [1, T, dim]
-        temb, modulation = self.condition_embedder.embed_time(timesteps, x.dtype)
+        temb, modulation = self.condition_embedder.embed_time(table, x.dtype)
         context = self.condition_embedder.embed_text(torch.cat(list(text_embeds)))[None]  # [1, sum L, dim]
         rotaries = [self._rotary(grid, x.device) for grid in grids]
         rotary = (torch.cat([c for c, _ in rotaries]), torch.cat([s for _, s in rotaries]))
 
-        x = self._blocks(x, context, modulation, rotary, token_sample, self_metadata, cross_metadata)
-        x = self._head(x, temb, token_sample)[0]
+        x = self._blocks(x, context, modulation, rotary, rows[None], self_metadata, cross_metadata)
+        x = self._head(x, temb, rows[None])[0]
         return [self._unpatchify(part[None], grid)[0] for part, grid in zip(x.split(counts), grids)]
