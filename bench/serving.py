@@ -51,7 +51,7 @@ from wan import COMMON, WAN_CONFIGS  # noqa: E402  (bench/wan.py)
 
 from ditserve.engine import GenerationRequest  # noqa: E402
 from ditserve.engine.batching import BatchingEngine, StepStats  # noqa: E402
-from ditserve.pipelines import WanPipeline  # noqa: E402
+from ditserve.pipelines.wan import WanPipeline  # noqa: E402
 
 # name -> (height, width, num_frames); the tiny pipeline gets small stand-ins of the same shapes
 SIZES = {"512x512x1": (512, 512, 1), "480x832x1": (480, 832, 1), "480x832x17": (480, 832, 17),
@@ -90,7 +90,7 @@ def build_gpu_pipeline(device: torch.device) -> WanPipeline:
             param.data = param.data.to(torch.bfloat16)
     scheduler_config = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
                             flow_shift=3.0)
-    return WanPipeline(transformer=dit, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
+    return WanPipeline(transformers=[dit], text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
                        new_scheduler=lambda: UniPCMultistepScheduler(**scheduler_config), device=device,
                        dtype=torch.bfloat16)
 

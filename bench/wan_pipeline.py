@@ -7,7 +7,12 @@ encoder and VAE objects; ditserve's DiT holds the same weights as diffusers'. Pe
 time per step (median and spread over the steps), total, peak GPU memory above what was
 resident before the run, and PSNR of the frames against diffusers'.
 
-    python bench/wan_pipeline.py --markdown docs/performance.md
+Variant `dense-loop` is the denoising loop `Pipeline.generate` ran before it became the
+batching engine with one request (one dense batch-2 forward per step, same components): the
+reference for "a single request through the shared engine path costs nothing".
+
+    python bench/wan_pipeline.py --variants diffusers,ditserve,dense-loop,ditserve:compile,dense-loop:compile \
+        --markdown docs/performance.md
 """
 
 from __future__ import annotations
@@ -55,6 +60,34 @@ def build_components(device: torch.device):
                 new_scheduler=lambda: UniPCMultistepScheduler(**scheduler_config))
 
 
+def dense_loop(pipe, request: dict) -> tuple[np.ndarray, float, list[float]]:
+    """The pre-engine `generate`: text, noise, a scheduler loop of dense CFG forwards, decode; (frames, total, steps)."""
+    from ditserve.pipelines.latents import seeded_noise
+
+    req = pipe.validate(**request, seed=0)
+    device, model = pipe.device, pipe.transformer
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        text = pipe.encode_text([req.prompt, req.negative_prompt])
+        latents = seeded_noise(pipe.latent_shape(req), req.seed, device, torch.float32)
+        scheduler = pipe.new_scheduler()
+        scheduler.set_timesteps(req.num_inference_steps, device=device)
+        scheduler.set_begin_index(0)
+        marks = [torch.cuda.Event(enable_timing=True)]
+        marks[0].record()
+        for t in scheduler.timesteps:
+            x = latents.to(model.dtype)
+            cond, uncond = model(torch.cat([x, x]), t.expand(2), text, return_dict=False)[0].chunk(2)
+            latents = scheduler.step(uncond + req.guidance_scale * (cond - uncond), t, latents, return_dict=False)[0]
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+        frames = pipe.decode_batch(latents)[0]
+        torch.cuda.synchronize()
+    steps = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+    return frames, time.perf_counter() - start, steps
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
@@ -85,13 +118,14 @@ def main() -> int:
                                    transformer=parts["transformer"], vae=parts["vae"], scheduler=parts["new_scheduler"]())
     our_dit = instantiate_on_meta(lambda: OurDiT(**COMMON, **WAN_CONFIGS["1.3b"]))
     our_dit.load_state_dict(parts["transformer"].state_dict(), strict=True, assign=True)
-    ours = OurPipeline(transformer=our_dit.to(device).eval(), text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+    ours = OurPipeline(transformers=[our_dit.to(device).eval()], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
                        vae=parts["vae"], new_scheduler=parts["new_scheduler"], device=device, dtype=torch.bfloat16)
     request = dict(prompt="a red circle moving left on a blue background", negative_prompt="blurry, low quality",
                    height=args.height, width=args.width, num_frames=args.num_frames,
                    num_inference_steps=args.steps, guidance_scale=5.0)
 
     rows, frames = [], {}
+    compiled = False
     for variant in args.variants.split(","):
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -111,14 +145,18 @@ def main() -> int:
             total = time.perf_counter() - start
             steps = np.diff([start, *step_ends])[1:]  # drop step 0: it includes text encoding
         else:
-            if variant.endswith(":compile"):
+            if variant.endswith(":compile") and not compiled:
                 t0 = time.perf_counter()
                 ours.compile()
                 ours.generate(**{**request, "num_inference_steps": 2}, seed=0)  # compile + warm-up
                 print(f"compile + warm-up: {time.perf_counter() - t0:.1f} s", flush=True)
                 torch.cuda.reset_peak_memory_stats()
-            result = ours.generate(**request, seed=0)
-            out, total, steps = result.frames, result.timings["total_s"], result.timings["per_step_s"]
+                compiled = True
+            if variant.startswith("dense-loop"):
+                out, total, steps = dense_loop(ours, request)
+            else:
+                result = ours.generate(**request, seed=0)
+                out, total, steps = result.frames, result.timings["total_s"], result.timings["per_step_s"]
         frames[variant] = out
         row = {
             "variant": variant,

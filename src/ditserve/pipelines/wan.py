@@ -119,6 +119,34 @@ def _from_pretrained_kwargs(dtype: torch.dtype) -> dict[str, Any]:
     return {key: dtype}
 
 
+def _request_spec(variant: _Variant, patch_size: tuple[int, ...], rope_max_seq_len: int, spatial: int, temporal: int,
+                  num_train_timesteps: int) -> RequestSpec:
+    """The Wan family's declaration: published defaults per variant, limits from the DiT's rotary table
+    (patches per axis), sizes in multiples of the VAE's factor times the patch, 4k+1 frames."""
+    pt, ph, pw = patch_size
+    name = "wan2.2-ti2v" if variant.expand_timesteps else "wan2.2-a14b" if variant.two_experts else "wan2.1"
+    defaults = dict(_DEFAULTS[name])
+    max_size = (rope_max_seq_len * spatial * ph, rope_max_seq_len * spatial * pw)
+    # a small custom DiT (rope table shorter than the published size): default to the largest it takes
+    defaults["height"], defaults["width"] = min(defaults["height"], max_size[0]), min(defaults["width"], max_size[1])
+    guidance_help = ("classifier-free guidance scale; <= 1 turns guidance off (one sample per step)"
+                     + (" (high-noise expert)" if variant.two_experts else ""))
+    params = standard_params(
+        **defaults,
+        size_multiple=(spatial * ph, spatial * pw),
+        max_size=max_size,
+        frame_multiple=temporal,
+        max_frames=(rope_max_seq_len * pt - 1) * temporal + 1,
+        max_steps=num_train_timesteps,
+        guidance_help=guidance_help,
+    )
+    if variant.two_experts:
+        params += (Param("guidance_scale_2", "float", _A14B_GUIDANCE_2,
+                         "guidance scale of the low-noise expert (null: the same as guidance_scale)",
+                         minimum=0, maximum=100, nullable=True),)
+    return RequestSpec(params, output="video", takes_image=variant.expand_timesteps)
+
+
 @dataclass(frozen=True)
 class _Condition:
     """One sample's conditioning: its text embeddings `[L, text_dim]` in the DiT's dtype."""
@@ -191,6 +219,11 @@ class WanPipeline(Pipeline):
         self._latents_mean = torch.tensor(vae_config.latents_mean).view(shape).to(device, vae.dtype)
         self._latents_inv_std = 1.0 / torch.tensor(vae_config.latents_std).view(shape).to(device, vae.dtype)
         self._image_processor: Any = None
+        # from the components' configs; `from_pretrained` replaces it with the folder's (its defaults file)
+        self.request_spec = _request_spec(
+            _Variant(len(transformers) == 2, boundary_ratio, expand_timesteps), tuple(first.patch_size),
+            first.rope_max_seq_len, self.vae_spatial, self.vae_temporal,
+            int(new_scheduler().config.num_train_timesteps))
 
     @property
     def transformer(self) -> WanTransformer3DModel:
@@ -204,35 +237,12 @@ class WanPipeline(Pipeline):
 
     @classmethod
     def read_request_spec(cls, root: Path, model_index: Mapping[str, Any]) -> RequestSpec:
-        variant = _variant(root, model_index)
         transformer = read_config(component_path(root, "transformer"))
         vae = read_config(component_path(root, "vae"))
         scheduler = read_config(component_path(root, "scheduler"), "scheduler_config.json")
-        pt, ph, pw = transformer.get("patch_size", (1, 2, 2))
-        spatial = int(vae.get("scale_factor_spatial", 8))
-        temporal = int(vae.get("scale_factor_temporal", 4))
-        rope = int(transformer.get("rope_max_seq_len", 1024))
-        name = "wan2.2-ti2v" if variant.expand_timesteps else "wan2.2-a14b" if variant.two_experts else "wan2.1"
-        defaults = dict(_DEFAULTS[name])
-        max_size = (rope * spatial * ph, rope * spatial * pw)
-        # a small custom DiT (rope table shorter than the published size): default to the largest it takes
-        defaults["height"], defaults["width"] = min(defaults["height"], max_size[0]), min(defaults["width"], max_size[1])
-        guidance_help = ("classifier-free guidance scale; <= 1 turns guidance off (one sample per step)"
-                         + (" (high-noise expert)" if variant.two_experts else ""))
-        params = standard_params(
-            **defaults,
-            size_multiple=(spatial * ph, spatial * pw),
-            max_size=max_size,
-            frame_multiple=temporal,
-            max_frames=(rope * pt - 1) * temporal + 1,
-            max_steps=int(scheduler.get("num_train_timesteps", 1000)),
-            guidance_help=guidance_help,
-        )
-        if variant.two_experts:
-            params += (Param("guidance_scale_2", "float", _A14B_GUIDANCE_2,
-                             "guidance scale of the low-noise expert (null: the same as guidance_scale)",
-                             minimum=0, maximum=100, nullable=True),)
-        return RequestSpec(params, output="video", takes_image=variant.expand_timesteps)
+        return _request_spec(_variant(root, model_index), tuple(transformer.get("patch_size", (1, 2, 2))),
+                             int(transformer.get("rope_max_seq_len", 1024)), int(vae.get("scale_factor_spatial", 8)),
+                             int(vae.get("scale_factor_temporal", 4)), int(scheduler.get("num_train_timesteps", 1000)))
 
     # -- loading -----------------------------------------------------------------------------
 
