@@ -1,6 +1,10 @@
-"""Wan2.1 DiT forward on one GPU: ditserve vs diffusers' WanTransformer3DModel, same weights.
+"""Wan DiT forward on one GPU: ditserve vs diffusers' WanTransformer3DModel, same weights.
 
-Random weights built from the published Wan2.1-T2V transformer configs (bf16). For each
+Random weights built from the published Wan2.1-T2V and Wan2.2 transformer configs (bf16);
+`a14b` is one expert of Wan2.2-T2V-A14B (each of its two experts has the 14B architecture),
+`ti2v-5b` is Wan2.2-TI2V-5B (48 latent channels, 16x VAE). For TI2V, diffusers' own pipeline
+passes one timestep per token (`[B, S]`, all equal for text-to-video) and ours one per sample;
+each model gets what its pipeline passes. For each
 variant: one forward (batch 1) and a CFG pair (batch 2), median of --repeats after warm-up,
 peak GPU memory, and model FLOPs utilisation against the bf16 matrix-product rate measured in
 this run. Our output is compared with diffusers' on the same inputs.
@@ -22,15 +26,21 @@ import torch
 from report import publish, shown_args  # bench/report.py
 
 WAN_CONFIGS = {
-    # published Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers transformer/config.json values
+    # published Wan-AI/Wan2.1-T2V-{1.3B,14B}, Wan2.2-T2V-A14B and Wan2.2-TI2V-5B transformer/config.json values
     "1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
     "14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+    "a14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+    "ti2v-5b": dict(num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, num_layers=30, in_channels=48,
+                    out_channels=48),
 }
+NAMES = {"1.3b": "Wan2.1-T2V-1.3B", "14b": "Wan2.1-T2V-14B", "a14b": "Wan2.2-T2V-A14B (one expert)",
+         "ti2v-5b": "Wan2.2-TI2V-5B"}
+VAE_SPATIAL = {"ti2v-5b": 16}  # the Wan2.2 VAE; 8 for the others
 COMMON = dict(
     patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
     cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
 )
-SIZES = {"1.3b": (480, 832, 81), "14b": (720, 1280, 81)}
+SIZES = {"1.3b": (480, 832, 81), "14b": (720, 1280, 81), "a14b": (720, 1280, 81), "ti2v-5b": (704, 1280, 121)}
 TEXT_LEN = 512
 
 
@@ -117,7 +127,8 @@ def main() -> int:
     device = torch.device("cuda")
     cfg = {**COMMON, **WAN_CONFIGS[args.config]}
     height, width, frames = SIZES[args.config]
-    lat_shape = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
+    spatial = VAE_SPATIAL.get(args.config, 8)
+    lat_shape = (cfg["in_channels"], (frames - 1) // 4 + 1, height // spatial, width // spatial)
     tokens = lat_shape[1] * (lat_shape[2] // 2) * (lat_shape[3] // 2)
     flops = forward_flops(cfg, tokens)
     rate = matmul_rate(device)
@@ -131,6 +142,8 @@ def main() -> int:
     latents = torch.randn(2, *lat_shape, device=device, dtype=torch.bfloat16, generator=gen)
     text = torch.randn(2, TEXT_LEN, 4096, device=device, dtype=torch.bfloat16, generator=gen)
     timestep = torch.tensor([999.0, 999.0], device=device)
+    per_token = args.config == "ti2v-5b"  # diffusers' TI2V pipeline: [B, S] timesteps
+    token_timestep = timestep[:, None].expand(2, tokens).contiguous()
 
     rows, outputs = [], {}
     compiled: set[str] = set()
@@ -155,8 +168,10 @@ def main() -> int:
                 torch.cuda.reset_peak_memory_stats()
                 torch.cuda.empty_cache()
 
-                def run(batch=batch):
-                    return model(latents[:batch], timestep[:batch], text[:batch], return_dict=False)[0]
+                t = token_timestep if per_token and lib == "diffusers" else timestep
+
+                def run(batch=batch, t=t):
+                    return model(latents[:batch], t[:batch], text[:batch], return_dict=False)[0]
 
                 try:
                     ms = time_ms(run, args.repeats, warmup=args.warmup + (1 if mode else 0))
@@ -181,7 +196,7 @@ def main() -> int:
             row["rel_err_vs_" + ref_key] = ((out - ref).abs().max() / ref.abs().max()).item()
     base = next((r for r in rows if r["variant"] == "diffusers (native)"), None)
     lines = [
-        f"### Wan2.1-{args.config.upper()} DiT forward, {height}x{width}x{frames} ({tokens} tokens), bf16 — "
+        f"### {NAMES[args.config]} DiT forward, {height}x{width}x{frames} ({tokens} tokens), bf16 — "
         f"{datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}",
         "",
         f"Command: `python bench/wan.py {shown_args()}`. Random weights from the published config; "

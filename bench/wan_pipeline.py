@@ -1,8 +1,9 @@
-"""Whole Wan2.1-1.3B generation on one GPU: ditserve vs diffusers' WanPipeline, same components.
+"""Whole Wan generation on one GPU: ditserve vs diffusers' WanPipeline, same components.
 
-Real-size components with random weights (the published Wan2.1-T2V-1.3B transformer and
-VAE configs, a UMT5-XXL-sized text encoder; a small offline tokenizer), bf16 (VAE float32, as
-both pipelines recommend), 480x832x81, 50 steps, CFG 5.0. Both pipelines share the text
+Real-size components with random weights (the published transformer and VAE configs of
+Wan2.1-T2V-1.3B, or of Wan2.2-TI2V-5B with `--config ti2v-5b`, a UMT5-XXL-sized text encoder;
+a small offline tokenizer), bf16 (VAE float32, as both pipelines recommend), 50 steps, CFG 5.0,
+at the model's published size (480x832x81; TI2V: 704x1280x121). Both pipelines share the text
 encoder and VAE objects; ditserve's DiT holds the same weights as diffusers'. Per variant:
 time per step (median and spread over the steps), total, peak GPU memory above what was
 resident before the run, and PSNR of the frames against diffusers'.
@@ -30,15 +31,26 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 sys.path.insert(1, __file__.rsplit("/", 2)[0] + "/tests")  # tests/helpers: the tiny checkpoint builders
-from report import publish  # noqa: E402  (bench/report.py)
-from wan import COMMON, WAN_CONFIGS  # noqa: E402  (bench/wan.py)
+from report import publish, shown_args  # noqa: E402  (bench/report.py)
+from wan import COMMON, NAMES, WAN_CONFIGS  # noqa: E402  (bench/wan.py)
 
 UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=256384,
                 feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
                 relative_attention_max_distance=128, dropout_rate=0.0)
 
 
-def build_components(device: torch.device):
+# Wan2.2-TI2V-5B's VAE (Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json; latents_mean/std left at random values)
+WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                 attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0, is_residual=True,
+                 in_channels=12, out_channels=12, patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+                 latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+PRESETS = {  # config -> (DiT config key, VAE config, flow shift, expand_timesteps, (height, width, frames))
+    "1.3b": ("1.3b", {}, 3.0, False, (480, 832, 81)),
+    "ti2v-5b": ("ti2v-5b", WAN22_VAE, 5.0, True, (704, 1280, 121)),
+}
+
+
+def build_components(device: torch.device, config: str = "1.3b"):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -50,12 +62,13 @@ def build_components(device: torch.device):
     try:
         with torch.device(device):
             text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).eval()
-            transformer = WanTransformer3DModel(**COMMON, **WAN_CONFIGS["1.3b"]).eval()
+            transformer = WanTransformer3DModel(**{**COMMON, **WAN_CONFIGS[PRESETS[config][0]]}).eval()
     finally:
         torch.set_default_dtype(previous)
     with torch.device(device):
-        vae = AutoencoderKLWan().eval()  # the Wan2.1 VAE config is diffusers' default
-    scheduler_config = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0)
+        vae = AutoencoderKLWan(**PRESETS[config][1]).eval()  # {}: the Wan2.1 VAE config is diffusers' default
+    scheduler_config = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+                            flow_shift=PRESETS[config][2])
     return dict(tokenizer=build_tiny_t5_tokenizer(), text_encoder=text_encoder, transformer=transformer, vae=vae,
                 new_scheduler=lambda: UniPCMultistepScheduler(**scheduler_config))
 
@@ -95,10 +108,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(PRESETS), default="1.3b")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--num-frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=None, help="default: the model's published size")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--num-frames", type=int, default=None)
     parser.add_argument("--variants", default="diffusers,ditserve,ditserve:compile")
     parser.add_argument("--markdown")
     parser.add_argument("--json")
@@ -113,13 +127,17 @@ def main() -> int:
     from ditserve.pipelines.wan import WanPipeline as OurPipeline
 
     device = torch.device("cuda")
-    parts = build_components(device)
+    dit_key, _, _, expand, (height, width, frames) = PRESETS[args.config]
+    args.height, args.width, args.num_frames = args.height or height, args.width or width, args.num_frames or frames
+    parts = build_components(device, args.config)
     theirs = diffusers.WanPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"],
-                                   transformer=parts["transformer"], vae=parts["vae"], scheduler=parts["new_scheduler"]())
-    our_dit = instantiate_on_meta(lambda: OurDiT(**COMMON, **WAN_CONFIGS["1.3b"]))
+                                   transformer=parts["transformer"], vae=parts["vae"], scheduler=parts["new_scheduler"](),
+                                   expand_timesteps=expand)
+    our_dit = instantiate_on_meta(lambda: OurDiT(**{**COMMON, **WAN_CONFIGS[dit_key]}))
     our_dit.load_state_dict(parts["transformer"].state_dict(), strict=True, assign=True)
     ours = OurPipeline(transformers=[our_dit.to(device).eval()], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
-                       vae=parts["vae"], new_scheduler=parts["new_scheduler"], device=device, dtype=torch.bfloat16)
+                       vae=parts["vae"], new_scheduler=parts["new_scheduler"], device=device, dtype=torch.bfloat16,
+                       expand_timesteps=expand)
     request = dict(prompt="a red circle moving left on a blue background", negative_prompt="blurry, low quality",
                    height=args.height, width=args.width, num_frames=args.num_frames,
                    num_inference_steps=args.steps, guidance_scale=5.0)
@@ -171,11 +189,11 @@ def main() -> int:
         print(json.dumps(row), flush=True)
     base = next((r for r in rows if r["variant"] == "diffusers"), None)
     lines = [
-        f"### Wan2.1-1.3B whole generation, {args.height}x{args.width}x{args.num_frames}, {args.steps} steps, CFG 5.0, bf16 — "
+        f"### {NAMES[dit_key]} whole generation, {args.height}x{args.width}x{args.num_frames}, {args.steps} steps, CFG 5.0, bf16 — "
         f"{datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, diffusers {diffusers.__version__}",
         "",
-        f"Command: `python bench/wan_pipeline.py --steps {args.steps}`. Random weights, real-size components (UMT5-XXL-sized "
-        "text encoder, Wan2.1 VAE in float32, 1.3B DiT); both pipelines share the text encoder and VAE. Peak memory is "
+        f"Command: `python bench/wan_pipeline.py {shown_args()}`. Random weights, real-size components (UMT5-XXL-sized "
+        "text encoder, the model's VAE in float32, its DiT); both pipelines share the text encoder and VAE. Peak memory is "
         "measured above what was resident before the run (all models stay loaded).",
         "",
         "| variant | step median (s) | step min–max (s) | total (s) | speed-up vs diffusers | peak above resident (GiB) | PSNR vs diffusers (dB) |",
