@@ -320,6 +320,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = ServerSettings(model_name=args.model_name or Path(model).resolve().name,
                                   output_dir=args.output_dir, max_queue=args.max_queue, keep_jobs=args.keep_jobs,
                                   max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                                  shutdown_timeout_s=args.shutdown_timeout,
                                   request_defaults=_embedded_defaults(model) or {})
     except (ValueError, _UsageError) as e:
         print(f"ditserve serve: error: {e}", file=sys.stderr)
@@ -352,9 +353,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                      help="most DiT tokens in one batched step, all jobs' samples together; a bigger job runs "
                           "alone (default: from free device memory after loading; 65536 on CPU)")
     srv.add_argument("--output-dir", default=None,
-                     help="where finished videos/images are written (default: a temporary folder removed at exit)")
+                     help="where finished videos/images and the job database (.ditserve/jobs.sqlite3) are kept, so "
+                          "jobs survive a restart (default: a temporary folder removed at exit)")
     srv.add_argument("--keep-jobs", type=int, default=100,
-                     help="finished jobs (and files) kept; older ones are deleted (default: 100)")
+                     help="finished jobs (and files) kept, across restarts; older ones are deleted (default: 100)")
+    srv.add_argument("--shutdown-timeout", type=float, default=25.0,
+                     help="seconds SIGTERM may take to stop the running jobs, finish responses and write the files of "
+                          "jobs done denoising (default: 25, under Kubernetes' 30 s grace period)")
     srv.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     srv.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     srv.add_argument("--attention-backend", default=None,

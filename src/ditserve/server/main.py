@@ -11,6 +11,7 @@ written (atomically), and temporary files are removed. Finished files stay in --
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -109,7 +110,8 @@ def serve(
             server.should_exit = True
 
     app = create_app(load, settings, on_load_failure=on_load_failure)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_timeout_s)),
                             access_log=log_level == "debug")
     server = _Server(config, app.state.ditserve)
     server.run(sockets=[sock] if sock is not None else None)

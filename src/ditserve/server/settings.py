@@ -27,7 +27,9 @@ class ServerSettings:
     request_defaults: values for fields a request leaves out (height, width, num_frames,
         num_inference_steps, guidance_scale, negative_prompt), e.g. the embedded tiny model's
         own settings; fields not named here take the pipeline's defaults (Wan2.1's).
-    shutdown_timeout_s: how long shutdown waits for the running jobs to stop and files to be written.
+    shutdown_timeout_s: how long shutdown (SIGTERM) may take in all: open connections finishing, the
+        running jobs stopping at their next step, files of jobs done denoising being written. Under
+        Kubernetes' default 30 s grace period by default, so the pod exits before it is killed.
     """
 
     model_name: str = "ditserve"
@@ -38,7 +40,7 @@ class ServerSettings:
     keep_jobs: int = 100
     default_fps: float = 16.0
     request_defaults: Mapping[str, Any] = field(default_factory=dict)
-    shutdown_timeout_s: float = 60.0
+    shutdown_timeout_s: float = 25.0
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -49,6 +51,9 @@ class ServerSettings:
         _check_limit("max_batch_tokens", self.max_batch_tokens, "leave it out for the default from free memory")
         if self.keep_jobs < 1:
             raise ValueError(f"keep_jobs must be >= 1, got {self.keep_jobs}")
+        if not (isinstance(self.shutdown_timeout_s, int | float) and 0 < self.shutdown_timeout_s < float("inf")):
+            raise ValueError(f"shutdown_timeout_s (--shutdown-timeout) must be a number of seconds > 0, "
+                             f"got {self.shutdown_timeout_s!r}")
         if not self.default_fps > 0:
             raise ValueError(f"default_fps must be > 0, got {self.default_fps}")
         unknown = sorted(set(self.request_defaults) - REQUEST_DEFAULT_FIELDS)
