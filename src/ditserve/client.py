@@ -85,11 +85,14 @@ def _drop_none(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 class Client:
-    """Talks to one ditserve server. `timeout`: seconds per HTTP call (image generation waits for the image)."""
+    """Talks to one ditserve server. `timeout`: seconds per HTTP call (image generation waits for the image);
+    `api_key`: sent as a bearer token, for a server started with keys."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 600.0, http: httpx.Client | None = None) -> None:
+    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 600.0, http: httpx.Client | None = None,
+                 api_key: str | None = None) -> None:
         self.url = url.rstrip("/")
-        self._http = http or httpx.Client(base_url=self.url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = http or httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def __enter__(self) -> Client:
         return self

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from ditserve import __version__
+from ditserve.server.auth import ApiKeyAuth
 from ditserve.server.errors import install_error_handlers
 from ditserve.server.routes import router
 from ditserve.server.schemas import ImageGenerationRequest, VideoCreateRequest
@@ -26,7 +27,9 @@ def create_app(
     """An app serving `pipeline` (a loaded pipeline, or a no-argument factory run in the background at start).
 
     on_load_failure(error) runs (on the loading thread) if the factory raises; `serve` exits then.
-    The server state is `app.state.ditserve`.
+    The server state is `app.state.ditserve`. With `settings.api_keys`, every route but /health
+    needs a key (`ditserve.server.auth`); /openapi.json exists only with `settings.docs`, and
+    there are no interactive docs pages (they load scripts from a CDN).
     """
     state = ServerState(pipeline, settings or ServerSettings(), on_load_failure)
 
@@ -38,9 +41,11 @@ def create_app(
         finally:
             await state.stop()
 
-    app = FastAPI(title="ditserve", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="ditserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json" if state.settings.docs else None,
                   description="Text-to-video and text-to-image generation with diffusion transformers.")
     app.state.ditserve = state
     install_error_handlers(app, {"/v1/videos": VideoCreateRequest, "/v1/images/generations": ImageGenerationRequest})
     app.include_router(router)
+    app.add_middleware(ApiKeyAuth, keys=state.settings.api_keys)
     return app

@@ -109,6 +109,12 @@ def serve(
         if server is not None:
             server.should_exit = True
 
+    if settings.api_keys:
+        log.info("API keys: %d; every endpoint but /health needs one, and each key sees only its own jobs",
+                 len(settings.api_keys))
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("no API keys on %s: anyone who can reach this port can generate, list and delete jobs "
+                    "(see --api-key-file)", host)
     app = create_app(load, settings, on_load_failure=on_load_failure)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_timeout_s)),

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from ditserve.server.admission import image_job, video_job
+from ditserve.server.auth import request_owner
 from ditserve.server.errors import ApiError
 from ditserve.server.jobs import Job, JobSnapshot, JobStatus
 from ditserve.server.metrics import CONTENT_TYPE
@@ -53,10 +54,16 @@ async def _wait_finished(job: Job) -> JobSnapshot:
     return job.snapshot()
 
 
-def _find(state: ServerState, job_id: str, kind: str | None) -> Job:
-    """The job `job_id` (of `kind`, if given), or 404."""
+def _visible(state: ServerState, job: Job, request: Request) -> bool:
+    """Without API keys every job is everyone's; with keys, a job is its creator's key's alone."""
+    return not state.settings.api_keys or job.owner == request_owner(request)
+
+
+def _find(state: ServerState, request: Request, job_id: str, kind: str | None) -> Job:
+    """The job `job_id` (of `kind`, if given) if the caller may see it, or 404 (another key's job is
+    answered as if it did not exist)."""
     job = state.store.get(job_id)
-    if job is None or (kind is not None and job.kind != kind):
+    if job is None or (kind is not None and job.kind != kind) or not _visible(state, job, request):
         raise ApiError(404, f"no {kind or 'file'} with id {job_id!r} (never created, or deleted after "
                             f"{state.settings.keep_jobs} newer jobs finished)",
                        param="video_id" if kind == "video" else "file_id", code="not_found")
@@ -74,39 +81,54 @@ def _file(snap: JobSnapshot) -> FileResponse:
                         filename=snap.path.name)
 
 
+def _base_url(request: Request, state: ServerState) -> str:
+    """Where clients reach this server: `--public-url`, else the local address the connection came in
+    on. Never the request's Host header, which the client chooses."""
+    if state.settings.public_url is not None:
+        return state.settings.public_url
+    server = request.scope.get("server")
+    if not server or server[1] is None:  # a Unix socket: no address a client could use
+        raise ApiError(400, "this server has no network address to build a URL from; use response_format "
+                            "'b64_json', or start it with --public-url", param="response_format", code="no_public_url")
+    host, port = server
+    host = f"[{host}]" if ":" in host else host
+    return f"{request.scope.get('scheme', 'http')}://{host}:{port}{request.scope.get('root_path', '')}"
+
+
 # -- videos -----------------------------------------------------------------------------------
 
 @router.post("/v1/videos", response_model=VideoObject, tags=["videos"])
-async def create_video(body: VideoCreateRequest, state: State) -> VideoObject:
+async def create_video(body: VideoCreateRequest, request: Request, state: State) -> VideoObject:
     """Create a video job; returns at once with status `queued` (poll GET /v1/videos/{id})."""
     job = video_job(body, state.pipeline(), state.settings)
+    job.owner = request_owner(request)
     state.admit(job)
     return video_object(job.snapshot(), state.settings.model_name)
 
 
 @router.get("/v1/videos", response_model=VideoList, tags=["videos"])
-async def list_videos(state: State) -> VideoList:
-    """Video jobs the server holds, newest first."""
-    jobs = [j for j in reversed(state.store.jobs()) if j.kind == "video"]
+async def list_videos(request: Request, state: State) -> VideoList:
+    """Your video jobs, newest first."""
+    jobs = [j for j in reversed(state.store.jobs()) if j.kind == "video" and _visible(state, j, request)]
     return VideoList(data=[video_object(j.snapshot(), state.settings.model_name) for j in jobs])
 
 
 @router.get("/v1/videos/{video_id}", response_model=VideoObject, tags=["videos"])
-async def get_video(video_id: str, state: State) -> VideoObject:
-    return video_object(_find(state, video_id, "video").snapshot(), state.settings.model_name)
+async def get_video(video_id: str, request: Request, state: State) -> VideoObject:
+    return video_object(_find(state, request, video_id, "video").snapshot(), state.settings.model_name)
 
 
 @router.get("/v1/videos/{video_id}/content", tags=["videos"], response_class=FileResponse)
-async def video_content(video_id: str, state: State) -> FileResponse:
+async def video_content(video_id: str, request: Request, state: State) -> FileResponse:
     """The MP4 of a completed job (409 before that)."""
-    return _file(_find(state, video_id, "video").snapshot())
+    return _file(_find(state, request, video_id, "video").snapshot())
 
 
 @router.delete("/v1/videos/{video_id}", response_model=VideoObject, tags=["videos"])
-async def cancel_video(video_id: str, state: State) -> VideoObject:
+async def cancel_video(video_id: str, request: Request, state: State) -> VideoObject:
     """Cancel a queued job (answered `cancelled`) or a running one (answered `in_progress`: it stops
     before its next denoising step, and GET then shows `cancelled`). A finished job gives 409."""
-    job = _find(state, video_id, "video")
+    job = _find(state, request, video_id, "video")
     if not state.runner.cancel(video_id):
         raise ApiError(409, f"{video_id} is already {job.status.value}; only queued or in_progress jobs can be "
                             "cancelled", code="not_cancellable")
@@ -120,6 +142,7 @@ async def cancel_video(video_id: str, state: State) -> VideoObject:
 async def generate_image(body: ImageGenerationRequest, request: Request, state: State) -> ImagesResponse:
     """Generate one image (a single-frame run) and answer when it is done."""
     job = image_job(body, state.pipeline(), state.settings)
+    job.owner = request_owner(request)
     state.admit(job)
     snap = await _wait_finished(job)
     if snap.status is JobStatus.CANCELLED:
@@ -131,7 +154,7 @@ async def generate_image(body: ImageGenerationRequest, request: Request, state: 
                        type="server_error", code=error.code if error else "generation_failed")
     seed = snap.request.seed
     if body.response_format == "url":
-        url = str(request.url_for("file_content", file_id=snap.id))
+        url = f"{_base_url(request, state)}/v1/files/{snap.id}/content"
         return ImagesResponse(created=int(snap.created_at), data=[ImageData(url=url, seed=seed)])
     try:
         data = await asyncio.to_thread(snap.path.read_bytes)
@@ -143,9 +166,9 @@ async def generate_image(body: ImageGenerationRequest, request: Request, state: 
 
 
 @router.get("/v1/files/{file_id}/content", name="file_content", tags=["images"], response_class=FileResponse)
-async def file_content(file_id: str, state: State) -> FileResponse:
-    """The file of any completed job (images' `url` points here)."""
-    return _file(_find(state, file_id, None).snapshot())
+async def file_content(file_id: str, request: Request, state: State) -> FileResponse:
+    """The file of any completed job of yours (images' `url` points here)."""
+    return _file(_find(state, request, file_id, None).snapshot())
 
 
 # -- service ----------------------------------------------------------------------------------

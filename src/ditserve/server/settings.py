@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 __all__ = ["REQUEST_DEFAULT_FIELDS", "ServerSettings"]
 
@@ -30,6 +31,12 @@ class ServerSettings:
     shutdown_timeout_s: how long shutdown (SIGTERM) may take in all: open connections finishing, the
         running jobs stopping at their next step, files of jobs done denoising being written. Under
         Kubernetes' default 30 s grace period by default, so the pod exits before it is killed.
+    api_keys: bearer keys; when any is given every endpoint but /health needs one, and each key
+        sees only its own jobs (never shown in repr or logs).
+    public_url: the server's address as clients reach it (`https://host[:port][/prefix]`), for
+        the `url` response format; None -> the address the connection came in on (never the
+        client's Host header).
+    docs: serve the OpenAPI schema at /openapi.json (no interactive pages, no outside scripts).
     """
 
     model_name: str = "ditserve"
@@ -41,6 +48,9 @@ class ServerSettings:
     default_fps: float = 16.0
     request_defaults: Mapping[str, Any] = field(default_factory=dict)
     shutdown_timeout_s: float = 25.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    public_url: str | None = None
+    docs: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -60,6 +70,9 @@ class ServerSettings:
         if unknown:
             raise ValueError(f"request_defaults: unknown field(s) {unknown}; "
                              f"choose from {sorted(REQUEST_DEFAULT_FIELDS)}")
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        if self.public_url is not None:
+            object.__setattr__(self, "public_url", _check_public_url(self.public_url))
         if self.output_dir is not None:
             object.__setattr__(self, "output_dir", Path(self.output_dir))
             if self.output_dir.exists() and not self.output_dir.is_dir():
@@ -74,3 +87,17 @@ def _check_limit(name: str, value: int | None, hint: str) -> None:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1 ({hint}), got {value}")
+
+
+def _check_public_url(url: str) -> str:
+    """`http(s)://host[:port][/prefix]` without a trailing slash; ValueError naming the flag otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"public_url (--public-url) must be an http:// or https:// URL with a host, got {url!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"public_url (--public-url) must have no query, fragment or user info, got {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"public_url (--public-url) has an invalid port: {url!r}") from None
+    return url.rstrip("/")
