@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from ditserve import __version__
 from ditserve.server.auth import ApiKeyAuth
 from ditserve.server.errors import install_error_handlers
+from ditserve.server.responses import AsciiJSONResponse
 from ditserve.server.routes import router
 from ditserve.server.schemas import ImageGenerationRequest, VideoCreateRequest
 from ditserve.server.settings import ServerSettings
@@ -42,6 +43,7 @@ def create_app(
             await state.stop()
 
     app = FastAPI(title="ditserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  default_response_class=AsciiJSONResponse,
                   openapi_url="/openapi.json" if state.settings.docs else None,
                   description="Text-to-video and text-to-image generation with diffusion transformers.")
     app.state.ditserve = state

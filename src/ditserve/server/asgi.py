@@ -1,8 +1,8 @@
 """Answering from a pure ASGI middleware, before the app (and its body parsing) runs.
 
 The middlewares that refuse a request early (a missing API key, a body over the limit) answer
-with the same OpenAI-style error body the routes use, and close the connection when the
-client may still be sending a body nobody will read.
+with the same OpenAI-style error body the routes use, having read the body (`drain`) or, when
+it is too big to read, closing the connection.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-__all__ = ["Receive", "Scope", "Send", "header", "may_have_body", "send_error"]
+__all__ = ["Receive", "Scope", "Send", "drain", "header", "may_have_body", "send_error"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -30,6 +30,15 @@ def may_have_body(scope: Scope) -> bool:
     """True unless the request says it has no body (no Content-Length, or 0, and no chunked encoding)."""
     length = header(scope, b"content-length")
     return header(scope, b"transfer-encoding") is not None or (length is not None and length.strip() != b"0")
+
+
+async def drain(receive: Receive) -> None:
+    """Read and drop the request body, so the connection can answer and stay open (closing a socket with
+    unread data resets it, and the client may lose the answer). Bounded by the body-size middleware."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 async def send_error(send: Send, status: int, message: str, *, code: str, type: str = "invalid_request_error",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from starlette.requests import Request
 
-from ditserve.server.asgi import Receive, Scope, Send, header, may_have_body, send_error
+from ditserve.server.asgi import Receive, Scope, Send, drain, header, may_have_body, send_error
 
 __all__ = ["ENV_VAR", "MIN_KEY_LENGTH", "ApiKeyAuth", "load_api_keys", "owner_id", "request_owner"]
 
@@ -84,12 +84,13 @@ class ApiKeyAuth:
             return
         owner = self._owner(header(scope, b"authorization"))
         if owner is None:
+            if may_have_body(scope):
+                await drain(receive)
             given = header(scope, b"authorization") is not None
             await send_error(send, 401, "invalid API key: send 'Authorization: Bearer <key>' with a key this server "
                                         "was given (--api-key)" if given else
                              "missing API key: send 'Authorization: Bearer <key>'",
-                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
-                             close=may_have_body(scope))
+                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             return
         scope[_OWNER_KEY] = owner
         await self.app(scope, receive, send)  # type: ignore[operator]

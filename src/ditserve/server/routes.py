@@ -7,13 +7,14 @@ import base64
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 
 from ditserve.server.admission import image_job, video_job
 from ditserve.server.auth import request_owner
 from ditserve.server.errors import ApiError
 from ditserve.server.jobs import Job, JobSnapshot, JobStatus
 from ditserve.server.metrics import CONTENT_TYPE
+from ditserve.server.responses import AsciiJSONResponse
 from ditserve.server.schemas import (
     ImageData,
     ImageGenerationRequest,
@@ -174,11 +175,11 @@ async def file_content(file_id: str, request: Request, state: State) -> FileResp
 # -- service ----------------------------------------------------------------------------------
 
 @router.get("/health", tags=["service"])
-async def health(state: State) -> JSONResponse:
+async def health(state: State) -> AsciiJSONResponse:
     """200 when a request can be generated; 503 while loading, after a failed load, or shutting down."""
     if state.ready:
         stats = state.runner.stats()
-        return JSONResponse({"status": "ok", "model": state.settings.model_name, "queued": stats.queued,
+        return AsciiJSONResponse({"status": "ok", "model": state.settings.model_name, "queued": stats.queued,
                              "running": stats.running})
     if state.draining:
         status = {"status": "shutting_down"}
@@ -186,7 +187,7 @@ async def health(state: State) -> JSONResponse:
         status = {"status": "failed", "error": state.load_error}
     else:
         status = {"status": "loading"}
-    return JSONResponse(status, status_code=503)
+    return AsciiJSONResponse(status, status_code=503)
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["service"])

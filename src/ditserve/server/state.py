@@ -19,6 +19,7 @@ from ditserve.server.errors import ApiError
 from ditserve.server.execute import ServablePipeline
 from ditserve.server.jobs import Job
 from ditserve.server.metrics import Metrics
+from ditserve.server.output_check import check_writer
 from ditserve.server.runner import JobRunner, QueueFull, RunnerClosed
 from ditserve.server.settings import ServerSettings
 from ditserve.server.store import JobStore
@@ -74,25 +75,36 @@ class ServerState:
         self.metrics.watch(self._runner.stats, lambda: {s.value: n for s, n in self.store.counts().items()},
                            lambda: self.ready)
         if hasattr(self._source, "validate"):  # a loaded pipeline
+            try:
+                check_writer(self._source)
+            except Exception as e:
+                self._failed(e)
+                return
             self._runner.start(self._source)  # type: ignore[arg-type]
             self._pipeline = self._source  # type: ignore[assignment]
         else:
             threading.Thread(target=self._load, name="ditserve-load", daemon=True).start()
 
     def _load(self) -> None:
-        """Load the model (the factory) and start the engine on it; either failing is a failed load."""
+        """Load the model (the factory), check its outputs can be written, and start the engine on it; any of
+        these failing is a failed load."""
         started = time.perf_counter()
         try:
             pipeline = self._source()  # type: ignore[operator]
+            check_writer(pipeline)
             self.runner.start(pipeline)
         except BaseException as e:
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.error("loading the model failed: %s", self.load_error)
-            if self._on_load_failure is not None:
-                self._on_load_failure(e)
+            self._failed(e)
             return
         self._pipeline = pipeline
         log.info("model %s ready in %.1f s", self.settings.model_name, time.perf_counter() - started)
+
+    def _failed(self, error: BaseException) -> None:
+        """The model cannot serve: /health says why (503), and `on_load_failure` (serve: exit 1) is told."""
+        self.load_error = f"{type(error).__name__}: {error}"
+        log.error("loading the model failed: %s", self.load_error)
+        if self._on_load_failure is not None:
+            self._on_load_failure(error)
 
     def begin_shutdown(self) -> None:
         """Take no new jobs (503), cancel queued ones, and ask the running ones to stop at the next step.
