@@ -324,7 +324,9 @@ def _serve(args: argparse.Namespace) -> int:
                                   output_dir=args.output_dir, max_queue=args.max_queue, keep_jobs=args.keep_jobs,
                                   max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                                   shutdown_timeout_s=args.shutdown_timeout, api_keys=api_keys,
-                                  public_url=args.public_url, docs=args.docs,
+                                  public_url=args.public_url, docs=args.docs, max_body_bytes=args.max_body_bytes,
+                                  max_upload_bytes=args.max_upload_bytes, request_timeout_s=args.request_timeout,
+                                  keep_alive_timeout_s=args.keep_alive_timeout,
                                   request_defaults=_embedded_defaults(model) or {})
     except (ValueError, _UsageError) as e:
         print(f"ditserve serve: error: {e}", file=sys.stderr)
@@ -372,6 +374,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--public-url", default=None,
                      help="the server's address as clients reach it (https://host[:port][/prefix]), for image 'url' "
                           "responses (default: the address the connection came in on; never the Host header)")
+    srv.add_argument("--max-body-bytes", type=int, default=1024 * 1024,
+                     help="largest JSON request body; more gets 413 before it is read (default: 1 MiB)")
+    srv.add_argument("--max-upload-bytes", type=int, default=32 * 1024 * 1024,
+                     help="largest multipart/form-data body (with an input_reference image) (default: 32 MiB)")
+    srv.add_argument("--request-timeout", type=float, default=30.0,
+                     help="seconds a client has to send a whole request (headers and body); slower ones are "
+                          "disconnected (default: 30)")
+    srv.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                     help="seconds an idle keep-alive connection stays open (default: 5)")
     srv.add_argument("--docs", action="store_true", help="serve the OpenAPI schema at /openapi.json (default: off)")
     srv.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     srv.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")

@@ -9,12 +9,14 @@ from fastapi import FastAPI
 
 from ditserve import __version__
 from ditserve.server.auth import ApiKeyAuth
+from ditserve.server.request_limits import RequestLimits
 from ditserve.server.errors import install_error_handlers
 from ditserve.server.responses import AsciiJSONResponse
 from ditserve.server.routes import router
 from ditserve.server.schemas import ImageGenerationRequest, VideoCreateRequest
 from ditserve.server.settings import ServerSettings
 from ditserve.server.state import PipelineSource, ServerState
+from ditserve.server.transport import MAX_HEADER_BYTES
 
 __all__ = ["create_app"]
 
@@ -50,4 +52,6 @@ def create_app(
     install_error_handlers(app, {"/v1/videos": VideoCreateRequest, "/v1/images/generations": ImageGenerationRequest})
     app.include_router(router)
     app.add_middleware(ApiKeyAuth, keys=state.settings.api_keys)
+    app.add_middleware(RequestLimits, max_body_bytes=state.settings.max_body_bytes,  # outermost: caps what auth drains
+                       max_upload_bytes=state.settings.max_upload_bytes, max_header_bytes=MAX_HEADER_BYTES)
     return app

@@ -27,6 +27,7 @@ import uvicorn
 from ditserve.server.app import create_app
 from ditserve.server.settings import ServerSettings
 from ditserve.server.state import ServerState
+from ditserve.server.transport import uvicorn_config
 
 __all__ = ["serve", "warm_up"]
 
@@ -116,7 +117,7 @@ def serve(
         log.warning("no API keys on %s: anyone who can reach this port can generate, list and delete jobs "
                     "(see --api-key-file)", host)
     app = create_app(load, settings, on_load_failure=on_load_failure)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    config = uvicorn_config(app, settings, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_timeout_s)),
                             access_log=log_level == "debug")
     server = _Server(config, app.state.ditserve)

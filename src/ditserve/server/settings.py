@@ -37,6 +37,11 @@ class ServerSettings:
         the `url` response format; None -> the address the connection came in on (never the
         client's Host header).
     docs: serve the OpenAPI schema at /openapi.json (no interactive pages, no outside scripts).
+    max_body_bytes / max_upload_bytes: largest JSON body / multipart upload (an input image); more
+        is answered 413 before it is read.
+    request_timeout_s: a client must send a whole request (headers and body) within this, from the
+        moment the server waits for it; a slower one is disconnected (no half-open connections).
+    keep_alive_timeout_s: an idle keep-alive connection is closed after this.
     """
 
     model_name: str = "ditserve"
@@ -51,6 +56,10 @@ class ServerSettings:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     public_url: str | None = None
     docs: bool = False
+    max_body_bytes: int = 1024 * 1024
+    max_upload_bytes: int = 32 * 1024 * 1024
+    request_timeout_s: float = 30.0
+    keep_alive_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -70,6 +79,12 @@ class ServerSettings:
         if unknown:
             raise ValueError(f"request_defaults: unknown field(s) {unknown}; "
                              f"choose from {sorted(REQUEST_DEFAULT_FIELDS)}")
+        _check_limit("max_body_bytes", self.max_body_bytes, "--max-body-bytes; the default is 1 MiB")
+        _check_limit("max_upload_bytes", self.max_upload_bytes, "--max-upload-bytes; the default is 32 MiB")
+        for name, flag in (("request_timeout_s", "--request-timeout"), ("keep_alive_timeout_s", "--keep-alive-timeout")):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 < value < float("inf")):
+                raise ValueError(f"{name} ({flag}) must be a number of seconds > 0, got {value!r}")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
         if self.public_url is not None:
             object.__setattr__(self, "public_url", _check_public_url(self.public_url))
