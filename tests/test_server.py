@@ -98,8 +98,11 @@ def test_video_job_life_from_create_to_content(tiny_pipeline: Any, tmp_path: Pat
 
         listed = http.get("/v1/videos").json()
         assert listed["object"] == "list" and [v["id"] for v in listed["data"]] == [job["id"]]
-        finished = http.delete(f"/v1/videos/{job['id']}")
-        assert finished.status_code == 409 and "already completed" in error_of(finished)["message"]
+        deleted = http.delete(f"/v1/videos/{job['id']}")  # as OpenAI: a finished video is deleted, with its file
+        assert deleted.status_code == 200 and deleted.json() == {"id": job["id"], "object": "video.deleted",
+                                                                 "deleted": True}
+        assert http.get(f"/v1/videos/{job['id']}").status_code == 404
+        assert outputs(tmp_path / "out") == [] and http.get("/v1/videos").json()["data"] == []
 
 
 def test_seconds_and_fps_give_the_frame_count(tiny_pipeline: Any, tmp_path: Path) -> None:
@@ -177,8 +180,9 @@ def test_cancel_a_queued_and_a_running_job(tiny_pipeline: Any, tmp_path: Path) -
         pipe.gate.set()
         stopped = wait_for(http, running)
         assert stopped["status"] == "cancelled" and "before denoising step 2 of 2" in stopped["error"]["message"]
-        again = http.delete(f"/v1/videos/{running}")
-        assert again.status_code == 409 and "already cancelled" in error_of(again)["message"]
+        again = http.delete(f"/v1/videos/{running}")  # finished now: deleted
+        assert again.status_code == 200 and again.json()["object"] == "video.deleted"
+        assert http.get(f"/v1/videos/{running}").status_code == 404
 
         assert wait_for(http, last)["status"] == "completed"
         assert pipe.prompts == ["job 0", "job 2"]  # the cancelled queued job never reached the model

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from ditserve.server.admission import image_job, video_job
 from ditserve.server.auth import request_owner
 from ditserve.server.errors import ApiError
+from ditserve.server.forms import ParsedBody, read_body
 from ditserve.server.jobs import Job, JobSnapshot, JobStatus
 from ditserve.server.metrics import CONTENT_TYPE
 from ditserve.server.responses import AsciiJSONResponse
@@ -22,6 +23,7 @@ from ditserve.server.schemas import (
     ModelCard,
     ModelList,
     VideoCreateRequest,
+    VideoDeleted,
     VideoList,
     VideoObject,
     video_object,
@@ -96,22 +98,67 @@ def _base_url(request: Request, state: ServerState) -> str:
     return f"{request.scope.get('scheme', 'http')}://{host}:{port}{request.scope.get('root_path', '')}"
 
 
+def _body_doc(model: type[Any], *, form: bool = False, file_fields: tuple[str, ...] = ()) -> dict[str, Any]:
+    """OpenAPI `requestBody` for a route that reads its body itself (JSON, or also a form)."""
+    schema = model.model_json_schema()
+    content: dict[str, Any] = {"application/json": {"schema": schema}}
+    if form:
+        properties = {**schema.get("properties", {}), **{f: {"type": "string", "format": "binary"} for f in file_fields}}
+        content["multipart/form-data"] = {"schema": {**schema, "properties": properties}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _input_image(parsed: ParsedBody, pipeline: Any) -> bytes | None:
+    """The `input_reference` upload for a model that takes an image; 400 if the model takes none or
+    it was not sent as a file. A family declares `request_spec.takes_image = True`."""
+    if "input_reference" not in parsed.files and "input_reference" not in parsed.references:
+        return None
+    if not getattr(getattr(pipeline, "request_spec", None), "takes_image", False):
+        raise ApiError(400, "this model does not take an input image; leave input_reference out",
+                       param="input_reference", code="invalid_value")
+    data = parsed.files.get("input_reference")
+    if data is None:
+        raise ApiError(400, "input_reference: send the image as a file part of a multipart/form-data request",
+                       param="input_reference", code="invalid_value")
+    if not data:
+        raise ApiError(400, "input_reference: the file is empty", param="input_reference", code="invalid_value")
+    return data
+
+
 # -- videos -----------------------------------------------------------------------------------
 
-@router.post("/v1/videos", response_model=VideoObject, tags=["videos"])
-async def create_video(body: VideoCreateRequest, request: Request, state: State) -> VideoObject:
-    """Create a video job; returns at once with status `queued` (poll GET /v1/videos/{id})."""
-    job = video_job(body, state.pipeline(), state.settings)
-    job.owner = request_owner(request)
+@router.post("/v1/videos", response_model=VideoObject, tags=["videos"],
+             openapi_extra=_body_doc(VideoCreateRequest, form=True, file_fields=("input_reference",)))
+async def create_video(request: Request, state: State) -> VideoObject:
+    """Create a video job (a JSON body, or multipart/form-data as OpenAI's clients send it, with an optional
+    `input_reference` image file); returns at once with status `queued` (poll GET /v1/videos/{id})."""
+    parsed = await read_body(request, VideoCreateRequest, file_fields=("input_reference",))
+    pipeline = state.pipeline()
+    image = _input_image(parsed, pipeline)
+    job = video_job(parsed.fields, pipeline, state.settings)
+    job.owner, job.input_image = request_owner(request), image
     state.admit(job)
     return video_object(job.snapshot(), state.settings.model_name)
 
 
 @router.get("/v1/videos", response_model=VideoList, tags=["videos"])
-async def list_videos(request: Request, state: State) -> VideoList:
-    """Your video jobs, newest first."""
-    jobs = [j for j in reversed(state.store.jobs()) if j.kind == "video" and _visible(state, j, request)]
-    return VideoList(data=[video_object(j.snapshot(), state.settings.model_name) for j in jobs])
+async def list_videos(request: Request, state: State, after: str | None = None,
+                      limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                      order: Literal["asc", "desc"] = "desc") -> VideoList:
+    """Your video jobs, newest first (`order=asc`: oldest first), `limit` at a time; the next page starts
+    `after` the previous page's `last_id`."""
+    jobs = [j for j in state.store.jobs() if j.kind == "video" and _visible(state, j, request)]
+    if order == "desc":
+        jobs.reverse()
+    if after is not None:
+        index = next((i for i, j in enumerate(jobs) if j.id == after), None)
+        if index is None:
+            raise ApiError(400, f"after: no video with id {after!r} to list after (never created, deleted, or "
+                                "not yours)", param="after", code="invalid_value")
+        jobs = jobs[index + 1:]
+    page = [video_object(j.snapshot(), state.settings.model_name) for j in jobs[:limit]]
+    return VideoList(data=page, has_more=len(jobs) > limit, first_id=page[0].id if page else None,
+                     last_id=page[-1].id if page else None)
 
 
 @router.get("/v1/videos/{video_id}", response_model=VideoObject, tags=["videos"])
@@ -120,28 +167,37 @@ async def get_video(video_id: str, request: Request, state: State) -> VideoObjec
 
 
 @router.get("/v1/videos/{video_id}/content", tags=["videos"], response_class=FileResponse)
-async def video_content(video_id: str, request: Request, state: State) -> FileResponse:
-    """The MP4 of a completed job (409 before that)."""
-    return _file(_find(state, request, video_id, "video").snapshot())
-
-
-@router.delete("/v1/videos/{video_id}", response_model=VideoObject, tags=["videos"])
-async def cancel_video(video_id: str, request: Request, state: State) -> VideoObject:
-    """Cancel a queued job (answered `cancelled`) or a running one (answered `in_progress`: it stops
-    before its next denoising step, and GET then shows `cancelled`). A finished job gives 409."""
+async def video_content(video_id: str, request: Request, state: State, variant: str = "video") -> FileResponse:
+    """The MP4 of a completed job (409 before that). `variant`: only `video` exists here."""
     job = _find(state, request, video_id, "video")
-    if not state.runner.cancel(video_id):
-        raise ApiError(409, f"{video_id} is already {job.status.value}; only queued or in_progress jobs can be "
-                            "cancelled", code="not_cancellable")
-    return video_object(job.snapshot(), state.settings.model_name)
+    if variant != "video":
+        raise ApiError(400, f"variant: only 'video' is available here, got {variant!r}", param="variant",
+                       code="invalid_value")
+    return _file(job.snapshot())
+
+
+@router.delete("/v1/videos/{video_id}", response_model=VideoObject | VideoDeleted, tags=["videos"])
+async def delete_video(video_id: str, request: Request, state: State) -> VideoObject | VideoDeleted:
+    """A finished job (completed, failed or cancelled) is deleted with its file, as OpenAI deletes a video
+    (answered `{"id", "object": "video.deleted", "deleted": true}`). A queued job is cancelled (answered
+    `cancelled`), a running one asked to stop (answered `in_progress`: it stops before its next denoising
+    step, GET then shows `cancelled`, and a second DELETE deletes it)."""
+    job = _find(state, request, video_id, "video")
+    if state.runner.cancel(video_id):
+        return video_object(job.snapshot(), state.settings.model_name)
+    if not await asyncio.to_thread(state.store.remove, job):
+        raise ApiError(409, f"{video_id} is {job.status.value} and cannot be deleted yet; try again",
+                       code="not_deletable")
+    return VideoDeleted(id=video_id)
 
 
 # -- images -----------------------------------------------------------------------------------
 
 @router.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-             tags=["images"])
-async def generate_image(body: ImageGenerationRequest, request: Request, state: State) -> ImagesResponse:
+             tags=["images"], openapi_extra=_body_doc(ImageGenerationRequest))
+async def generate_image(request: Request, state: State) -> ImagesResponse:
     """Generate one image (a single-frame run) and answer when it is done."""
+    body = (await read_body(request, ImageGenerationRequest)).fields
     job = image_job(body, state.pipeline(), state.settings)
     job.owner = request_owner(request)
     state.admit(job)
