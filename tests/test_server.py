@@ -589,3 +589,24 @@ def test_warm_up_generates_the_smallest_request_the_model_takes(tiny_pipeline: A
     height, width, _ = tiny_pipeline.size_multiples
     assert calls == [dict(prompt="warm-up", guidance_scale=3.0, height=height, width=width, num_frames=1,
                           num_inference_steps=1, seed=0)]
+
+
+def test_a_client_that_disconnects_from_an_image_cancels_it(tiny_pipeline: Any, tmp_path: Path) -> None:
+    pipe = GatedPipeline(tiny_pipeline, gated=True)
+    app = create_app(pipe, settings(tmp_path))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            http.post(IMAGE, json={"prompt": "nobody waits for me", "size": "32x32", "steps": 3}, timeout=1.0)
+        [job] = app.state.ditserve.store.jobs()
+        deadline = time.monotonic() + 10
+        while not job.cancel_event.is_set():  # noticed within a poll or two
+            assert time.monotonic() < deadline, "the disconnect was not noticed"
+            time.sleep(0.02)
+        pipe.gate.set()  # held in its first step: it stops before the second
+        while not job.status.finished:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        snap = job.snapshot()
+        assert snap.status.value == "cancelled" and snap.step == 1 and len(pipe.batch_sizes) == 1
+        assert outputs(tmp_path / "out") == []
+        assert 'ditserve_jobs_finished_total{status="cancelled"} 1.0' in http.get("/metrics").text

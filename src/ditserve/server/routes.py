@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -32,6 +33,8 @@ from ditserve.server.state import ServerState
 
 __all__ = ["router"]
 
+log = logging.getLogger("ditserve.server")
+
 router = APIRouter()
 
 _MEDIA_TYPES = {".mp4": "video/mp4", ".png": "image/png"}
@@ -44,8 +47,12 @@ def _state(request: Request) -> ServerState:
 State = Annotated[ServerState, Depends(_state)]
 
 
-async def _wait_finished(job: Job) -> JobSnapshot:
-    """Wait (without blocking the loop) until the job is finished; its snapshot."""
+DISCONNECT_POLL_S = 0.2  # how often a synchronous request checks that its client is still there
+
+
+async def _wait_finished(job: Job, request: Request) -> JobSnapshot | None:
+    """Wait (without blocking the loop) until the job is finished: its snapshot; None if the client
+    disconnected first (nobody is left to answer)."""
     loop = asyncio.get_running_loop()
     finished = loop.create_future()
 
@@ -53,8 +60,13 @@ async def _wait_finished(job: Job) -> JobSnapshot:
         loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
 
     job.on_finish(wake)
-    await finished
-    return job.snapshot()
+    while True:
+        try:
+            await asyncio.wait_for(asyncio.shield(finished), DISCONNECT_POLL_S)
+            return job.snapshot()
+        except TimeoutError:
+            if await request.is_disconnected():
+                return None
 
 
 def _visible(state: ServerState, job: Job, request: Request) -> bool:
@@ -195,13 +207,18 @@ async def delete_video(video_id: str, request: Request, state: State) -> VideoOb
 
 @router.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
              tags=["images"], openapi_extra=_body_doc(ImageGenerationRequest))
-async def generate_image(request: Request, state: State) -> ImagesResponse:
-    """Generate one image (a single-frame run) and answer when it is done."""
+async def generate_image(request: Request, state: State) -> ImagesResponse | Response:
+    """Generate one image (a single-frame run) and answer when it is done. A client that disconnects
+    first cancels its job."""
     body = (await read_body(request, ImageGenerationRequest)).fields
     job = image_job(body, state.pipeline(), state.settings)
     job.owner = request_owner(request)
     state.admit(job)
-    snap = await _wait_finished(job)
+    snap = await _wait_finished(job, request)
+    if snap is None:  # the client went away: stop its image rather than make it for nobody
+        state.runner.cancel(job.id)
+        log.info("job %s: cancelled, its client disconnected", job.id)
+        return Response(status_code=499)  # nginx's "client closed request"; nobody receives it
     if snap.status is JobStatus.CANCELLED:
         raise ApiError(503, f"the image was not made: {snap.error.message if snap.error else 'cancelled'}",
                        type="server_error", code="cancelled")
