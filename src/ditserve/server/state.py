@@ -22,7 +22,8 @@ from ditserve.server.metrics import Metrics
 from ditserve.server.output_check import check_writer
 from ditserve.server.runner import JobRunner, QueueFull, RunnerClosed
 from ditserve.server.settings import ServerSettings
-from ditserve.server.store import JobStore
+from ditserve.server.jobdb import JobDatabaseError
+from ditserve.server.store import FolderInUse, JobStore
 
 __all__ = ["PipelineSource", "ServerState"]
 
@@ -64,7 +65,11 @@ class ServerState:
         if self._own_output_dir:
             self.output_dir = Path(tempfile.mkdtemp(prefix="ditserve-outputs-"))
         self._store = JobStore(self.output_dir, self.settings.keep_jobs)
-        recovery = self._store.open()
+        try:
+            recovery = self._store.open()
+        except (FolderInUse, JobDatabaseError) as e:
+            log.error("cannot start: %s", e)  # uvicorn then reports a failed start-up and serve exits 1
+            raise
         if recovery.restored or recovery.removed_files:
             log.info("job store %s: %d job(s) from earlier runs (%d interrupted, marked failed; %d without their "
                      "file); %d stray file(s) removed", self.output_dir, recovery.restored, recovery.interrupted,
