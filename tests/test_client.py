@@ -80,9 +80,10 @@ def test_cancel_queue_full_and_job_failed(tiny_pipeline: Any, tmp_path: Path) ->
         with pytest.raises(JobFailed) as stopped:
             client.wait(running, timeout=30)
         assert stopped.value.job["status"] == "cancelled"
+        assert client.delete(running) == {"id": running, "object": "video.deleted", "deleted": True}
         with pytest.raises(APIError) as again:
-            client.cancel(running)
-        assert again.value.status_code == 409
+            client.get(running)
+        assert again.value.status_code == 404
 
 
 def test_wait_times_out(tiny_pipeline: Any, tmp_path: Path) -> None:

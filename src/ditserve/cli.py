@@ -7,6 +7,7 @@ without a traceback; `generate` checks its output path and request before loadin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -293,7 +294,7 @@ def _run_remote_generate(args: argparse.Namespace) -> str:
     fields = {k: v for k, v in dict(negative_prompt=args.negative_prompt, size=size,
                                    num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                    seed=args.seed).items() if v is not None}
-    with Client(args.url) as client:
+    with Client(args.url, api_key=os.environ.get("DITSERVE_API_KEY")) as client:
         if output_format(output) == "png":
             write_file_atomically(output, client.generate_image(args.prompt, **fields))
             return f"1 image from {args.url} -> {output}"
@@ -323,14 +324,20 @@ def _serve(args: argparse.Namespace) -> int:
     """`ditserve serve`: the HTTP API (see ditserve.server) until SIGTERM / Ctrl-C."""
     from pathlib import Path
 
+    from ditserve.server.auth import ENV_VAR, load_api_keys
     from ditserve.server.main import serve
     from ditserve.server.settings import ServerSettings
 
     try:
         model = _model_path(args)
+        api_keys = load_api_keys(args.api_key or (), args.api_key_file or (), os.environ.get(ENV_VAR))
         settings = ServerSettings(model_name=args.model_name or Path(model).resolve().name,
                                   output_dir=args.output_dir, max_queue=args.max_queue, keep_jobs=args.keep_jobs,
-                                  max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens)
+                                  max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                                  shutdown_timeout_s=args.shutdown_timeout, api_keys=api_keys,
+                                  public_url=args.public_url, docs=args.docs, max_body_bytes=args.max_body_bytes,
+                                  max_upload_bytes=args.max_upload_bytes, request_timeout_s=args.request_timeout,
+                                  keep_alive_timeout_s=args.keep_alive_timeout)
     except (ValueError, _UsageError) as e:
         print(f"ditserve serve: error: {e}", file=sys.stderr)
         return 2
@@ -362,9 +369,31 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                      help="most DiT tokens in one batched step, all jobs' samples together; a bigger job runs "
                           "alone (default: from free device memory after loading; 65536 on CPU)")
     srv.add_argument("--output-dir", default=None,
-                     help="where finished videos/images are written (default: a temporary folder removed at exit)")
+                     help="where finished videos/images and the job database (.ditserve/jobs.sqlite3) are kept, so "
+                          "jobs survive a restart (default: a temporary folder removed at exit)")
     srv.add_argument("--keep-jobs", type=int, default=100,
-                     help="finished jobs (and files) kept; older ones are deleted (default: 100)")
+                     help="finished jobs (and files) kept, across restarts; older ones are deleted (default: 100)")
+    srv.add_argument("--shutdown-timeout", type=float, default=25.0,
+                     help="seconds SIGTERM may take to stop the running jobs, finish responses and write the files of "
+                          "jobs done denoising (default: 25, under Kubernetes' 30 s grace period)")
+    srv.add_argument("--api-key", action="append", metavar="KEY",
+                     help="require 'Authorization: Bearer KEY' on every endpoint but /health; each key sees only its "
+                          "own jobs; repeatable (prefer --api-key-file or $DITSERVE_API_KEYS: arguments show in ps)")
+    srv.add_argument("--api-key-file", action="append", metavar="PATH",
+                     help="a file of API keys, one per line (# comments allowed); repeatable")
+    srv.add_argument("--public-url", default=None,
+                     help="the server's address as clients reach it (https://host[:port][/prefix]), for image 'url' "
+                          "responses (default: the address the connection came in on; never the Host header)")
+    srv.add_argument("--max-body-bytes", type=int, default=1024 * 1024,
+                     help="largest JSON request body; more gets 413 before it is read (default: 1 MiB)")
+    srv.add_argument("--max-upload-bytes", type=int, default=32 * 1024 * 1024,
+                     help="largest multipart/form-data body (with an input_reference image) (default: 32 MiB)")
+    srv.add_argument("--request-timeout", type=float, default=30.0,
+                     help="seconds a client has to send a whole request (headers and body); slower ones are "
+                          "disconnected (default: 30)")
+    srv.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                     help="seconds an idle keep-alive connection stays open (default: 5)")
+    srv.add_argument("--docs", action="store_true", help="serve the OpenAPI schema at /openapi.json (default: off)")
     srv.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     srv.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     srv.add_argument("--attention-backend", default=None,

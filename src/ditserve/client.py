@@ -85,11 +85,14 @@ def _drop_none(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 class Client:
-    """Talks to one ditserve server. `timeout`: seconds per HTTP call (image generation waits for the image)."""
+    """Talks to one ditserve server. `timeout`: seconds per HTTP call (image generation waits for the image);
+    `api_key`: sent as a bearer token, for a server started with keys."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 600.0, http: httpx.Client | None = None) -> None:
+    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 600.0, http: httpx.Client | None = None,
+                 api_key: str | None = None) -> None:
         self.url = url.rstrip("/")
-        self._http = http or httpx.Client(base_url=self.url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = http or httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def __enter__(self) -> Client:
         return self
@@ -172,7 +175,15 @@ class Client:
         return self._request("GET", f"/v1/videos/{video_id}").json()
 
     def list_videos(self) -> list[dict[str, Any]]:
-        return self._request("GET", "/v1/videos").json()["data"]
+        """Every video of yours the server holds, newest first (all pages)."""
+        videos: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 100}
+        while True:
+            page = self._request("GET", "/v1/videos", params=params).json()
+            videos += page["data"]
+            if not page.get("has_more") or not page.get("last_id"):
+                return videos
+            params["after"] = page["last_id"]
 
     def wait(self, video_id: str, timeout: float = 600.0, poll_interval: float = 0.25,
              on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -199,8 +210,11 @@ class Client:
         return self._download(f"/v1/videos/{video_id}/content", Path(path))
 
     def cancel(self, video_id: str) -> dict[str, Any]:
-        """Cancel a queued or running job; returns the video object (APIError 409 if already finished)."""
+        """DELETE the job: a queued or running one is cancelled (returns the video object); a finished one is
+        deleted with its file, as OpenAI's API does (returns `{"id", "object": "video.deleted", "deleted": true}`)."""
         return self._request("DELETE", f"/v1/videos/{video_id}").json()
+
+    delete = cancel
 
     def _download(self, url: str, path: Path) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -14,17 +14,21 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from ditserve.server.transport import uvicorn_config
+
 __all__ = ["GatedPipeline", "serve_in_thread"]
 
 
 @contextmanager
 def serve_in_thread(app: FastAPI, *, startup_timeout: float = 30.0) -> Iterator[str]:
-    """Run `app` on 127.0.0.1 (a free port) in a background thread; yield its base URL; stop it after."""
+    """Run `app` on 127.0.0.1 (a free port) in a background thread, with the transport limits of its
+    settings (as `serve` runs it); yield its base URL; stop it after."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+    settings = app.state.ditserve.settings
+    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning", timeout_graceful_shutdown=10))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout

@@ -17,7 +17,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
-from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
@@ -41,6 +40,19 @@ MAX_PROMPT_CHARS = 8_192  # far beyond what any text encoder reads (Wan's UMT5: 
 Output = Literal["video", "image"]
 
 
+class FrozenParams(dict):
+    """A read-only dict (a request's `extras`): hashable requests need no mutation, and unlike a
+    MappingProxyType it pickles and deep-copies (`dataclasses.asdict`)."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a request's parameters are read-only")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenParams, (dict(self),))
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """A validated, normalised request: plain ints, floats and strings.
@@ -62,7 +74,7 @@ class GenerationRequest:
     image: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "extras", MappingProxyType(dict(self.extras)))
+        object.__setattr__(self, "extras", FrozenParams(self.extras))
 
     def fields(self) -> dict[str, Any]:
         """Every parameter by name (common ones and extras; not the image): what a spec validates."""

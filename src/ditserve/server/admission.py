@@ -63,7 +63,8 @@ def _frames_from_seconds(seconds: float, fps: float, spec: RequestSpec) -> tuple
     return count, f"seconds={seconds:g} at fps={fps:g} gives {count} frames"
 
 
-def _validated(spec: RequestSpec, body: BaseModel, fields: dict[str, Any], derived: str | None) -> GenerationRequest:
+def _validated(spec: RequestSpec, body: BaseModel, fields: dict[str, Any], derived: str | None,
+               image: bytes | None = None) -> GenerationRequest:
     """`spec.validate` with errors re-addressed to the fields the client sent (size, seconds)."""
     given = {k: v for k, v in body.model_dump().items() if k not in _NOT_REQUEST_FIELDS and v is not None}
     given.update({k: v for k, v in fields.items() if v is not None})
@@ -73,16 +74,19 @@ def _validated(spec: RequestSpec, body: BaseModel, fields: dict[str, Any], deriv
     if given.get("seed") is None:
         given["seed"] = secrets.randbelow(RANDOM_SEED_BOUND)
     try:
-        return spec.validate(given)
+        return spec.validate(given, image=image)
     except InvalidRequest as e:
         if size is not None and e.field in ("height", "width"):
             raise InvalidRequest("size", f"size {size!r}: {e}") from None
         if derived is not None and e.field == "num_frames":
             raise InvalidRequest("seconds", f"{derived}; {e}") from None
+        if e.field == "image":
+            raise InvalidRequest("input_reference", f"input_reference: {e}") from None
         raise
 
 
-def video_job(body: BaseModel, spec: RequestSpec, settings: ServerSettings) -> Job:
+def video_job(body: BaseModel, spec: RequestSpec, settings: ServerSettings, *, image: bytes | None = None) -> Job:
+    """A video job; `image`: the encoded first frame (`input_reference`) for a model that takes one."""
     _check_model(body.model, settings.model_name)
     if spec.output != "video":
         raise InvalidRequest("model", f"{settings.model_name} makes images, not videos: use POST "
@@ -94,7 +98,7 @@ def video_job(body: BaseModel, spec: RequestSpec, settings: ServerSettings) -> J
             raise InvalidRequest("seconds", "give either num_frames or seconds (with fps), not both")
         fps = spec.param("fps").check(body.fps if body.fps is not None else spec.param("fps").default)
         fields["num_frames"], derived = _frames_from_seconds(_seconds(body.seconds), fps, spec)
-    request = _validated(spec, body, fields, derived)
+    request = _validated(spec, body, fields, derived, image)
     return Job(kind="video", request=request, fps=request.fps)
 
 

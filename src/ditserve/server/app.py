@@ -8,12 +8,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from ditserve import __version__
-from ditserve.server.errors import install_error_handlers
 from ditserve.engine import RequestSpec
+from ditserve.server.auth import ApiKeyAuth
+from ditserve.server.errors import install_error_handlers
+from ditserve.server.request_limits import RequestLimits
+from ditserve.server.responses import AsciiJSONResponse
 from ditserve.server.routes import build_router
 from ditserve.server.schemas import request_bodies
 from ditserve.server.settings import ServerSettings
 from ditserve.server.state import PipelineSource, ServerState
+from ditserve.server.transport import MAX_HEADER_BYTES
 
 __all__ = ["create_app"]
 
@@ -31,6 +35,9 @@ def create_app(
     factory (`ditserve.pipelines.read_request_spec(folder)` reads it without loading). The
     request bodies and defaults come from it. on_load_failure(error) runs (on the loading
     thread) if the factory raises; `serve` exits then. The server state is `app.state.ditserve`.
+    With `settings.api_keys`, every route but /health needs a key (`ditserve.server.auth`);
+    /openapi.json exists only with `settings.docs`, and there are no interactive docs pages
+    (they load scripts from a CDN).
     """
     if spec is None:
         spec = getattr(pipeline, "request_spec", None)
@@ -47,9 +54,14 @@ def create_app(
         finally:
             await state.stop()
 
-    app = FastAPI(title="ditserve", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="ditserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  default_response_class=AsciiJSONResponse,
+                  openapi_url="/openapi.json" if state.settings.docs else None,
                   description="Text-to-video and text-to-image generation with diffusion transformers.")
     app.state.ditserve = state
     install_error_handlers(app, {"/v1/videos": video_body, "/v1/images/generations": image_body})
     app.include_router(build_router(video_body, image_body))
+    app.add_middleware(ApiKeyAuth, keys=state.settings.api_keys)
+    app.add_middleware(RequestLimits, max_body_bytes=state.settings.max_body_bytes,  # outermost: caps what auth drains
+                       max_upload_bytes=state.settings.max_upload_bytes, max_header_bytes=MAX_HEADER_BYTES)
     return app

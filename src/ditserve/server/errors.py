@@ -9,6 +9,7 @@ shutting down.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,8 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ditserve.engine import InvalidRequest
 from ditserve.server.admission import ModelNotServed
+from ditserve.server.responses import AsciiJSONResponse
 
 __all__ = ["ApiError", "error_response", "install_error_handlers"]
+
+log = logging.getLogger("ditserve.server")
 
 
 class ApiError(Exception):
@@ -36,7 +40,7 @@ class ApiError(Exception):
 
 def error_response(error: ApiError) -> JSONResponse:
     body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    return AsciiJSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 def _fields_of(model: type[BaseModel]) -> str:
@@ -88,6 +92,15 @@ def install_error_handlers(app: FastAPI, bodies: Mapping[str, type[BaseModel]]) 
         message = "; ".join(dict.fromkeys(m for m, _ in described))  # unique, in order
         param = next((f for _, f in described if f), None)
         return error_response(ApiError(422, message, param=param, code="invalid_body"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """A bug, not a client error: a clean 500 that closes the connection (its state is unknown); the
+        traceback goes to the log (uvicorn logs it after this answer)."""
+        log.error("unexpected %s answering %s %s", type(exc).__name__, request.method, request.url.path)
+        return error_response(ApiError(500, "the server hit an internal error answering this request; it is in the "
+                                            "server's log", type="server_error", code="internal_error",
+                                       headers={"Connection": "close"}))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -2,7 +2,10 @@
 
 Every way a generation can go wrong ends as that job's state (failed with a reason, or
 cancelled), never as an exception out of a server thread: a bad prompt, NaN frames or a
-CUDA out-of-memory error fails its job and the server keeps serving the others.
+CUDA out-of-memory error fails its job and the server keeps serving the others. A failed
+job carries a stable code and a message written for the client (`FAILURES`); the raw
+error (allocator text, ffmpeg output, a traceback) goes only to the log, under the job's id.
+A job is completed only once its file is checked whole (`ditserve.server.output_check`).
 """
 
 from __future__ import annotations
@@ -16,10 +19,20 @@ import numpy as np
 from ditserve.engine import GenerationCancelled, GenerationOutput, InvalidRequest
 from ditserve.server.jobs import Job
 from ditserve.server.metrics import Metrics
+from ditserve.server.output_check import IncompleteOutput, check_output
 
-__all__ = ["output_name", "record_failure", "write_output"]
+__all__ = ["FAILURES", "output_name", "record_failure", "write_output"]
 
 log = logging.getLogger("ditserve.server")
+
+FAILURES = {  # code -> the message a client sees
+    "out_of_memory": "the GPU ran out of memory for this request; try a smaller size or fewer frames",
+    "generation_failed": "generation failed with an internal error; the server's log has the details under this "
+                         "job's id",
+    "write_failed": "the output file could not be written whole, so nothing is served; the server's log has the "
+                    "details under this job's id",
+    "invalid_output": "the model produced NaN or infinite values; nothing was written",
+}
 
 
 def output_name(job: Job) -> str:
@@ -48,11 +61,10 @@ def record_failure(job: Job, error: BaseException) -> None:
         job.fail("invalid_request", f"{error.field}: {error}")
     else:
         log.error("job %s failed", job.id, exc_info=error)
-        if _is_out_of_memory(error):
+        code = "out_of_memory" if _is_out_of_memory(error) else "generation_failed"
+        if code == "out_of_memory":
             _release_cuda_cache()
-            job.fail("out_of_memory", f"{type(error).__name__}: {error}")
-        else:
-            job.fail("generation_failed", f"{type(error).__name__}: {error}")
+        job.fail(code, FAILURES[code])
 
 
 def write_output(job: Job, output: GenerationOutput, output_dir: Path, metrics: Metrics) -> float | None:
@@ -62,20 +74,23 @@ def write_output(job: Job, output: GenerationOutput, output_dir: Path, metrics: 
         job.mark_cancelled("cancelled after denoising; nothing was written")
         return None
     if not np.isfinite(np.asarray(output.frames)).all():
-        job.fail("invalid_output", "the model produced NaN or infinite values; nothing was written",
-                 dict(output.timings))
+        job.fail("invalid_output", FAILURES["invalid_output"], dict(output.timings))
         return None
     saving = time.perf_counter()
+    target = output_dir / output_name(job)
+    request = job.request
     try:
-        path = output.save(output_dir / output_name(job), fps=job.fps)
-    except Exception as e:
+        path = Path(output.save(target, fps=job.fps))
+        check_output(path, num_frames=request.num_frames, width=request.width, height=request.height)
+    except (Exception, IncompleteOutput):
         log.exception("job %s: writing its file failed", job.id)
-        job.fail("write_failed", f"{type(e).__name__}: {e}")
+        target.unlink(missing_ok=True)
+        job.fail("write_failed", FAILURES["write_failed"], dict(output.timings))
         return None
     started = job.snapshot().started_at or job.created_at
     job_s = time.time() - started
     timings = {**output.timings, "save_s": time.perf_counter() - saving, "job_s": job_s}
     metrics.observe_job(timings)
-    job.complete(Path(path), timings)
+    job.complete(path, timings)
     log.info("job %s completed in %.2f s", job.id, job_s)
     return job_s

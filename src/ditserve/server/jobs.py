@@ -1,9 +1,12 @@
-"""Jobs: one generation request's life (queued -> in_progress -> completed/failed/cancelled) and their store.
+"""Jobs: one generation request's life (queued -> in_progress -> completed/failed/cancelled).
 
 A `Job` is written by the engine's and writer's threads (progress, result) and read by the event loop
 (status polls), so every change goes through a method that holds the job's lock, and
 readers take a `snapshot()`. Terminal states are final: a late cancel cannot turn a
 completed job into a cancelled one, nor a late result a cancelled job into a completed one.
+Every transition bumps the snapshot's `version` and is reported to the job's change
+listeners (the durable store: `ditserve.server.store`), so a slower write of an older
+state never overwrites a newer one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, Literal
 
 from ditserve.engine import GenerationRequest
 
-__all__ = ["Job", "JobError", "JobKind", "JobSnapshot", "JobStatus", "JobStore", "new_job_id"]
+__all__ = ["Job", "JobError", "JobKind", "JobSnapshot", "JobStatus", "new_job_id"]
 
 log = logging.getLogger("ditserve.server")
 
@@ -66,6 +69,8 @@ class JobSnapshot:
     error: JobError | None
     timings: dict[str, Any]
     path: Path | None
+    owner: str | None = None
+    version: int = 0
 
     @property
     def progress(self) -> int:
@@ -84,7 +89,11 @@ def new_job_id(kind: JobKind) -> str:
 
 @dataclass(eq=False)
 class Job:
-    """One request to generate; `cancel_event` is what the pipeline checks before every step."""
+    """One request to generate; `cancel_event` is what the pipeline checks before every step.
+
+    owner: who may see the job (a hash of the API key that created it; None when the server
+    has no keys). An input image travels decoded in `request.image` (never stored on disk).
+    """
 
     kind: JobKind
     request: GenerationRequest
@@ -92,6 +101,7 @@ class Job:
     id: str = ""
     created_at: float = field(default_factory=time.time)
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    owner: str | None = None
 
     def __post_init__(self) -> None:
         self.id = self.id or new_job_id(self.kind)
@@ -104,7 +114,19 @@ class Job:
         self._error: JobError | None = None
         self._timings: dict[str, Any] = {}
         self._path: Path | None = None
+        self._version = 0
         self._on_finish: list[Callable[[Job], None]] = []
+        self._on_change: list[Callable[[JobSnapshot], None]] = []
+
+    @classmethod
+    def restored(cls, snap: JobSnapshot) -> Job:
+        """A job as a durable store recorded it (after a restart): same id, state and times."""
+        job = cls(kind=snap.kind, request=snap.request, fps=snap.fps, id=snap.id, created_at=snap.created_at,
+                  owner=snap.owner)
+        job._status, job._started_at, job._finished_at = snap.status, snap.started_at, snap.finished_at
+        job._step, job._total_steps, job._error = snap.step, snap.total_steps, snap.error
+        job._timings, job._path, job._version = dict(snap.timings), snap.path, snap.version
+        return job
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -114,12 +136,15 @@ class Job:
 
     def snapshot(self) -> JobSnapshot:
         with self._lock:
-            return JobSnapshot(
-                id=self.id, kind=self.kind, request=self.request, fps=self.fps, status=self._status,
-                created_at=self.created_at, started_at=self._started_at, finished_at=self._finished_at,
-                step=self._step, total_steps=self._total_steps, error=self._error,
-                timings=dict(self._timings), path=self._path,
-            )
+            return self._snapshot_locked()
+
+    def _snapshot_locked(self) -> JobSnapshot:
+        return JobSnapshot(
+            id=self.id, kind=self.kind, request=self.request, fps=self.fps, status=self._status,
+            created_at=self.created_at, started_at=self._started_at, finished_at=self._finished_at,
+            step=self._step, total_steps=self._total_steps, error=self._error,
+            timings=dict(self._timings), path=self._path, owner=self.owner, version=self._version,
+        )
 
     def on_finish(self, callback: Callable[[Job], None]) -> None:
         """Call `callback(job)` once the job is finished (at once if it already is), from the finishing thread."""
@@ -128,6 +153,12 @@ class Job:
                 self._on_finish.append(callback)
                 return
         callback(self)
+
+    def on_change(self, listener: Callable[[JobSnapshot], None]) -> None:
+        """Call `listener(snapshot)` after every state transition (not after progress updates), before the
+        `on_finish` callbacks, from the thread that made the transition."""
+        with self._lock:
+            self._on_change.append(listener)
 
     # -- transitions (engine or writer thread, or the runner for queued jobs) ----------------
 
@@ -138,7 +169,10 @@ class Job:
                 return False
             self._status = JobStatus.IN_PROGRESS
             self._started_at = time.time()
-            return True
+            self._version += 1
+            snap, listeners = self._snapshot_locked(), list(self._on_change)
+        self._notify(listeners, snap)
+        return True
 
     def set_progress(self, step: int, total_steps: int) -> None:
         with self._lock:
@@ -160,64 +194,19 @@ class Job:
             self._status, self._error, self._path = status, error, path
             self._timings = dict(timings)
             self._finished_at = time.time()
+            self._version += 1
             callbacks, self._on_finish = self._on_finish, []
+            snap, listeners = self._snapshot_locked(), list(self._on_change)
+        self._notify(listeners, snap)
         for callback in callbacks:
             try:
                 callback(self)
             except Exception:  # a listener's bug must not take a server thread down
                 log.exception("job %s: on_finish callback failed", self.id)
 
-
-class JobStore:
-    """Every job the server knows, by id; keeps at most `keep` finished jobs (and their files).
-
-    Queued and running jobs are never pruned. When a job finishes, the oldest finished jobs
-    beyond `keep` are forgotten and their output files deleted.
-    """
-
-    def __init__(self, keep: int) -> None:
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1 (finished jobs to keep), got {keep}")
-        self.keep = keep
-        self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}
-
-    def add(self, job: Job) -> None:
-        with self._lock:
-            if job.id in self._jobs:
-                raise ValueError(f"duplicate job id {job.id}")
-            self._jobs[job.id] = job
-        job.on_finish(lambda _job: self.prune())
-
-    def discard(self, job: Job) -> None:
-        """Forget a job that never got admitted (e.g. the queue was full)."""
-        with self._lock:
-            self._jobs.pop(job.id, None)
-
-    def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            return self._jobs.get(job_id)
-
-    def jobs(self) -> list[Job]:
-        """All jobs, oldest first."""
-        with self._lock:
-            return list(self._jobs.values())
-
-    def counts(self) -> dict[JobStatus, int]:
-        counts = dict.fromkeys(JobStatus, 0)
-        for job in self.jobs():
-            counts[job.status] += 1
-        return counts
-
-    def prune(self) -> list[JobSnapshot]:
-        """Drop the oldest finished jobs beyond `keep`, deleting their files; return what was dropped."""
-        with self._lock:
-            finished = [job.snapshot() for job in self._jobs.values() if job.status.finished]
-            finished.sort(key=lambda s: s.finished_at or 0.0)
-            dropped = finished[: max(0, len(finished) - self.keep)]
-            for snap in dropped:
-                del self._jobs[snap.id]
-        for snap in dropped:
-            if snap.path is not None:
-                snap.path.unlink(missing_ok=True)
-        return dropped
+    def _notify(self, listeners: list[Callable[[JobSnapshot], None]], snap: JobSnapshot) -> None:
+        for listener in listeners:
+            try:
+                listener(snap)
+            except Exception:  # a listener's bug (or a full disk) must not take a server thread down
+                log.exception("job %s: on_change listener failed", self.id)

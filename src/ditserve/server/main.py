@@ -11,6 +11,7 @@ written (atomically), and temporary files are removed. Finished files stay in --
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ import uvicorn
 from ditserve.server.app import create_app
 from ditserve.server.settings import ServerSettings
 from ditserve.server.state import ServerState
+from ditserve.server.transport import uvicorn_config
 
 __all__ = ["serve", "warm_up"]
 
@@ -106,8 +108,15 @@ def serve(
         if server is not None:
             server.should_exit = True
 
+    if settings.api_keys:
+        log.info("API keys: %d; every endpoint but /health needs one, and each key sees only its own jobs",
+                 len(settings.api_keys))
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("no API keys on %s: anyone who can reach this port can generate, list and delete jobs "
+                    "(see --api-key-file)", host)
     app = create_app(load, settings, spec=spec, on_load_failure=on_load_failure)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
+    config = uvicorn_config(app, settings, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_timeout_s)),
                             access_log=log_level == "debug")
     server = _Server(config, app.state.ditserve)
     server.run(sockets=[sock] if sock is not None else None)

@@ -21,6 +21,7 @@ __all__ = [
     "ModelCard",
     "ModelList",
     "request_bodies",
+    "VideoDeleted",
     "VideoList",
     "VideoObject",
     "video_object",
@@ -128,9 +129,21 @@ class VideoObject(BaseModel):
 
 
 class VideoList(BaseModel):
+    """A page of videos; the next page is `?after=<last_id>` while `has_more`."""
+
     object: Literal["list"] = "list"
     data: list[VideoObject]
     has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class VideoDeleted(BaseModel):
+    """DELETE of a finished video: it and its file are gone."""
+
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
 
 
 class ImageData(BaseModel):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 __all__ = ["ServerSettings"]
 
@@ -18,7 +19,20 @@ class ServerSettings:
     max_batch_tokens: DiT tokens one batched step may hold (None: the engine's default, from
         free device memory; see `ditserve.engine.budget`). A bigger job runs alone.
     keep_jobs: finished jobs (and files) kept; older ones are deleted.
-    shutdown_timeout_s: how long shutdown waits for the running jobs to stop and files to be written.
+    shutdown_timeout_s: how long shutdown (SIGTERM) may take in all: open connections finishing, the
+        running jobs stopping at their next step, files of jobs done denoising being written. Under
+        Kubernetes' default 30 s grace period by default, so the pod exits before it is killed.
+    api_keys: bearer keys; when any is given every endpoint but /health needs one, and each key
+        sees only its own jobs (never shown in repr or logs).
+    public_url: the server's address as clients reach it (`https://host[:port][/prefix]`), for
+        the `url` response format; None -> the address the connection came in on (never the
+        client's Host header).
+    docs: serve the OpenAPI schema at /openapi.json (no interactive pages, no outside scripts).
+    max_body_bytes / max_upload_bytes: largest JSON body / multipart upload (an input image); more
+        is answered 413 before it is read.
+    request_timeout_s: a client must send a whole request (headers and body) within this, from the
+        moment the server waits for it; a slower one is disconnected (no half-open connections).
+    keep_alive_timeout_s: an idle keep-alive connection is closed after this.
     """
 
     model_name: str = "ditserve"
@@ -27,7 +41,14 @@ class ServerSettings:
     max_batch_size: int | None = None
     max_batch_tokens: int | None = None
     keep_jobs: int = 100
-    shutdown_timeout_s: float = 60.0
+    shutdown_timeout_s: float = 25.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    public_url: str | None = None
+    docs: bool = False
+    max_body_bytes: int = 1024 * 1024
+    max_upload_bytes: int = 32 * 1024 * 1024
+    request_timeout_s: float = 30.0
+    keep_alive_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -38,6 +59,18 @@ class ServerSettings:
         _check_limit("max_batch_tokens", self.max_batch_tokens, "leave it out for the default from free memory")
         if self.keep_jobs < 1:
             raise ValueError(f"keep_jobs must be >= 1, got {self.keep_jobs}")
+        if not (isinstance(self.shutdown_timeout_s, int | float) and 0 < self.shutdown_timeout_s < float("inf")):
+            raise ValueError(f"shutdown_timeout_s (--shutdown-timeout) must be a number of seconds > 0, "
+                             f"got {self.shutdown_timeout_s!r}")
+        _check_limit("max_body_bytes", self.max_body_bytes, "--max-body-bytes; the default is 1 MiB")
+        _check_limit("max_upload_bytes", self.max_upload_bytes, "--max-upload-bytes; the default is 32 MiB")
+        for name, flag in (("request_timeout_s", "--request-timeout"), ("keep_alive_timeout_s", "--keep-alive-timeout")):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 < value < float("inf")):
+                raise ValueError(f"{name} ({flag}) must be a number of seconds > 0, got {value!r}")
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        if self.public_url is not None:
+            object.__setattr__(self, "public_url", _check_public_url(self.public_url))
         if self.output_dir is not None:
             object.__setattr__(self, "output_dir", Path(self.output_dir))
             if self.output_dir.exists() and not self.output_dir.is_dir():
@@ -52,3 +85,17 @@ def _check_limit(name: str, value: int | None, hint: str) -> None:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1 ({hint}), got {value}")
+
+
+def _check_public_url(url: str) -> str:
+    """`http(s)://host[:port][/prefix]` without a trailing slash; ValueError naming the flag otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"public_url (--public-url) must be an http:// or https:// URL with a host, got {url!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"public_url (--public-url) must have no query, fragment or user info, got {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"public_url (--public-url) has an invalid port: {url!r}") from None
+    return url.rstrip("/")

@@ -18,12 +18,15 @@ from typing import TYPE_CHECKING, Union
 
 from ditserve.engine import RequestSpec
 from ditserve.server.errors import ApiError
-from ditserve.server.jobs import Job, JobStore
+from ditserve.server.jobdb import JobDatabaseError
+from ditserve.server.jobs import Job
 from ditserve.server.metrics import Metrics
+from ditserve.server.output_check import check_writer
 from ditserve.server.runner import JobRunner, QueueFull, RunnerClosed
 from ditserve.server.settings import ServerSettings
+from ditserve.server.store import FolderInUse, JobStore
 
-__all__ = ["PipelineSource", "ServerState", "remove_partial_files"]
+__all__ = ["PipelineSource", "ServerState"]
 
 log = logging.getLogger("ditserve.server")
 
@@ -35,16 +38,6 @@ PipelineSource = Union["Family", Callable[[], "Family"]]
 SHUTDOWN_REASON = "cancelled: the server is shutting down"
 
 
-def remove_partial_files(folder: Path) -> list[Path]:
-    """Delete the hidden temporary files `ditserve.output` writes before its atomic rename."""
-    removed = []
-    for pattern in (".video_*", ".img_*"):
-        for path in folder.glob(pattern):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
 class ServerState:
     """Everything the routes share; lives in `app.state.ditserve`."""
 
@@ -53,7 +46,6 @@ class ServerState:
         self.settings = settings
         self.spec = spec
         self.metrics = Metrics()
-        self.store = JobStore(settings.keep_jobs)
         self.started_at = time.time()
         self.load_error: str | None = None
         self.draining = False
@@ -64,49 +56,73 @@ class ServerState:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._own_output_dir = settings.output_dir is None
         self.output_dir = settings.output_dir or Path()
+        self._store: JobStore | None = None
+        self._shutdown_deadline: float | None = None  # time.monotonic() by which shutdown must be done
 
     # -- life --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the output folder and the runner; start the engine on the pipeline (a factory's: once
-        it has loaded the model in the background)."""
+        """Open the job store (recovering an earlier run's jobs and files) and create the runner; start the
+        engine on the pipeline (a factory's: once it has loaded the model in the background).
+
+        Raises `FolderInUse` or `JobDatabaseError` (uvicorn then reports a failed start-up)."""
         self._loop = asyncio.get_running_loop()
         if self._own_output_dir:
             self.output_dir = Path(tempfile.mkdtemp(prefix="ditserve-outputs-"))
-        else:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            for path in remove_partial_files(self.output_dir):
-                log.info("removed a partial file from an earlier run: %s", path)
+        self._store = JobStore(self.output_dir, self.settings.keep_jobs)
+        try:
+            recovery = self._store.open()
+        except (FolderInUse, JobDatabaseError) as e:
+            log.error("cannot start: %s", e)  # uvicorn then reports a failed start-up and serve exits 1
+            raise
+        if recovery.restored or recovery.removed_files:
+            log.info("job store %s: %d job(s) from earlier runs (%d interrupted, marked failed; %d without their "
+                     "file); %d stray file(s) removed", self.output_dir, recovery.restored, recovery.interrupted,
+                     recovery.missing_output, len(recovery.removed_files))
         self._runner = JobRunner(self.output_dir, self.metrics, self.settings.max_queue,
                                  max_batch_size=self.settings.max_batch_size,
                                  max_batch_tokens=self.settings.max_batch_tokens)
         self.metrics.watch(self._runner.stats, lambda: {s.value: n for s, n in self.store.counts().items()},
                            lambda: self.ready)
         if hasattr(self._source, "prepare"):  # a loaded pipeline
+            try:
+                check_writer(self._source)
+            except Exception as e:
+                self._failed(e)
+                return
             self._runner.start(self._source)  # type: ignore[arg-type]
             self._pipeline = self._source  # type: ignore[assignment]
         else:
             threading.Thread(target=self._load, name="ditserve-load", daemon=True).start()
 
     def _load(self) -> None:
-        """Load the model (the factory) and start the engine on it; either failing is a failed load."""
+        """Load the model (the factory), check its outputs can be written, and start the engine on it; any of
+        these failing is a failed load."""
         started = time.perf_counter()
         try:
             pipeline = self._source()  # type: ignore[operator]
+            check_writer(pipeline)
             self.runner.start(pipeline)
         except BaseException as e:
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.error("loading the model failed: %s", self.load_error)
-            if self._on_load_failure is not None:
-                self._on_load_failure(e)
+            self._failed(e)
             return
         self._pipeline = pipeline
         log.info("model %s ready in %.1f s", self.settings.model_name, time.perf_counter() - started)
 
+    def _failed(self, error: BaseException) -> None:
+        """The model cannot serve: /health says why (503), and `on_load_failure` (serve: exit 1) is told."""
+        self.load_error = f"{type(error).__name__}: {error}"
+        log.error("loading the model failed: %s", self.load_error)
+        if self._on_load_failure is not None:
+            self._on_load_failure(error)
+
     def begin_shutdown(self) -> None:
-        """Take no new jobs (503), cancel queued ones, and ask the running ones to stop at the next step."""
+        """Take no new jobs (503), cancel queued ones, and ask the running ones to stop at the next step.
+
+        Starts the `shutdown_timeout_s` clock that `stop` keeps to."""
         if not self.draining:
             log.info("shutting down: no new jobs; cancelling queued and running jobs")
+            self._shutdown_deadline = time.monotonic() + self.settings.shutdown_timeout_s
         self.draining = True
         if self._runner is not None:
             self._runner.close(SHUTDOWN_REASON)
@@ -117,17 +133,21 @@ class ServerState:
             self._loop.call_soon_threadsafe(self.begin_shutdown)
 
     async def stop(self) -> None:
-        """Drain, wait for the engine and the writer, and leave no temporary files behind."""
+        """Drain, wait (until `shutdown_timeout_s` after shutdown began) for the engine and the writer, close
+        the job store, and leave no temporary files behind."""
         self.begin_shutdown()
         if self._runner is not None:
-            stopped = await asyncio.to_thread(self._runner.join, self.settings.shutdown_timeout_s)
+            left = max(0.0, (self._shutdown_deadline or time.monotonic()) - time.monotonic())
+            stopped = await asyncio.to_thread(self._runner.join, left)
             if not stopped:
-                log.warning("the running jobs did not stop within %.0f s; exiting anyway",
-                            self.settings.shutdown_timeout_s)
+                log.warning("the running jobs did not stop within --shutdown-timeout %g s; exiting anyway (they "
+                            "will show as failed, server_restarted, after a restart)", self.settings.shutdown_timeout_s)
+        if self._store is not None:
+            if self.output_dir.is_dir():
+                self._store.remove_partial_files()
+            self._store.close()
         if self._own_output_dir:
             shutil.rmtree(self.output_dir, ignore_errors=True)
-        elif self.output_dir.is_dir():
-            remove_partial_files(self.output_dir)
 
     # -- for the routes --------------------------------------------------------------------
 
@@ -147,6 +167,12 @@ class ServerState:
             raise ApiError(503, "the model is still loading; retry shortly (GET /health says when it is ready)",
                            type="server_error", code="model_loading", headers={"Retry-After": "5"})
         return self._pipeline
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            raise RuntimeError("the server has not started")
+        return self._store
 
     @property
     def runner(self) -> JobRunner:
