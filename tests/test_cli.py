@@ -142,3 +142,25 @@ def test_generate_help_lists_the_models_own_parameters(tiny_wan_path: Path, caps
     assert "--width WIDTH pixels; an int, a multiple of 16, in [16, 512] (default: 512)" in text
     assert "--steps NUM_INFERENCE_STEPS denoising steps; an int, in [1, 1000] (default: 50)" in text
     assert "--image" not in text and "--guidance-scale-2" not in text  # Wan2.1 takes neither
+
+
+def test_generate_animates_an_image_with_a_model_that_takes_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--image` exists for models that take a first frame (Wan2.2-TI2V), and a bad file is a usage error."""
+    from PIL import Image
+
+    from helpers.checkpoints import build_tiny_wan22_ti2v_pipeline
+
+    model = build_tiny_wan22_ti2v_pipeline(tmp_path / "ti2v")
+    picture = tmp_path / "first.png"
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(picture)
+    out = tmp_path / "clip.mp4"
+    base = ["generate", "--model", str(model), "--prompt", "a red ball", "--height", "32", "--width", "64",
+            "--num-frames", "5", "--steps", "1", "--device", "cpu", "--quiet"]
+    assert cli.main([*base, "--image", str(picture), "--output", str(out)]) == 0, capsys.readouterr().err
+    assert out.is_file()
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    assert cli.main([*base, "--image", str(tmp_path / "broken.png"), "--output", str(tmp_path / "x.mp4")]) == 2
+    assert "error: argument --image: image could not be decoded" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a model that takes no image has no such flag
+        cli.main(["generate", "--prompt", "a", "--image", str(picture)])
+    assert "unrecognized arguments: --image" in capsys.readouterr().err
