@@ -216,3 +216,37 @@ def test_gpu_bf16_matches_diffusers(variant: str, a14b_path: Path, ti2v_path: Pa
     theirs = ref(**request, **extra, generator=torch.Generator("cuda").manual_seed(7), output_type="np").frames[0]
     assert ours.shape == theirs.shape
     assert _psnr(ours, theirs) >= 35.0
+
+
+def test_second_expert_offload_decision() -> None:
+    gib = 2**30
+    from ditserve.pipelines.wan import should_offload_second_expert
+
+    assert not should_offload_second_expert(free_bytes=100 * gib, total_bytes=140 * gib, expert_bytes=28 * gib)
+    # an 80 GB card with one A14B expert (28 GiB in bf16) and the text encoder loaded: about 40 GiB free
+    assert should_offload_second_expert(free_bytes=40 * gib, total_bytes=80 * gib, expert_bytes=28 * gib)
+
+
+def test_offloaded_experts_give_the_same_video_and_switch_once(a14b: WanPipeline) -> None:
+    """With only the expert in use resident, a request switches once (at the boundary) and its result is unchanged."""
+    offloaded = WanPipeline(transformers=a14b.transformers, text_encoder=a14b.text_encoder, tokenizer=a14b.tokenizer,
+                            vae=a14b.vae, new_scheduler=a14b.new_scheduler, device=a14b.device, dtype=a14b.dtype,
+                            boundary_ratio=a14b.boundary_ratio, offload_experts=True)
+    request = dict(A14B_REQUEST, guidance_scale=4.0, seed=2)
+    assert rel(offloaded.generate(**request).frames, a14b.generate(**request).frames) <= BATCH_REL
+    assert offloaded.residency.swaps == 1 and offloaded.residency.resident == 1
+    assert offloaded.residency.order({0, 1}) == [1, 0]  # a mixed step starts with the resident expert
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_offloaded_expert_waits_in_host_memory(a14b_path: Path) -> None:
+    pipe = ditserve.Pipeline.from_pretrained(a14b_path, device="cuda")
+    on_gpu = pipe.generate(**A14B_REQUEST, seed=1).frames
+    offloaded = WanPipeline(transformers=pipe.transformers, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                            vae=pipe.vae, new_scheduler=pipe.new_scheduler, device=pipe.device, dtype=pipe.dtype,
+                            boundary_ratio=pipe.boundary_ratio, offload_experts=True)
+    assert pipe.transformers[1].device.type == "cpu"
+    frames = offloaded.generate(**A14B_REQUEST, seed=1).frames
+    assert pipe.transformers[0].device.type == "cpu" and pipe.transformers[1].device.type == "cuda"
+    assert _psnr(frames, on_gpu) >= 60.0

@@ -79,6 +79,9 @@ _DEFAULTS = {
                         fps=24.0),
 }
 _A14B_GUIDANCE_2 = 3.0
+# Device memory kept free for activations, the VAE and the text encoder when deciding whether both
+# experts can stay resident (a share of the device's total memory).
+EXPERT_HEADROOM_FRACTION = 0.25
 
 
 def _declared(entry: Any) -> Any:
@@ -108,6 +111,43 @@ def _variant(root: Path, index: Mapping[str, Any]) -> _Variant:
     if ratio is not None and not (isinstance(ratio, int | float) and 0 < ratio < 1):
         raise UnknownModelError(f"{source}: boundary_ratio must be a number in (0, 1), got {ratio!r}")
     return _Variant(second is not None, None if ratio is None else float(ratio), bool(index.get("expand_timesteps")))
+
+
+def should_offload_second_expert(free_bytes: int, total_bytes: int, expert_bytes: int) -> bool:
+    """True when the second expert would not fit beside the first with `EXPERT_HEADROOM_FRACTION` of
+    the device left over: then only the expert in use is kept on the device."""
+    return free_bytes - expert_bytes < EXPERT_HEADROOM_FRACTION * total_bytes
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+class _Experts:
+    """The DiT(s) of a step, and which are on the device: all (the default), or, with `offload`, only the
+    one in use (the other waits in host memory; switching experts moves the weights, once per switch)."""
+
+    def __init__(self, models: Sequence[WanTransformer3DModel], device: torch.device, offload: bool) -> None:
+        self.models = list(models)
+        self.device = device
+        self.offload = offload and len(self.models) > 1
+        self.resident = 0
+        self.swaps = 0
+        if self.offload:
+            for model in self.models[1:]:
+                model.to("cpu")
+
+    def use(self, index: int) -> WanTransformer3DModel:
+        if self.offload and index != self.resident:
+            self.models[self.resident].to("cpu")
+            self.models[index].to(self.device)
+            self.resident = index
+            self.swaps += 1
+        return self.models[index]
+
+    def order(self, wanted: set[int]) -> list[int]:
+        """Experts a step needs, the resident one first (so a mixed step swaps once, not twice)."""
+        return sorted(wanted, key=lambda i: (i != self.resident, i))
 
 
 def _from_pretrained_kwargs(dtype: torch.dtype) -> dict[str, Any]:
@@ -178,17 +218,21 @@ class WanPipeline(Pipeline):
         dtype: torch.dtype,
         boundary_ratio: float | None = None,
         expand_timesteps: bool = False,
+        offload_experts: bool = False,
     ) -> None:
         """Components already on `device`; `new_scheduler()` returns a fresh scheduler per request.
 
         transformers: one DiT, or two (high-noise, low-noise) with `boundary_ratio`. Their
         self-attention projections are fused in place (same weights and keys, one matrix product).
+        offload_experts: keep only the expert in use on the device (for a device that cannot hold
+        both; `from_pretrained` decides it from free memory).
         """
         if len(transformers) not in (1, 2) or (len(transformers) == 2) != (boundary_ratio is not None):
             raise PipelineConfigError("a Wan pipeline has one transformer, or two with a boundary_ratio")
         for transformer in transformers:
             transformer.fuse_qkv_projections()
         self.transformers = list(transformers)
+        self.residency = _Experts(self.transformers, device, offload_experts)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.vae = vae
@@ -265,17 +309,24 @@ class WanPipeline(Pipeline):
         new_scheduler = scheduler_factory(
             read_config(scheduler_dir, "scheduler_config.json"), source=scheduler_dir / "scheduler_config.json"
         )
-        transformers = [
-            load_component(
+        transformers: list[WanTransformer3DModel] = []
+        offload = False
+        for name in ("transformer", "transformer_2") if variant.two_experts else ("transformer",):
+            if transformers and device.type == "cuda":  # does the second expert fit beside the first?
+                free, total = torch.cuda.mem_get_info(device)
+                offload = should_offload_second_expert(free, total, _module_bytes(transformers[0]))
+                if offload:
+                    log.warning("%s: both experts do not fit on %s with room to run; keeping only the expert "
+                                "in use there (each switch moves %.1f GiB)", root, device,
+                                _module_bytes(transformers[0]) / 2**30)
+            transformers.append(load_component(
                 root,
                 name,
                 lambda config: WanTransformer3DModel.from_config(config, attention_backend=backend),
-                device=device,
+                device=torch.device("cpu") if offload else device,
                 dtype=dtype,
                 keep_float32=WanTransformer3DModel._keep_in_fp32_modules,
-            )
-            for name in (("transformer", "transformer_2") if variant.two_experts else ("transformer",))
-        ]
+            ))
         tokenizer = AutoTokenizer.from_pretrained(component_path(root, "tokenizer"))
         text_encoder = UMT5EncoderModel.from_pretrained(
             component_path(root, "text_encoder"), **_from_pretrained_kwargs(dtype)
@@ -283,7 +334,7 @@ class WanPipeline(Pipeline):
         vae = AutoencoderKLWan.from_pretrained(component_path(root, "vae"), torch_dtype=VAE_DTYPE).to(device).eval()
         return cls(transformers=transformers, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
                    new_scheduler=new_scheduler, device=device, dtype=dtype, boundary_ratio=variant.boundary_ratio,
-                   expand_timesteps=variant.expand_timesteps)
+                   expand_timesteps=variant.expand_timesteps, offload_experts=offload)
 
     # -- sizes -------------------------------------------------------------------------------
 
@@ -373,8 +424,9 @@ class WanPipeline(Pipeline):
         by_expert: dict[int, list[int]] = {}
         for i, sample in enumerate(samples):
             by_expert.setdefault(sample.prepared.state.experts[sample.step], []).append(i)
-        for expert, positions in sorted(by_expert.items()):
-            model = self.transformers[expert]
+        for expert in self.residency.order(set(by_expert)):
+            positions = by_expert[expert]
+            model = self.residency.use(expert)
             latents, timesteps, texts = [], [], []
             for i in positions:
                 x, t = self._model_input(samples[i])
