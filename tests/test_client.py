@@ -64,7 +64,7 @@ def test_errors_carry_the_server_message(server: str, tmp_path: Path) -> None:
 
 def test_cancel_queue_full_and_job_failed(tiny_pipeline: Any, tmp_path: Path) -> None:
     pipe = GatedPipeline(tiny_pipeline, gated=True)
-    app = create_app(pipe, ServerSettings(output_dir=tmp_path, max_queue=1))
+    app = create_app(pipe, ServerSettings(output_dir=tmp_path, max_queue=2))  # the running job counts
     with serve_in_thread(app) as url, Client(url) as client:
         running = client.create_video("one", **SMALL)["id"]
         assert pipe.running.wait(30)

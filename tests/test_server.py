@@ -124,9 +124,9 @@ def test_seconds_and_fps_give_the_frame_count(tiny_pipeline: Any, tmp_path: Path
 
 # -- queueing -------------------------------------------------------------------------------------
 
-def test_twenty_concurrent_requests_with_a_queue_of_four(tiny_pipeline: Any, tmp_path: Path) -> None:
+def test_twenty_concurrent_requests_with_room_for_five(tiny_pipeline: Any, tmp_path: Path) -> None:
     pipe = GatedPipeline(tiny_pipeline, gated=True)  # nothing finishes while the 20 arrive
-    app = create_app(pipe, settings(tmp_path, max_queue=4))
+    app = create_app(pipe, settings(tmp_path, max_queue=5))
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30,
                                                    limits=httpx.Limits(max_connections=20)) as http:
         first = http.post("/v1/videos", json={"prompt": "a dog first", **SMALL}).json()
@@ -142,12 +142,13 @@ def test_twenty_concurrent_requests_with_a_queue_of_four(tiny_pipeline: Any, tmp
         assert {r.status_code for r in responses} <= {200, 429}
         accepted = [r.json()["id"] for r in responses if r.status_code == 200]
         rejected = [r for r in responses if r.status_code == 429]
-        assert len(accepted) == 4 and len(rejected) == 16  # 4 waiting; the running one is not counted
+        assert len(accepted) == 4 and len(rejected) == 16  # 5 unfinished at most: the running one counts
         assert len(set(accepted)) == len(accepted)
         assert {http.get(f"/v1/videos/{i}").json()["status"] for i in accepted} == {"queued"}
         for r in rejected:
             assert int(r.headers["Retry-After"]) >= 1
-            assert error_of(r)["code"] == "queue_full" and "queue is full" in error_of(r)["message"]
+            assert error_of(r)["code"] == "queue_full" and "5 jobs accepted and not finished, --max-queue" in \
+                error_of(r)["message"]
         metrics = http.get("/metrics").text
         assert "ditserve_queue_length 4.0" in metrics and "ditserve_jobs_running 1.0" in metrics
 

@@ -360,8 +360,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--model-name", help="model id in /v1/models and requests (default: the folder's name)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=30000, help="port (default: 30000)")
-    srv.add_argument("--max-queue", type=int, default=16,
-                     help="most jobs waiting to join the batch; more get HTTP 429 (default: 16)")
+    srv.add_argument("--max-queue", type=int, default=64,
+                     help="most jobs accepted and not finished (waiting, in the batch, or being written); more get "
+                          "HTTP 429 (default: 64)")
     srv.add_argument("--max-batch-size", type=int, default=None,
                      help="most jobs admitted to the batch at once; 1 runs one job at a time, each to its end "
                           "(default: no limit; steps are bounded by --max-batch-tokens)")

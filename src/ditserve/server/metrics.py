@@ -46,7 +46,7 @@ class _LiveGauges(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
         yield GaugeMetricFamily("ditserve_queue_length", "Jobs waiting to join the batch.", value=stats.queued)
-        yield GaugeMetricFamily("ditserve_queue_capacity", "Most jobs that may wait (--max-queue).",
+        yield GaugeMetricFamily("ditserve_queue_capacity", "Most jobs accepted and not finished (--max-queue).",
                                 value=stats.capacity)
         yield GaugeMetricFamily("ditserve_jobs_running", "Jobs in the batch (or having their file written).",
                                 value=stats.running)

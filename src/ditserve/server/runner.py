@@ -1,4 +1,4 @@
-"""How admitted jobs run: together, through the continuous-batching engine, with at most `capacity` waiting.
+"""How admitted jobs run: together, through the continuous-batching engine, at most `capacity` at a time.
 
 `ditserve.engine.batching.BatchingEngine` schedules: jobs are admitted at step boundaries in
 arrival order (up to `max_batch_size` at once); each step is one packed DiT forward over the
@@ -7,8 +7,9 @@ budget, none passed over for long: `ditserve.engine.policy`); a job that did its
 decoded on the engine's decoder thread, beside the next steps. `max_batch_size=1` runs one
 job at a time. Around the engine this module keeps what the server promises:
 
-- a bound: at most `capacity` jobs wait to join the batch (the batch itself is bounded by the
-  engine's limits); one more gets `QueueFull` (429) with an estimate of when one can join;
+- a bound: at most `capacity` jobs accepted and not finished (waiting, in the batch, or having
+  their file written); one more gets `QueueFull` (429) with an estimate of when one can join. A
+  job whose tokens per step exceed the step budget is refused (`RequestTooLarge`, 400);
 - job states: a job is `in_progress` from the moment the engine admits it (its text encoding
   starts), with step i of n from the engine's per-request callback;
 - cancel: a waiting job's future is cancelled at once (it never reaches the model); a running
@@ -46,10 +47,11 @@ log = logging.getLogger("ditserve.server")
 
 
 class QueueFull(Exception):
-    """`capacity` jobs wait already; try again after about `retry_after_s` seconds."""
+    """`capacity` jobs are accepted and not finished; try again after about `retry_after_s` seconds."""
 
     def __init__(self, capacity: int, retry_after_s: float) -> None:
-        super().__init__(f"the job queue is full ({capacity} waiting); retry in about {retry_after_s:.0f} s")
+        super().__init__(f"the server is full ({capacity} jobs accepted and not finished, --max-queue); "
+                         f"retry in about {retry_after_s:.0f} s")
         self.capacity = capacity
         self.retry_after_s = retry_after_s
 
@@ -78,7 +80,7 @@ class JobRunner:
     def __init__(self, output_dir: Path, metrics: Metrics, capacity: int, *, max_batch_size: int | None = None,
                  max_batch_tokens: int | None = None) -> None:
         if capacity < 1:
-            raise ValueError(f"capacity must be >= 1 (queued jobs), got {capacity}")
+            raise ValueError(f"capacity must be >= 1 (unfinished jobs), got {capacity}")
         self._output_dir = output_dir
         self._metrics = metrics
         self._capacity = capacity
@@ -123,7 +125,7 @@ class JobRunner:
             tokens = self._engine.tokens_of(job.request)
             if tokens > self._engine.max_batch_tokens:
                 raise RequestTooLarge(tokens, self._engine.max_batch_tokens)
-            if self._queued_locked() >= self._capacity:
+            if len(self._jobs) >= self._capacity:
                 raise QueueFull(self._capacity, self._retry_after_locked())
             future = self._engine.submit(job.request, cancel=job.cancel_event,
                                          callback=lambda i, total: job.set_progress(i + 1, total),

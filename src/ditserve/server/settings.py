@@ -13,7 +13,8 @@ __all__ = ["ServerSettings"]
 class ServerSettings:
     """model_name: the id /v1/models lists and requests may name.
     output_dir: where finished files go; None -> a temporary folder removed at shutdown.
-    max_queue: most jobs waiting to join the batch (running jobs not counted); one more gets 429.
+    max_queue: most jobs accepted and not finished (waiting, in the batch, or being written); one
+        more gets 429. A burst of small jobs fits in one batched step, so the default is generous.
     max_batch_size: most jobs admitted to the batch at once (None: no limit, each step is
         bounded by the token budget; 1: one job at a time, each to its end).
     max_batch_tokens: DiT tokens one batched step may hold (None: the engine's default, from
@@ -37,7 +38,7 @@ class ServerSettings:
 
     model_name: str = "ditserve"
     output_dir: Path | None = None
-    max_queue: int = 16
+    max_queue: int = 64
     max_batch_size: int | None = None
     max_batch_tokens: int | None = None
     keep_jobs: int = 100
