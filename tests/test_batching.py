@@ -73,9 +73,9 @@ class ForwardLog:
         self.calls: list[list[tuple[tuple[int, ...], float]]] = []
         monkeypatch.setattr(pipe, "predict", self)
 
-    def __call__(self, samples: list[Sample]) -> list[Tensor]:
+    def __call__(self, samples: list[Sample], interrupt: Any = None) -> list[Tensor]:
         self.calls.append([(tuple(s.latents.shape[1:]), float(s.timestep)) for s in samples])
-        return self._predict(samples)
+        return self._predict(samples, interrupt)
 
 
 def rel_diff(a: np.ndarray | Tensor, ref: np.ndarray | Tensor) -> float:
@@ -304,7 +304,7 @@ class FakeFamily:
         return Prepared(torch.zeros(1, 1, 1, 1, 1), scheduler, scheduler.timesteps,
                         (request.seed,) * plan.samples, plan)
 
-    def predict(self, samples: list[Sample]) -> list[Tensor]:
+    def predict(self, samples: list[Sample], interrupt: Any = None) -> list[Tensor]:
         with self.lock:
             self.forwards.append([s.condition for s in samples])
         time.sleep(self.forward_s)
@@ -496,7 +496,7 @@ def test_a_failed_forward_spares_the_requests_paused_that_step() -> None:
     real = stages.predict
     calls = []
 
-    def fail_first(samples: list[Sample]) -> list[Tensor]:
+    def fail_first(samples: list[Sample], interrupt: Any = None) -> list[Tensor]:
         calls.append([s.condition for s in samples])
         if len(calls) == 1:
             raise MemoryError("out of memory")
@@ -592,3 +592,35 @@ def test_gpu_bf16_batched_matches_alone_psnr(tiny_wan_path: Path) -> None:
         ref = gpu.generate(**kwargs).frames
         mse = float(np.mean((out.frames.astype(np.float64) - ref) ** 2))
         assert mse == 0 or 10 * np.log10(1 / mse) >= 40.0, f"request {i}"
+
+
+def test_a_step_whose_requests_are_all_cancelled_stops_between_blocks(pipe: WanPipeline,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancellation does not wait for the step to end: the model stops before its next block, and a
+    request in the same step that is not cancelled keeps the step going."""
+    blocks = pipe.transformer.blocks
+    ran: list[int] = []
+    cancel = threading.Event()
+    for index, block in enumerate(blocks):
+        real = block.forward
+
+        def counted(*args: Any, index: int = index, real: Any = real, **kwargs: Any) -> Any:
+            ran.append(index)
+            if index == 0 and len(ran) == 1:
+                cancel.set()  # cancelled while its first step is in the first block
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(block, "forward", counted)
+    with pytest.raises(GenerationCancelled, match="before denoising step 1 of 3"):
+        pipe.generate(**MIXED[0], cancel=cancel)
+    assert ran == [0]  # the second block never ran
+    ran.clear()
+    cancel.clear()
+    engine = BatchingEngine(pipe)
+    doomed = engine.submit(pipe.request_spec.validate(MIXED[0]), cancel=cancel)
+    kept = engine.submit(pipe.request_spec.validate(MIXED[1]))
+    engine.run_until_idle()
+    with pytest.raises(GenerationCancelled):
+        doomed.result()
+    assert kept.result().frames.shape[0] == MIXED[1]["num_frames"]
+    assert len(ran) > len(blocks)  # the shared step was not interrupted for the one still wanted

@@ -115,7 +115,7 @@ def test_a14b_batch_mixes_experts_in_one_step_and_matches_alone(a14b: WanPipelin
     forward = [m.forward_packed for m in a14b.transformers]
     for index, model in enumerate(a14b.transformers):
         monkeypatch.setattr(model, "forward_packed",
-                            lambda x, t, c, i=index: calls.append([i] * len(x)) or forward[i](x, t, c))
+                            lambda x, t, c, i=index, **kw: calls.append([i] * len(x)) or forward[i](x, t, c, **kw))
     # max_batch_size 1 at first would serialise; here request 1 (3 steps) reaches the low-noise
     # expert while request 0 (6 steps) is still on the high-noise one: one step, two forwards
     batched = a14b.generate_batch(requests)

@@ -87,7 +87,7 @@ class GatedPipeline:
             self.prompts.append(request.prompt)
         return self.inner.prepare(request)
 
-    def predict(self, samples: list[Any]) -> list[Any]:
+    def predict(self, samples: list[Any], interrupt: Any = None) -> list[Any]:
         self.running.set()
         if not self.gate.wait(30):
             raise TimeoutError("GatedPipeline: the test never opened the gate")
@@ -95,7 +95,7 @@ class GatedPipeline:
         failure = self.fail_forward.get(len(self.batch_sizes))
         if failure is not None:
             raise failure
-        return self.inner.predict(samples)
+        return self.inner.predict(samples, interrupt)
 
     def decode_batch(self, latents: Any) -> Any:
         numbers = [self._decode_number(row) for row in latents]

@@ -4,7 +4,8 @@ Each request keeps everything that makes its result its own: latents, a fresh sc
 (its own timesteps and solver history), step count, guidance plan, conditioning and seed.
 At every step boundary the engine
 
-1. drops requests whose cancel token is set (queued or admitted; they get `GenerationCancelled`),
+1. drops requests whose cancel token is set (queued or admitted; they get `GenerationCancelled`);
+   a step whose requests are all cancelled while it runs stops between two blocks of the model,
 2. admits queued requests, FIFO, up to `max_batch_size` admitted at once; an admitted
    request is prepared by its family (`Family.prepare`: text encoded, noise drawn, scheduler
    started) exactly as for a request alone, so it does not matter when it joins,
@@ -53,7 +54,7 @@ import torch
 from torch import Tensor
 
 from ditserve.engine.decoder import Decoder
-from ditserve.engine.errors import EngineClosed, GenerationCancelled
+from ditserve.engine.errors import EngineClosed, GenerationCancelled, StepInterrupted
 from ditserve.engine.family import CancelToken, Family, Prepared, Sample, StepCallback
 from ditserve.engine.policy import DEFAULT_FILL_TOKENS, DEFAULT_MAX_SKIPPED, Candidate, select_step
 from ditserve.engine.request import GenerationRequest
@@ -376,10 +377,21 @@ class BatchingEngine:
             for state in batch
             for condition in state.prepared.conditions
         ]
+        def interrupt() -> bool:  # asked between blocks: stop a step that nobody waits for any more
+            return self._aborting or all(_cancelled(state.queued.cancel) for state in batch)
+
         try:
-            preds = self._family.predict(samples)
+            preds = self._family.predict(samples, interrupt)
             if len(preds) != len(samples):
                 raise RuntimeError(f"the family returned {len(preds)} predictions for {len(samples)} samples")
+        except StepInterrupted as e:
+            log.info("%s: every request in it was cancelled", e)
+            with self._cond:
+                for state in batch:
+                    self._active.remove(state)
+            for state in batch:
+                _fail_cancelled(state.queued, state.step, state.total)
+            return
         except Exception as e:  # cannot tell whose fault: the requests in this step fail, the paused ones go on
             self._fail(batch, e)
             return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["EngineClosed", "GenerationCancelled", "InvalidRequest"]
+__all__ = ["EngineClosed", "GenerationCancelled", "InvalidRequest", "StepInterrupted"]
 
 
 class InvalidRequest(ValueError):
@@ -25,3 +25,13 @@ class GenerationCancelled(Exception):
 
 class EngineClosed(RuntimeError):
     """`submit` after `close` / `stop`: the engine takes no new requests."""
+
+
+class StepInterrupted(Exception):
+    """A model stopped a forward between two of its blocks because every request in the step was
+    cancelled (or the engine is shutting down); the engine ends those requests as cancelled."""
+
+    def __init__(self, block: int, blocks: int) -> None:
+        super().__init__(f"step interrupted before block {block + 1} of {blocks}")
+        self.block = block
+        self.blocks = blocks

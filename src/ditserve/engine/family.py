@@ -119,8 +119,11 @@ class Family(Protocol):
     def prepare(self, request: GenerationRequest) -> Prepared:
         """Encode the conditioning, draw the noise, start a fresh scheduler."""
 
-    def predict(self, samples: Sequence[Sample]) -> list[Tensor]:
-        """One step for samples of any requests and sizes: one prediction per sample, in order."""
+    def predict(self, samples: Sequence[Sample], interrupt: Callable[[], bool] | None = None) -> list[Tensor]:
+        """One step for samples of any requests and sizes: one prediction per sample, in order.
+
+        `interrupt()` may be asked between blocks; when it returns True the family raises
+        `StepInterrupted` (every request in the step was cancelled: finishing it helps nobody)."""
 
     def final_latents(self, prepared: Prepared, latents: Tensor) -> Tensor:
         """The latents to decode once the last step is done (e.g. with a given first frame put back)."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ditserve.attention import Attention, AttentionMetadata, AttentionSelector, run_attention_eagerly
+from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import qk_rms_norm_rotary
 
 __all__ = ["WanTransformer3DModel", "WanTransformerConfig", "WanTransformerOutput"]
@@ -542,8 +543,13 @@ class WanTransformer3DModel(nn.Module):
         rows: Tensor | None,
         self_metadata: AttentionMetadata | None,
         cross_metadata: AttentionMetadata | None,
+        interrupt: Callable[[], bool] | None = None,
     ) -> Tensor:
-        for block in self.blocks:
+        """The blocks in order; `interrupt()` is asked between blocks (a step of a large video can
+        take minutes) and `StepInterrupted` stops the forward when it says so."""
+        for index, block in enumerate(self.blocks):
+            if interrupt is not None and index and interrupt():
+                raise StepInterrupted(index, len(self.blocks))
             x = block(x, context, modulation, rotary, rows, self_metadata, cross_metadata)
         return x
 
@@ -603,12 +609,14 @@ class WanTransformer3DModel(nn.Module):
         encoder_hidden_states_image: Tensor | None = None,
         return_dict: bool = False,
         attention_kwargs: dict[str, Any] | None = None,
+        interrupt: Callable[[], bool] | None = None,
     ) -> tuple[Tensor] | WanTransformerOutput:
         """diffusers-compatible call: latents `[B, C, F, H, W]`, timestep `[B]` (or one for all, or
         `[B, S]`: one per patch token in (f, h, w) order, as Wan2.2 TI2V passes it), text
         `[B, L, text_dim]` -> `(noise_pred [B, C_out, F, H, W],)`.
 
         Attention runs dense (`[B, S, H, D]`, no metadata): the fastest layout for one request.
+        `interrupt`: asked between blocks; True stops the forward with `StepInterrupted`.
         """
         if encoder_hidden_states_image is not None:
             raise NotImplementedError("image conditioning (encoder_hidden_states_image) is not implemented")
@@ -627,7 +635,7 @@ class WanTransformer3DModel(nn.Module):
         x = self._embed_patches(hidden_states)
         temb, modulation = self.condition_embedder.embed_time(timestep, x.dtype)
         context = self.condition_embedder.embed_text(encoder_hidden_states)
-        x = self._blocks(x, context, modulation, self._rotary(grid, x.device), rows, None, None)
+        x = self._blocks(x, context, modulation, self._rotary(grid, x.device), rows, None, None, interrupt)
         out = self._unpatchify(self._head(x, temb, rows), grid)
         return WanTransformerOutput(out) if return_dict else (out,)
 
@@ -668,6 +676,7 @@ class WanTransformer3DModel(nn.Module):
         latents: Sequence[Tensor],
         timesteps: Tensor | Sequence[float | Tensor],
         text_embeds: Sequence[Tensor],
+        interrupt: Callable[[], bool] | None = None,
     ) -> list[Tensor]:
         """One forward over samples of different sizes: latents `[C, F_i, H_i, W_i]`, timesteps,
         text `[L_i, text_dim]` -> noise predictions `[C_out, F_i, H_i, W_i]`.
@@ -679,7 +688,7 @@ class WanTransformer3DModel(nn.Module):
         Tokens of all samples are concatenated (`[1, T, dim]`); attention runs packed
         (`[T, H, D]`) with self/cross `AttentionMetadata` built once here. Samples never see
         each other. If all samples share one shape and one text length this is the dense
-        `forward` on the stacked batch (same math, the faster layout).
+        `forward` on the stacked batch (same math, the faster layout). `interrupt`: as `forward`'s.
         """
         n = len(latents)
         if n == 0 or len(text_embeds) != n:
@@ -700,7 +709,8 @@ class WanTransformer3DModel(nn.Module):
 
         if len({lat.shape for lat in latents}) == 1 and len({text.shape for text in text_embeds}) == 1:
             stacked = timesteps if per_token is None else torch.stack(per_token)  # [N] or [N, S]
-            (out,) = self.forward(torch.stack(list(latents)), stacked, torch.stack(list(text_embeds)))
+            (out,) = self.forward(torch.stack(list(latents)), stacked, torch.stack(list(text_embeds)),
+                                  interrupt=interrupt)
             return list(out.unbind(0))
 
         text_lens = [text.shape[0] for text in text_embeds]
@@ -720,6 +730,6 @@ class WanTransformer3DModel(nn.Module):
         rotaries = [self._rotary(grid, x.device) for grid in grids]
         rotary = (torch.cat([c for c, _ in rotaries]), torch.cat([s for _, s in rotaries]))
 
-        x = self._blocks(x, context, modulation, rotary, rows[None], self_metadata, cross_metadata)
+        x = self._blocks(x, context, modulation, rotary, rows[None], self_metadata, cross_metadata, interrupt)
         x = self._head(x, temb, rows[None])[0]
         return [self._unpatchify(part[None], grid)[0] for part, grid in zip(x.split(counts), grids)]

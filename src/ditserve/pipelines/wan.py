@@ -418,7 +418,7 @@ class WanPipeline(Pipeline):
     # -- one step ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict(self, samples: Sequence[Sample]) -> list[Tensor]:
+    def predict(self, samples: Sequence[Sample], interrupt: Callable[[], bool] | None = None) -> list[Tensor]:
         """One packed forward per expert in use this step (requests at different steps may need both)."""
         preds: list[Tensor | None] = [None] * len(samples)
         by_expert: dict[int, list[int]] = {}
@@ -433,7 +433,7 @@ class WanPipeline(Pipeline):
                 latents.append(x[0].to(model.dtype))
                 timesteps.append(t)
                 texts.append(samples[i].condition.text)
-            for i, out in zip(positions, model.forward_packed(latents, timesteps, texts)):
+            for i, out in zip(positions, model.forward_packed(latents, timesteps, texts, interrupt=interrupt)):
                 preds[i] = out[None]
         return preds  # type: ignore[return-value]
 
