@@ -242,7 +242,7 @@ def test_cancel_one_mid_batch_leaves_the_others_correct(
 
 
 def test_generate_batch_validation_names_the_index(pipe: WanPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipe, "prepare", lambda *a, **k: pytest.fail("work started on a bad batch"))
+    monkeypatch.setattr(pipe, "prepare_batch", lambda *a, **k: pytest.fail("work started on a bad batch"))
     with pytest.raises(InvalidRequest, match=r"requests\[1\]: height must be an int, a multiple of 16, in \[16, 512\], "
                                              r"got 30"):
         pipe.generate_batch([MIXED[0], dict(MIXED[0], height=30)])
@@ -285,6 +285,7 @@ class FakeFamily:
         self.forward_s = forward_s  # how long a forward takes
         self.forwards: list[list[int]] = []  # per forward: the seed of each sample (cond, uncond)
         self.fail_encode: set[int] = set()
+        self.prepared_together: list[list[int]] = []  # per prepare_batch call: the seeds
         self.lock = threading.Lock()
 
     def tokens_per_step(self, request: GenerationRequest) -> int:
@@ -294,7 +295,11 @@ class FakeFamily:
     def default_max_batch_tokens(self) -> int:
         return 1000
 
-    def prepare(self, request: GenerationRequest) -> Prepared:
+    def prepare_batch(self, requests: list[GenerationRequest]) -> list[Prepared]:
+        self.prepared_together.append([r.seed for r in requests])
+        return [self._prepare(r) for r in requests]
+
+    def _prepare(self, request: GenerationRequest) -> Prepared:
         if request.seed in self.fail_encode:
             raise RuntimeError(f"cannot encode request {request.seed}")
         scheduler = FakeScheduler(request.num_inference_steps)
@@ -472,6 +477,8 @@ def test_failures_and_cancels_end_only_their_request() -> None:
     assert cancelled_future.cancelled()
     assert all(4 not in seeds and 5 not in seeds for seeds in stages.forwards)
     assert sum(3 in seeds for seeds in stages.forwards) == 1  # left after its first step
+    # admitted together, prepared together (one text-encoder batch); the failure then alone, each
+    assert stages.prepared_together == [[1, 2, 3], [1], [2], [3]]
 
 
 def test_a_failed_forward_fails_its_requests_and_the_engine_goes_on() -> None:

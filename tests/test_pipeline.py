@@ -353,7 +353,7 @@ def test_a_spec_with_other_rules_and_extras() -> None:
 
 
 def test_generate_validates_before_any_work(wan_pipe: WanPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wan_pipe, "prepare", lambda *a, **k: pytest.fail("work started on a bad request"))
+    monkeypatch.setattr(wan_pipe, "prepare_batch", lambda *a, **k: pytest.fail("work started on a bad request"))
     with pytest.raises(InvalidRequest, match="height must be an int, a multiple of 16, in .*, got 30"):
         wan_pipe.generate(**{**REQUEST, "height": 30})
     # the tiny DiT's rotary table covers 32 patches per axis: 512 pixels
@@ -388,3 +388,22 @@ def test_vae_out_of_memory_retries_tiled_once(wan_pipe: WanPipeline, monkeypatch
     with pytest.raises(torch.OutOfMemoryError):
         wan_pipe.decode_batch(latents)
     assert not vae.use_tiling
+
+
+def test_text_of_requests_prepared_together_is_encoded_in_one_batch(wan_pipe: WanPipeline,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-request work outside the DiT runs batched: one text-encoder call for requests admitted together,
+    with the same embeddings as each alone."""
+    requests = [wan_pipe.validate(**REQUEST, guidance_scale=5.0, seed=1),
+                wan_pipe.validate(**{**REQUEST, "prompt": "a blue cat"}, guidance_scale=1.0, seed=2)]
+    alone = [wan_pipe.prepare(r) for r in requests]
+    calls: list[int] = []
+    real = wan_pipe.text_encoder.forward
+    monkeypatch.setattr(wan_pipe.text_encoder, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    together = wan_pipe.prepare_batch(requests)
+    assert calls == [1]
+    for one, both in zip(alone, together):
+        assert len(one.conditions) == len(both.conditions)
+        for a, b in zip(one.conditions, both.conditions):
+            assert torch.allclose(a.text, b.text, rtol=1e-5, atol=1e-6)
+        assert torch.equal(one.latents, both.latents)

@@ -172,7 +172,7 @@ def test_ti2v_batch_of_mixed_sizes_with_and_without_image_matches_alone(ti2v: Wa
 
 def test_bad_images_are_refused_before_any_work(ti2v: WanPipeline, a14b: WanPipeline, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ti2v, "prepare", lambda *a, **k: pytest.fail("work started on a bad image"))
+    monkeypatch.setattr(ti2v, "prepare_batch", lambda *a, **k: pytest.fail("work started on a bad image"))
     with pytest.raises(InvalidRequest, match="image could not be decoded as a picture") as info:
         ti2v.generate(**TI2V_REQUEST, image=b"not an image at all")
     assert info.value.field == "image"

@@ -81,11 +81,11 @@ class GatedPipeline:
     def __getattr__(self, name: str) -> Any:  # request_spec, device, tokens_per_step, final_latents, ...
         return getattr(self.inner, name)
 
-    def prepare(self, request: Any) -> Any:
+    def prepare_batch(self, requests: Any) -> Any:
         with self._lock:
-            self.calls += 1
-            self.prompts.append(request.prompt)
-        return self.inner.prepare(request)
+            self.calls += len(requests)
+            self.prompts.extend(r.prompt for r in requests)
+        return self.inner.prepare_batch(requests)
 
     def predict(self, samples: list[Any], interrupt: Any = None) -> list[Any]:
         self.running.set()

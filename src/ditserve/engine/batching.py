@@ -337,27 +337,39 @@ class BatchingEngine:
         with self._cond:
             room = len(self._queue) if self.max_batch_size is None else self.max_batch_size - len(self._active)
             joining = [self._queue.popleft() for _ in range(max(0, min(room, len(self._queue))))]
+        joining = [q for q in joining if q.future.set_running_or_notify_cancel()]  # not cancelled while waiting
+        if not joining:
+            return
         for q in joining:
-            if not q.future.set_running_or_notify_cancel():
-                continue  # cancelled through its future while it waited
-            try:
-                state = self._start(q)
-            except Exception as e:  # this request's text or noise failed; the batch goes on
-                q.future.set_exception(e)
-                continue
-            with self._cond:
-                self._active.append(state)
-
-    def _start(self, q: _Queued) -> _Active:
-        """Prepare the request (text, noise, scheduler): what happens before its step 0."""
-        if q.on_start is not None:
-            q.on_start()
+            if q.on_start is not None:
+                q.on_start()
         admitted_at = time.perf_counter()
         timer = StepTimer(self._family.device)
         timer.start()
-        prepared = self._family.prepare(q.request)
+        prepared = self._prepare(joining)
         timer.mark()
-        return _Active(q, prepared, prepared.latents, timer, admitted_at)
+        for q, result in zip(joining, prepared):
+            if isinstance(result, BaseException):  # this request's text or noise failed; the batch goes on
+                q.future.set_exception(result)
+                continue
+            with self._cond:
+                self._active.append(_Active(q, result, result.latents, timer.copy(), admitted_at))
+
+    def _prepare(self, joining: list[_Queued]) -> list[Prepared | BaseException]:
+        """Prepare the requests joining together in one call (text encoded as one batch); if that fails,
+        each alone, so one bad request fails only itself."""
+        try:
+            return list(self._family.prepare_batch([q.request for q in joining]))
+        except Exception:
+            if len(joining) > 1:
+                log.warning("preparing %d requests together failed; preparing each alone", len(joining))
+        results: list[Prepared | BaseException] = []
+        for q in joining:
+            try:
+                results.append(self._family.prepare_batch([q.request])[0])
+            except Exception as e:
+                results.append(e)
+        return results
 
     def _select(self) -> list[_Active]:
         """The admitted requests that advance this step (`ditserve.engine.policy`)."""

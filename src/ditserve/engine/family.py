@@ -116,8 +116,9 @@ class Family(Protocol):
     def default_max_batch_tokens(self) -> int:
         """The token budget per step when none is given (see `ditserve.engine.budget`)."""
 
-    def prepare(self, request: GenerationRequest) -> Prepared:
-        """Encode the conditioning, draw the noise, start a fresh scheduler."""
+    def prepare_batch(self, requests: Sequence[GenerationRequest]) -> list[Prepared]:
+        """For each request: encode the conditioning, draw the noise, start a fresh scheduler. Requests
+        admitted together come together, so their text encoding is one batch."""
 
     def predict(self, samples: Sequence[Sample], interrupt: Callable[[], bool] | None = None) -> list[Tensor]:
         """One step for samples of any requests and sizes: one prediction per sample, in order.

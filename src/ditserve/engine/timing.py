@@ -37,6 +37,12 @@ class StepTimer:
     def start(self) -> None:
         self._marks = [self._now()]
 
+    def copy(self) -> StepTimer:
+        """A timer with the marks so far (requests prepared together share their first interval)."""
+        twin = StepTimer.__new__(StepTimer)
+        twin._cuda, twin._marks = self._cuda, list(self._marks)
+        return twin
+
     def mark(self) -> None:
         self._marks.append(self._now())
 

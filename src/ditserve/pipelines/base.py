@@ -7,7 +7,7 @@ the registry (`ditserve.pipelines.registry`) names for it. A family implements:
   alone (no weights), so the CLI and the server know them before loading;
 - `_from_folder`: load the components;
 - the engine's `Family` methods (`ditserve.engine.family`): `tokens_per_step`,
-  `default_max_batch_tokens`, `prepare`, `predict`, `decode_batch` (and `final_latents`
+  `default_max_batch_tokens`, `prepare_batch`, `predict`, `decode_batch` (and `final_latents`
   when it changes the latents after the last step);
 - `denoisers()`: the modules `compile()` compiles.
 
@@ -123,7 +123,11 @@ class Pipeline(ABC):
     def default_max_batch_tokens(self) -> int: ...
 
     @abstractmethod
-    def prepare(self, request: GenerationRequest) -> Prepared: ...
+    def prepare_batch(self, requests: Sequence[GenerationRequest]) -> list[Prepared]: ...
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        """One request's `prepare_batch`."""
+        return self.prepare_batch([request])[0]
 
     @abstractmethod
     def predict(self, samples: Sequence[Sample], interrupt: Callable[[], bool] | None = None) -> list[Tensor]: ...

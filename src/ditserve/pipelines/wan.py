@@ -368,9 +368,14 @@ class WanPipeline(Pipeline):
         return embeds.to(self.text_encoder.dtype).to(self.transformer.dtype)
 
     @torch.no_grad()
-    def prepare(self, request: GenerationRequest) -> Prepared:
+    def prepare_batch(self, requests: Sequence[GenerationRequest]) -> list[Prepared]:
+        """All the requests' prompts (and negative prompts) through the text encoder in one batch."""
+        prompts = [p for r in requests for p in ([r.prompt, r.negative_prompt] if self._guided(r) else [r.prompt])]
+        embeds = iter(self.encode_text(prompts))
+        return [self._prepare(r, [next(embeds) for _ in range(2 if self._guided(r) else 1)]) for r in requests]
+
+    def _prepare(self, request: GenerationRequest, embeds: list[Tensor]) -> Prepared:
         guided = self._guided(request)
-        embeds = self.encode_text([request.prompt, request.negative_prompt] if guided else [request.prompt])
         latents = seeded_noise(self.latent_shape(request), request.seed, self.device, torch.float32)
         scheduler = self.new_scheduler()
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
