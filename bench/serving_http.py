@@ -1,0 +1,148 @@
+"""A burst of image requests over HTTP against `ditserve serve`: batched vs one at a time.
+
+Starts a real server process per mode (the default continuous batching, then
+`--max-batch-size 1`), waits for /health, sends `--requests` image requests of mixed sizes
+at once from as many client threads, and reports throughput, p50/p95/max latency and how many
+were refused (429). Everything a client sees is measured: HTTP, admission, text encoding,
+denoising, VAE decode, PNG encoding and base64.
+
+    python bench/serving_http.py --model /tmp/wan13 --sizes 512x512,832x480 --steps 8 --requests 32 \\
+        --markdown docs/performance.md          # on a GPU (bench/build_wan_folder.py makes the folder)
+    python bench/serving_http.py                # CPU smoke run: the embedded tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from report import publish, shown_args  # noqa: E402  (bench/report.py)
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model: str | None, extra: list[str], out: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    command = [sys.executable, "-m", "ditserve.cli", "serve", "--port", str(port), "--output-dir", str(out),
+               "--max-queue", "1024", "--log-level", "warning", *extra]
+    if model:
+        command += ["--model", model]
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    with httpx.Client(base_url=url, timeout=5) as http:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {proc.communicate()[0][-2000:]}")
+            try:
+                if http.get("/health").status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("the server did not become ready in 10 minutes")
+            time.sleep(0.2)
+
+
+def burst(url: str, sizes: list[str], steps: int, count: int) -> dict:
+    """`count` image requests at once (sizes in turn); per-request latency and status."""
+    barrier = threading.Barrier(count)
+    results: list[tuple[int, float]] = [(0, 0.0)] * count
+
+    def one(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=3600) as http:
+            barrier.wait()
+            start = time.perf_counter()
+            response = http.post("/v1/images/generations", json={
+                "prompt": f"a red circle moving left on a blue background {i}", "size": sizes[i % len(sizes)],
+                "steps": steps, "seed": i})
+            results[i] = (response.status_code, time.perf_counter() - start)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    done = sorted(s for code, s in results if code == 200)
+    return {"wall_s": wall, "completed": len(done), "refused_429": sum(code == 429 for code, _ in results),
+            "other_errors": sum(code not in (200, 429) for code, _ in results),
+            "per_min": 60 * len(done) / wall, "p50_s": statistics.median(done) if done else None,
+            "p95_s": done[min(len(done) - 1, int(0.95 * len(done)))] if done else None,
+            "max_s": done[-1] if done else None}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded tiny model)")
+    parser.add_argument("--sizes", default="32x32,32x16", help="comma-separated WIDTHxHEIGHT, used in turn")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--server-args", default="", help="more `ditserve serve` arguments, e.g. '--compile'")
+    parser.add_argument("--out", default="/tmp/ditserve-serving-http")
+    parser.add_argument("--markdown")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    sizes = args.sizes.split(",")
+    rows = []
+    for mode, extra in (("batched", []), ("one at a time", ["--max-batch-size", "1"])):
+        proc, url = start_server(args.model, [*args.server_args.split(), *extra], Path(args.out) / mode.replace(" ", "-"))
+        try:
+            burst(url, sizes, steps=1, count=min(4, args.requests))  # warm-up beyond the server's own
+            row = {"mode": mode, **burst(url, sizes, args.steps, args.requests)}
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    batched, single = rows
+    speedup = single["wall_s"] / batched["wall_s"] if batched["completed"] == args.requests else float("nan")
+    device = "cpu"
+    try:
+        import torch
+
+        if torch.cuda.is_available() and "--device cpu" not in args.server_args:
+            device = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    lines = [
+        f"#### Serving over HTTP: a burst of {args.requests} images ({', '.join(sizes)}, {args.steps} steps), "
+        f"batched vs one at a time — {datetime.date.today()}, {device}",
+        "",
+        f"Command: `python bench/serving_http.py {shown_args()}`. A real `ditserve serve` process per mode; all "
+        "requests sent at once, each from its own connection; latency as the client sees it.",
+        "",
+        "| mode | completed | 429 | wall (s) | images/min | p50 (s) | p95 (s) | max (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [f"{r[k]:.1f}" if r[k] is not None else "–" for k in ("wall_s", "per_min", "p50_s", "p95_s", "max_s")]
+        lines.append(f"| {r['mode']} | {r['completed']} | {r['refused_429']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Batched finishes the burst {speedup:.2f}x faster than one at a time."]
+    publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
