@@ -639,3 +639,25 @@ def test_a_client_that_disconnects_from_an_image_cancels_it(tiny_pipeline: Any, 
         assert snap.status.value == "cancelled" and snap.step == 0 and len(pipe.batch_sizes) == 1
         assert outputs(tmp_path / "out") == []
         assert 'ditserve_jobs_finished_total{status="cancelled"} 1.0' in http.get("/metrics").text
+
+
+def test_operator_limits_tighten_the_models_own_and_name_their_flag(tiny_pipeline: Any, tmp_path: Path) -> None:
+    app = create_app(tiny_pipeline, settings(tmp_path, max_steps=4, max_frames=9, max_pixels=32 * 48,
+                                             max_batch_tokens=30))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
+        for body, param, words in (
+            ({"steps": 5}, "num_inference_steps", "in [1, 4], (max set by --max-steps), got 5"),
+            ({"num_frames": 13}, "num_frames", "in [1, 9], (max set by --max-frames), got 13"),
+            ({"size": "64x32"}, "size", "at most 1536 pixels per frame (--max-pixels), got 32x64 = 2048"),
+        ):
+            response = http.post(VIDEO, json={"prompt": "x", "size": "32x32", "num_frames": 5, **body})
+            assert response.status_code == 400, response.text
+            assert error_of(response)["param"] == param and words in error_of(response)["message"], response.text
+        big = http.post(VIDEO, json={"prompt": "x", "size": "48x32", "num_frames": 9, "steps": 2, "seed": 1})
+        assert big.status_code == 400 and error_of(big)["param"] == "size"
+        assert "needs 36 tokens per denoising step" in error_of(big)["message"]
+        assert "one step holds at most 30 (--max-batch-tokens" in error_of(big)["message"]
+        ok = http.post(VIDEO, json={"prompt": "x", "size": "32x32", "num_frames": 5, "steps": 2, "seed": 1})
+        assert ok.status_code == 200 and wait_for(http, ok.json()["id"])["status"] == "completed"
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        settings(tmp_path, max_steps=0)

@@ -334,6 +334,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = ServerSettings(model_name=args.model_name or Path(model).resolve().name,
                                   output_dir=args.output_dir, max_queue=args.max_queue, keep_jobs=args.keep_jobs,
                                   max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                                  max_steps=args.max_steps, max_frames=args.max_frames, max_pixels=args.max_pixels,
                                   shutdown_timeout_s=args.shutdown_timeout, api_keys=api_keys,
                                   public_url=args.public_url, docs=args.docs, max_body_bytes=args.max_body_bytes,
                                   max_upload_bytes=args.max_upload_bytes, request_timeout_s=args.request_timeout,
@@ -366,6 +367,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-batch-size", type=int, default=None,
                      help="most jobs admitted to the batch at once; 1 runs one job at a time, each to its end "
                           "(default: no limit; steps are bounded by --max-batch-tokens)")
+    srv.add_argument("--max-steps", type=int, default=None,
+                     help="most denoising steps a request may ask for (default: the model's limit, its scheduler's "
+                          "training steps, 1000 for Wan)")
+    srv.add_argument("--max-frames", type=int, default=None,
+                     help="most frames a video request may ask for (default: the model's limit)")
+    srv.add_argument("--max-pixels", type=int, default=None,
+                     help="most pixels per frame, width x height (default: the model's size limits alone; requests "
+                          "over the step budget, --max-batch-tokens, are refused anyway)")
     srv.add_argument("--max-batch-tokens", type=int, default=None,
                      help="most DiT tokens in one batched step, all jobs' samples together; a bigger job runs "
                           "alone (default: from free device memory after loading; 65536 on CPU)")

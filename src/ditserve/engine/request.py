@@ -110,6 +110,7 @@ class Param:
     offset: int = 0
     nullable: bool = False
     flag: str | None = None
+    limited_by: str | None = None  # what set `maximum` below the model's own, named in errors (a server flag)
 
     @property
     def cli_flag(self) -> str:
@@ -134,6 +135,8 @@ class Param:
             rules.append(f">= {_number(self.minimum)}")
         elif self.maximum is not None:
             rules.append(f"<= {_number(self.maximum)}")
+        if self.limited_by is not None:
+            rules.append(f"(max set by {self.limited_by})")
         return ", ".join([noun, *rules]) + (" or null" if self.nullable else "")
 
     def check(self, value: Any) -> Any:
@@ -192,6 +195,11 @@ def _shown(value: Any) -> str:
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
+def _largest_valid(p: Param, limit: int) -> int:
+    """The largest value of an int parameter's grid (offset + k * multiple) that is <= limit."""
+    return p.offset + (limit - p.offset) // p.multiple * p.multiple
+
+
 def standard_params(
     *,
     height: int,
@@ -238,14 +246,17 @@ class RequestSpec:
 
     params: the common parameters first (`standard_params`), then the family's own.
     output: "video" or "image" (an image model makes one frame). takes_image: a first-frame
-    image may (image_required=False) or must be given. max_image_pixels: the largest input
-    image accepted (width x height, before resizing to the request's size).
+    image may be given. max_image_pixels: the largest input image accepted (width x height,
+    before resizing to the request's size). max_pixels: the largest frame (height x width),
+    None for the size limits alone; `pixels_limited_by` names what set it (a server flag).
     """
 
     params: tuple[Param, ...]
     output: Output = "video"
     takes_image: bool = False
     max_image_pixels: int = 4096 * 4096
+    max_pixels: int | None = None
+    pixels_limited_by: str | None = None
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.params]
@@ -290,6 +301,31 @@ class RequestSpec:
             params.append(p)
         return replace(self, params=tuple(params))
 
+    def with_limits(self, *, max_steps: int | None = None, max_frames: int | None = None,
+                    max_pixels: int | None = None, flags: Mapping[str, str] | None = None) -> RequestSpec:
+        """This spec with tighter limits (an operator's; never looser than the model's own). `flags`
+        names, per limit ("max_steps", "max_frames", "max_pixels"), what set it, for error messages."""
+        flags = dict(flags or {})
+        params = []
+        for p in self.params:
+            limit, key = {"num_inference_steps": (max_steps, "max_steps"),
+                          "num_frames": (max_frames, "max_frames")}.get(p.name, (None, ""))
+            if limit is not None:
+                if limit < (p.minimum or 1):
+                    raise ValueError(f"{key} must be >= {_number(p.minimum or 1)}, got {limit}")
+                if p.maximum is None or limit < p.maximum:
+                    p = replace(p, maximum=limit, limited_by=flags.get(key))
+                    if p.default is not None and p.default > limit:  # the default must stay valid
+                        p = replace(p, default=_largest_valid(p, limit))
+            params.append(p)
+        spec = replace(self, params=tuple(params))
+        if max_pixels is not None:
+            if max_pixels < 1:
+                raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+            if self.max_pixels is None or max_pixels < self.max_pixels:
+                spec = replace(spec, max_pixels=max_pixels, pixels_limited_by=flags.get("max_pixels"))
+        return spec
+
     def validate(self, fields: Mapping[str, Any], image: Any = None) -> GenerationRequest:
         """Check every field (missing ones take the defaults) and return the normalised request.
 
@@ -310,6 +346,11 @@ class RequestSpec:
             if value is None and p.name == "prompt":
                 raise InvalidRequest("prompt", "prompt is required: a non-empty string")
             values[p.name] = p.check(value)
+        if self.max_pixels is not None and values["height"] * values["width"] > self.max_pixels:
+            by = f" ({self.pixels_limited_by})" if self.pixels_limited_by else ""
+            raise InvalidRequest("height", f"height x width must be at most {self.max_pixels} pixels per frame{by}, "
+                                           f"got {values['height']}x{values['width']} = "
+                                           f"{values['height'] * values['width']}")
         if self.output == "image" and values["num_frames"] != 1:
             raise InvalidRequest("num_frames", f"this model makes images: num_frames must be 1, got "
                                                f"{values['num_frames']}")

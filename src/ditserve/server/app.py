@@ -19,7 +19,9 @@ from ditserve.server.settings import ServerSettings
 from ditserve.server.state import PipelineSource, ServerState
 from ditserve.server.transport import MAX_HEADER_BYTES
 
-__all__ = ["create_app"]
+__all__ = ["LIMIT_FLAGS", "create_app"]
+
+LIMIT_FLAGS = {"max_steps": "--max-steps", "max_frames": "--max-frames", "max_pixels": "--max-pixels"}
 
 
 def create_app(
@@ -43,7 +45,10 @@ def create_app(
         spec = getattr(pipeline, "request_spec", None)
         if spec is None:
             raise TypeError("create_app needs spec= when given a factory instead of a loaded pipeline")
-    state = ServerState(pipeline, settings or ServerSettings(), spec, on_load_failure)
+    settings = settings or ServerSettings()
+    spec = spec.with_limits(max_steps=settings.max_steps, max_frames=settings.max_frames,
+                            max_pixels=settings.max_pixels, flags=LIMIT_FLAGS)
+    state = ServerState(pipeline, settings, spec, on_load_failure)
     video_body, image_body = request_bodies(spec)
 
     @asynccontextmanager

@@ -20,6 +20,9 @@ class ServerSettings:
     max_batch_tokens: DiT tokens one batched step may hold (None: the engine's default, from
         free device memory; see `ditserve.engine.budget`). A bigger job runs alone.
     keep_jobs: finished jobs (and files) kept; older ones are deleted.
+    max_steps / max_frames / max_pixels: limits below the model's own (None: the model's: steps up
+        to its scheduler's training steps, frames and sizes up to what its rotary table covers);
+        requests beyond them get 400 naming the flag.
     shutdown_timeout_s: how long shutdown (SIGTERM) may take in all: open connections finishing, the
         running jobs stopping at their next step, files of jobs done denoising being written. Under
         Kubernetes' default 30 s grace period by default, so the pod exits before it is killed.
@@ -42,6 +45,9 @@ class ServerSettings:
     max_batch_size: int | None = None
     max_batch_tokens: int | None = None
     keep_jobs: int = 100
+    max_steps: int | None = None
+    max_frames: int | None = None
+    max_pixels: int | None = None
     shutdown_timeout_s: float = 25.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     public_url: str | None = None
@@ -58,6 +64,8 @@ class ServerSettings:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         _check_limit("max_batch_size", self.max_batch_size, "1 runs one job at a time")
         _check_limit("max_batch_tokens", self.max_batch_tokens, "leave it out for the default from free memory")
+        for name in ("max_steps", "max_frames", "max_pixels"):
+            _check_limit(name, getattr(self, name), "leave it out for the model's own limit")
         if self.keep_jobs < 1:
             raise ValueError(f"keep_jobs must be >= 1, got {self.keep_jobs}")
         if not (isinstance(self.shutdown_timeout_s, int | float) and 0 < self.shutdown_timeout_s < float("inf")):
