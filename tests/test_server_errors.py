@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import socket
@@ -115,7 +117,8 @@ def test_without_an_mp4_writer_a_video_model_is_not_ready(tiny_pipeline: Any, tm
         assert "this model makes videos, and imageio-ffmpeg is not installed" in health.json()["error"]
         refused = http.post("/v1/videos", json={"prompt": "a cat", **SMALL})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_load_failed"
-    check_writer(SimpleNamespace(request_spec=SimpleNamespace(makes_video=False)))  # an image model needs none
+    image_model = SimpleNamespace(request_spec=dataclasses.replace(tiny_pipeline.request_spec, output="image"))
+    check_writer(image_model)  # a model that makes images needs no MP4 writer
     with pytest.raises(OutputWriterMissing):
         check_writer(SimpleNamespace())
 

@@ -27,8 +27,9 @@ class IncompleteOutput(Exception):
 
 
 def makes_video(pipeline: Any) -> bool:
-    """A family declares `request_spec.makes_video = False` for image-only models; videos otherwise."""
-    return bool(getattr(getattr(pipeline, "request_spec", None), "makes_video", True))
+    """What the family declares (`RequestSpec.output`); a pipeline without a spec is taken to make videos."""
+    spec = getattr(pipeline, "request_spec", None)
+    return spec is None or spec.output == "video"
 
 
 def mp4_writer_problem() -> str | None:
