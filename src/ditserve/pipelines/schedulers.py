@@ -1,6 +1,7 @@
 """Scheduler stage: build the checkpoint's own diffusers scheduler from scheduler_config.json.
 
-Only flow-matching schedulers that Wan checkpoints ship are accepted; the shift (UniPC's
+Only the flow-matching schedulers the supported checkpoints ship (Wan: UniPC on flow sigmas or
+Euler; Flux: Euler with dynamic shifting) are accepted; the shift (UniPC's
 `flow_shift`, Euler's `shift`) is whatever the config says. A scheduler keeps per-run state
 (step index, solver history), so a pipeline builds a fresh one for every generation
 instead of sharing one between concurrent requests.
