@@ -288,3 +288,180 @@ def build_tiny_wan22_ti2v_pipeline(path: str | Path, seed: int = 0) -> Path:
     """
     return _save_wan_pipeline(_empty_target(path), seed, [build_tiny_wan22_transformer_config()],
                               build_tiny_wan22_vae_config(), _unipc(5.0), expand_timesteps=True)
+
+
+# ----------------------------------------------------------------------------- Flux.1
+
+TINY_CLIP_MAX_LENGTH = 77  # CLIP's context, the tokenizer's model_max_length (FluxPipeline pads to it)
+
+
+def build_tiny_flux_transformer_config(*, guidance_embeds: bool = True) -> dict[str, Any]:
+    """Constructor arguments of the tiny `FluxTransformer2DModel`.
+
+    16 input channels = 4 VAE latent channels packed 2x2 (FluxPipeline's `in_channels // 4`);
+    axes_dims_rope (4, 6, 6) sum to the head size 16; joint_attention_dim 32 = the tiny T5's
+    d_model, pooled_projection_dim 16 = the tiny CLIP's hidden size. guidance_embeds: True is
+    Flux.1-dev (guidance as a model input), False is Flux.1-schnell.
+    """
+    return dict(
+        patch_size=1,
+        in_channels=16,
+        out_channels=None,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def build_tiny_flux_vae_config() -> dict[str, Any]:
+    """Constructor arguments of the tiny Flux `AutoencoderKL`: 4 latent channels, 3 levels, so
+    FluxPipeline's vae_scale_factor is 2 ** (3 - 1) = 4 and image sizes are multiples of 8
+    (4x VAE x 2x2 packing). No quant convs and Flux.1's scaling / shift factors, as published."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        act_fn="silu",
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        force_upcast=True,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=True,
+    )
+
+
+def build_tiny_clip_text_config(vocab_size: int, bos_token_id: int, eos_token_id: int) -> dict[str, Any]:
+    """`CLIPTextConfig` arguments of the tiny CLIP text encoder; hidden 16 = pooled_projection_dim.
+
+    eos_token_id is the tokenizer's `<|endoftext|>`: CLIP pools the hidden state at its first
+    occurrence (ids other than the legacy 2 select that path)."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=TINY_CLIP_MAX_LENGTH,
+        projection_dim=16,
+        hidden_act="quick_gelu",
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+    )
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 symbols byte-level BPE writes bytes as: printable Latin-1 stands for itself,
+    every other byte for a character from U+0100 on (the GPT-2 / CLIP convention)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    symbols, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + extra))
+            extra += 1
+    return symbols
+
+
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """A CLIP-style BPE: every byte symbol alone and word-final (`</w>`), the `_WORDS` built up
+    left to right by merges, then `<|startoftext|>` and `<|endoftext|>` last (as CLIP's)."""
+    tokens = [*_byte_symbols(), *(s + "</w>" for s in _byte_symbols())]
+    merges: list[str] = []
+    seen_merges: set[str] = set()
+    for word in dict.fromkeys(w.lower() for w in _WORDS):
+        if len(word) < 2:
+            continue
+        left = word[0]
+        for k in range(1, len(word)):
+            last = k == len(word) - 1
+            right = word[k] + ("</w>" if last else "")
+            rule = f"{left} {right}"
+            left = left + right
+            if rule not in seen_merges:
+                seen_merges.add(rule)
+                merges.append(rule)
+                tokens.append(left)
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return vocab, merges
+
+
+def build_tiny_clip_tokenizer() -> Any:
+    """A CLIP BPE tokenizer over a small built-in vocabulary, built without any download.
+
+    Its vocab.json and merges.txt are written to a temporary folder and read by
+    `CLIPTokenizer(vocab_file, merges_file)`; model_max_length 77 as CLIP's. Lower-cases, so
+    any ASCII prompt tokenizes (words of `_WORDS` whole, others letter by letter).
+    """
+    import json
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab_and_merges()
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
+        vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=TINY_CLIP_MAX_LENGTH)
+
+
+def build_tiny_flux_transformer(seed: int = 0, *, guidance_embeds: bool = True) -> Any:
+    """diffusers' tiny `FluxTransformer2DModel` (float32, eval) from a fresh seed, its constant
+    parameters (norm weights) perturbed; the global torch RNG is left as it was."""
+    from diffusers import FluxTransformer2DModel
+
+    config = build_tiny_flux_transformer_config(guidance_embeds=guidance_embeds)
+    with torch.random.fork_rng(devices=[]):
+        return _seeded(seed, lambda: FluxTransformer2DModel(**config)).eval()
+
+
+def build_tiny_flux_pipeline(path: str | Path, seed: int = 0, *, guidance_embeds: bool = True) -> Path:
+    """Write a tiny random Flux.1 pipeline folder loadable by `diffusers.FluxPipeline.from_pretrained`.
+
+    As black-forest-labs/FLUX.1-dev (guidance_embeds=True) or FLUX.1-schnell (False): CLIP
+    text encoder + CLIP BPE tokenizer (pooled embedding), T5 encoder + T5 tokenizer (sequence
+    embedding, max 512 tokens), the tiny 4-channel `AutoencoderKL` (sizes in multiples of 8),
+    `FlowMatchEulerDiscreteScheduler` with Flux.1-dev's dynamic shifting config (for both), and
+    the tiny transformer. Same `seed`, same weights; the global torch RNG is left as it was.
+    `path` must not exist or be an empty folder.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    path = _empty_target(path)
+    with torch.random.fork_rng(devices=[]):
+        clip_tokenizer = build_tiny_clip_tokenizer()
+        clip_config = CLIPTextConfig(**build_tiny_clip_text_config(
+            len(clip_tokenizer), clip_tokenizer.bos_token_id, clip_tokenizer.eos_token_id))
+        clip = _seeded(seed, lambda: CLIPTextModel(clip_config))
+        t5_tokenizer = build_tiny_t5_tokenizer()
+        t5_config = T5Config(**build_tiny_umt5_config(len(t5_tokenizer)))
+        t5 = _seeded(seed + 1, lambda: T5EncoderModel(t5_config))
+        vae = _seeded(seed + 2, lambda: AutoencoderKL(**build_tiny_flux_vae_config()))
+    transformer = build_tiny_flux_transformer(seed + 3, guidance_embeds=guidance_embeds)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer,
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
