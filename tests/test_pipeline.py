@@ -97,8 +97,9 @@ def test_unknown_pipeline_class_lists_supported(tiny_wan_path: Path, tmp_path: P
     folder = tmp_path / "other"
     shutil.copytree(tiny_wan_path, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    with pytest.raises(UnknownModelError, match=r"pipeline class 'FluxPipeline' is not supported; supported pipelines: WanImageToVideoPipeline, WanPipeline"):
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "CogVideoXPipeline"}))
+    with pytest.raises(UnknownModelError, match=r"pipeline class 'CogVideoXPipeline' is not supported; supported "
+                                                r"pipelines: FluxPipeline, WanImageToVideoPipeline, WanPipeline"):
         ditserve.Pipeline.from_pretrained(folder, device="cpu")
 
 

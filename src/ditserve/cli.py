@@ -185,12 +185,14 @@ def _run_generate(args: argparse.Namespace) -> str:
     from tqdm import tqdm
 
     from ditserve.engine import InvalidRequest
-    from ditserve.output import check_output_path
+    from ditserve.output import check_output_path, output_format
     from ditserve.pipelines import read_request_spec
 
     output = check_output_path(args.output)
     model = _model_path(args)
     spec = read_request_spec(model)
+    if spec.output == "image" and output_format(output) != "png":
+        raise _UsageError(f"argument --output: this model makes images; write a .png, got {output.name}")
     try:  # the model's own rules, before anything loads
         request = spec.validate(_request_fields(args, spec), image=getattr(args, "image", None))
     except InvalidRequest as e:
