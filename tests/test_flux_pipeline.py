@@ -118,3 +118,18 @@ def test_every_interface_serves_it_as_an_image_model(flux: tuple[str, Path, Any]
         assert made.status_code == 200, made.text
         image = Image.open(io.BytesIO(base64.b64decode(made.json()["data"][0]["b64_json"])))
         assert image.size == (48, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_matches_diffusers(flux: tuple[str, Path, Any]) -> None:
+    variant, path, _ = flux
+    request = dict(REQUEST, height=64, width=64)
+    ours = ditserve.Pipeline.from_pretrained(path, device="cuda").generate(**request, seed=7).frames[0]
+    ref = diffusers.FluxPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)  # its VAE in bf16 (ours: float32)
+    ref.to("cuda")
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref(**request, max_sequence_length=512 if variant == "dev" else 256,
+                 generator=torch.Generator("cuda").manual_seed(7), output_type="np").images[0]
+    mse = float(np.mean((ours.astype(np.float64) - theirs) ** 2))
+    assert mse == 0 or 10 * np.log10(1 / mse) >= 30.0
