@@ -133,3 +133,15 @@ def test_gpu_bf16_matches_diffusers(flux: tuple[str, Path, Any]) -> None:
                  generator=torch.Generator("cuda").manual_seed(7), output_type="np").images[0]
     mse = float(np.mean((ours.astype(np.float64) - theirs) ** 2))
     assert mse == 0 or 10 * np.log10(1 / mse) >= 30.0
+
+
+def test_ab_compares_two_configurations_of_an_image_model(flux: tuple[str, Path, Any]) -> None:
+    from ditserve.ab import run_ab
+
+    variant, path, _ = flux
+    report = run_ab(path, {"attention_backend": "sdpa"}, {"attention_backend": "reference"},
+                    dict(prompt="a red ball", height=32, width=48, num_inference_steps=2, seed=3), runs=1, warmup=0,
+                    defaults={"device": "cpu", "dtype": "fp32"})
+    assert report.request["num_frames"] == 1 and report.request["true_cfg_scale"] == 1.0  # the model's defaults
+    assert report.comparison.psnr_db > 60  # two attention backends, the same image
+    assert report.baseline.runs[0].sha256 and report.candidate.runs[0].sha256
