@@ -140,7 +140,7 @@ def test_generate_help_lists_the_models_own_parameters(tiny_wan_path: Path, caps
         cli.main(["generate", "--model", str(tiny_wan_path), "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--width WIDTH pixels; an int, a multiple of 16, in [16, 512] (default: 512)" in text
-    assert "--steps NUM_INFERENCE_STEPS denoising steps; an int, in [1, 1000] (default: 50)" in text
+    assert "--steps STEPS denoising steps; an int, in [1, 1000] (default: 50)" in text
     assert "--image" not in text and "--guidance-scale-2" not in text  # Wan2.1 takes neither
 
 

@@ -107,6 +107,7 @@ def _add_request_flags(parser: argparse.ArgumentParser, spec: Any) -> None:
             continue
         default = "" if p.default is None else f" (default: {p.default if p.default != '' else repr('')})"
         parser.add_argument(p.cli_flag, dest=p.name, type=_KINDS[p.kind], default=None,
+                            metavar=p.cli_flag.lstrip("-").replace("-", "_").upper(),
                             help=f"{p.help}; {p.accepted()}{default}".replace("%", "%%"))
     if spec.takes_image:
         parser.add_argument("--image", default=None, help="a first frame to animate (PNG, JPEG, WebP, ...)")
