@@ -59,6 +59,9 @@ class Capabilities:
     gqa: bool = True
     causal: bool = True
     cross: bool = True
+    # forward(..., return_lse=True) also returns the log-sum-exp of each query's scaled scores,
+    # [batch, seq, heads] (dense) / [total, heads] (packed), float32 or wider: ring attention merges by it.
+    returns_lse: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 

@@ -15,8 +15,14 @@ def dense_attention_math(
     scale: float,
     causal: bool = False,
     mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """softmax(q k^T * scale) v on `[batch, seq, heads, dim]`, computed in at least float32."""
+    *,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale) v on `[batch, seq, heads, dim]`, computed in at least float32.
+
+    With `return_lse`, also the log-sum-exp of each query's scores, `[batch, seq, heads]` in the
+    compute dtype (-inf where a query sees no key): what merging partial results needs.
+    """
     compute = torch.promote_types(q.dtype, torch.float32)
     group = q.shape[2] // k.shape[2]
     qf = q.to(compute).transpose(1, 2)
@@ -30,11 +36,17 @@ def dense_attention_math(
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(compute)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows give zeros, not NaN
-    return torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)
+    out = torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)
+    if not return_lse:
+        return out
+    return out, torch.logsumexp(scores, dim=-1).transpose(1, 2)
 
 
 class ReferenceBackend(AttentionBackend):
-    """Readable and exact; slow. Packed batches run sample by sample from host-side lengths."""
+    """Readable and exact; slow. Packed batches run sample by sample from host-side lengths.
+
+    Returns the log-sum-exp on request, so ring attention can run on it (and on CPU).
+    """
 
     name = "reference"
     capabilities = Capabilities(
@@ -42,17 +54,26 @@ class ReferenceBackend(AttentionBackend):
         dtypes=frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16}),
         packed=True,
         masks=True,
+        returns_lse=True,
     )
 
-    def forward(self, query, key, value, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(
+        self, query, key, value, metadata: AttentionMetadata, scale: float, return_lse: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not metadata.packed:
-            return dense_attention_math(query, key, value, scale, metadata.causal, metadata.attn_mask)
+            return dense_attention_math(query, key, value, scale, metadata.causal, metadata.attn_mask, return_lse=return_lse)
         out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
+        lse = query.new_full(query.shape[:-1], float("-inf"), dtype=torch.promote_types(query.dtype, torch.float32)) if return_lse else None
         q0 = k0 = 0
         for nq, nk in zip(metadata.seq_lens_q, metadata.seq_lens_k):
             if nq:
-                out[q0 : q0 + nq] = dense_attention_math(
-                    query[None, q0 : q0 + nq], key[None, k0 : k0 + nk], value[None, k0 : k0 + nk], scale, metadata.causal
-                )[0]
+                result = dense_attention_math(
+                    query[None, q0 : q0 + nq], key[None, k0 : k0 + nk], value[None, k0 : k0 + nk], scale, metadata.causal,
+                    return_lse=return_lse,
+                )
+                if return_lse:
+                    out[q0 : q0 + nq], lse[q0 : q0 + nq] = result[0][0], result[1][0]
+                else:
+                    out[q0 : q0 + nq] = result[0]
             q0, k0 = q0 + nq, k0 + nk
-        return out
+        return (out, lse) if return_lse else out
