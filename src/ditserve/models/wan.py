@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ditserve.attention import Attention, AttentionMetadata, AttentionSelector, run_attention_eagerly
+from ditserve.attention.parallel import SequenceSplit, UlyssesAttention, split_dense
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import qk_rms_norm_rotary
 
@@ -262,6 +263,7 @@ class WanAttention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps, elementwise_affine=True)
         self.norm_k = nn.RMSNorm(dim, eps=eps, elementwise_affine=True)
         self.attention = Attention(selector=selector, scale=None)
+        self.sequence_parallel: UlyssesAttention | None = None  # set by `enable_sequence_parallel`
         self._qkv: tuple[Tensor, Tensor] | None = None  # set by fuse_qkv
 
     def fuse_qkv(self) -> None:
@@ -315,6 +317,8 @@ class WanAttention(nn.Module):
             k = self.norm_k(self.to_k(kv_in)).unflatten(-1, (self.heads, -1))
             v = self.to_v(kv_in)
         v = v.unflatten(-1, (self.heads, -1))
+        if isinstance(metadata, SequenceSplit):  # this rank's slice of a sequence split across ranks
+            return self.to_out[0](self.sequence_parallel(q, k, v, metadata).flatten(-2).type_as(q))
         if metadata is not None and metadata.packed:
             out = self.attention(q[0], k[0], v[0], metadata).unsqueeze(0)
         else:
@@ -466,6 +470,21 @@ class WanTransformer3DModel(nn.Module):
         return cls(**args, attention_backend=attention_backend)
 
     # -- configuration of attention ------------------------------------------------------
+
+    def enable_sequence_parallel(self, group: torch.distributed.ProcessGroup | None = None) -> None:
+        """Split each forward's tokens across the ranks of `group` (Ulysses: an all-to-all over heads
+        in self-attention; cross-attention needs none, its text is whole on every rank). Every rank
+        runs the same forward on the same inputs and returns the whole output. The dense layout only
+        (one request, or requests of one shape, per step)."""
+        self._sequence_group = group
+        for block in self.blocks:
+            block.attn1.sequence_parallel = UlyssesAttention(block.attn1.attention, group)
+
+    def _sequence_split(self, tokens: int) -> SequenceSplit | None:
+        if getattr(self, "_sequence_group", False) is False:
+            return None
+        group = self._sequence_group
+        return split_dense(tokens, torch.distributed.get_world_size(group), torch.distributed.get_rank(group))
 
     def set_attention_backend(self, name: str | None) -> None:
         """Use a new selector ("auto", a backend name, or None) in every attention layer."""
@@ -635,7 +654,15 @@ class WanTransformer3DModel(nn.Module):
         x = self._embed_patches(hidden_states)
         temb, modulation = self.condition_embedder.embed_time(timestep, x.dtype)
         context = self.condition_embedder.embed_text(encoder_hidden_states)
-        x = self._blocks(x, context, modulation, self._rotary(grid, x.device), rows, None, None, interrupt)
+        rotary = self._rotary(grid, x.device)
+        split = self._sequence_split(x.shape[1])
+        if split is None:
+            x = self._blocks(x, context, modulation, rotary, rows, None, None, interrupt)
+        else:  # this rank's tokens, with their rotary angles and modulation rows; the whole sequence after
+            local_rotary = (split.shard(rotary[0][None])[0], split.shard(rotary[1][None])[0])
+            local_rows = None if rows is None else split.shard(rows)
+            x = self._blocks(split.shard(x), context, modulation, local_rotary, local_rows, split, None, interrupt)
+            x = split.gather(x, self._sequence_group)
         out = self._unpatchify(self._head(x, temb, rows), grid)
         return WanTransformerOutput(out) if return_dict else (out,)
 
@@ -712,6 +739,9 @@ class WanTransformer3DModel(nn.Module):
             (out,) = self.forward(torch.stack(list(latents)), stacked, torch.stack(list(text_embeds)),
                                   interrupt=interrupt)
             return list(out.unbind(0))
+        if self._sequence_split(1) is not None:
+            raise NotImplementedError("sequence parallelism runs the dense layout: samples of one shape per step "
+                                      "(--max-batch-size 1, or requests of one size)")
 
         text_lens = [text.shape[0] for text in text_embeds]
         self_metadata = AttentionMetadata.from_lengths(counts, device=device)

@@ -146,6 +146,19 @@ class Pipeline(ABC):
         for module in self.denoisers():
             module.compile_blocks()
 
+    def parallelize(self, *, sample_group: Any = None, sequence_group: Any = None) -> None:
+        """Run on several ranks of torch.distributed, every rank calling `generate` with the same requests
+        (SPMD): `sample_group` divides each step's samples (CFG parallelism: cond and uncond on two
+        ranks; `ditserve.engine.parallel`), `sequence_group` each forward's tokens (Ulysses, inside the
+        DiT). Either may be None; their sizes multiply to the ranks used."""
+        if sequence_group is not None:
+            for module in self.denoisers():
+                module.enable_sequence_parallel(sequence_group)
+        if sample_group is not None:
+            from ditserve.engine.parallel import SampleParallel
+
+            self._engine_family = SampleParallel(self, sample_group)
+
     def validate(self, prompt: Any = None, *, image: Any = None, **params: Any) -> GenerationRequest:
         """`request_spec.validate`: the normalised request, or `InvalidRequest` before any work."""
         return self.request_spec.validate({"prompt": prompt, **params}, image=image)
@@ -224,7 +237,8 @@ class Pipeline(ABC):
     def _run_engine(self, requests: list[GenerationRequest], *, callbacks: list[Callable[[int, int], None] | None],
                     cancel: CancelToken | None, max_batch_tokens: int | None = None,
                     max_batch_size: int | None = None) -> list[GenerationOutput]:
-        engine = BatchingEngine(self, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size)
+        family = getattr(self, "_engine_family", None) or self
+        engine = BatchingEngine(family, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size)
         futures = [engine.submit(request, cancel=cancel, callback=cb) for request, cb in zip(requests, callbacks)]
         engine.run_until_idle()
         return [future.result() for future in futures]
