@@ -1,0 +1,159 @@
+"""One Wan generation on several GPUs: per-step time and scaling of each parallel layout, and PSNR vs one GPU.
+
+Each layout (`samples x sequence`: CFG parallelism x Ulysses) runs as its own `torchrun` of a
+worker (this file with `--worker`), which builds the same random-weight pipeline on every rank
+(published transformer config, a small UMT5, the Wan2.1 VAE; same seed, same weights), runs one
+CFG generation and saves rank 0's frames and step times. The driver compares every layout with
+the 1-GPU run of the same request.
+
+    python bench/parallel.py --config 14b --layouts 1x1,2x1,1x2 --markdown docs/performance.md   # 2 GPUs
+    python bench/parallel.py --config 14b --layouts 1x1,2x1,1x2,2x2,1x4 ...                     # 4 GPUs
+    python bench/parallel.py --config tiny --device cpu --layouts 1x1,2x1,1x2                    # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests"), str(HERE.parent / "src")]
+from report import publish, shown_args  # noqa: E402  (bench/report.py)
+from wan import COMMON, SIZES, WAN_CONFIGS  # noqa: E402  (bench/wan.py)
+
+SMALL_UMT5 = dict(d_model=4096, d_kv=64, num_heads=64, d_ff=1024, num_layers=2, relative_attention_num_buckets=32,
+                  relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+
+
+def build_pipeline(config: str, device: torch.device):
+    """The same random pipeline on every rank (seeded), or the tiny test folder's for `tiny`."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from ditserve.models.wan import WanTransformer3DModel
+    from ditserve.pipelines.wan import WanPipeline
+    from helpers.checkpoints import build_tiny_t5_tokenizer, build_tiny_wan_pipeline
+
+    if config == "tiny":
+        import ditserve
+
+        folder = Path(tempfile.gettempdir()) / "ditserve-parallel-tiny" / "pipeline"
+        if not (folder / "model_index.json").exists():
+            build_tiny_wan_pipeline(folder, seed=0)
+        return ditserve.Pipeline.from_pretrained(folder, device=device, dtype="fp32")
+    torch.manual_seed(0)
+    tokenizer = build_tiny_t5_tokenizer()
+    with torch.device(device):
+        dit = WanTransformer3DModel(**{**COMMON, **WAN_CONFIGS[config]}).to(torch.bfloat16).eval()
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **SMALL_UMT5)).to(torch.bfloat16).eval()
+        vae = AutoencoderKLWan().eval()
+    scheduler = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0)
+    return WanPipeline(transformers=[dit], text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
+                       new_scheduler=lambda: UniPCMultistepScheduler(**scheduler), device=device, dtype=torch.bfloat16)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank of one layout (under torchrun)."""
+    from ditserve.distributed import ParallelLayout, build_groups, init_from_environment
+
+    samples, sequence = (int(x) for x in args.layout.split("x"))
+    layout = ParallelLayout(samples, sequence)
+    rank, device = 0, torch.device(args.device)
+    if layout.world > 1:
+        rank, rank_device = init_from_environment(layout, device.type)
+        device = rank_device or device
+    elif device.type == "cuda":
+        torch.cuda.set_device(device)
+    pipe = build_pipeline(args.config, device)
+    if layout.world > 1:
+        pipe.parallelize(**dict(zip(("sample_group", "sequence_group"), build_groups(layout, rank))))
+    height, width, frames = (int(x) for x in args.size.split("x"))
+    request = dict(prompt="a cat surfing a wave", negative_prompt="blurry", height=height, width=width,
+                   num_frames=frames, num_inference_steps=args.steps, guidance_scale=5.0, seed=0)
+    pipe.generate(**{**request, "num_inference_steps": 1})  # warm-up: kernels, the selector's trials
+    out = pipe.generate(**request)
+    if rank == 0:
+        np.save(Path(args.out) / f"{args.layout}.npy", out.frames)
+        (Path(args.out) / f"{args.layout}.json").write_text(json.dumps(out.timings))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=["tiny", *sorted(WAN_CONFIGS)], default="14b")
+    parser.add_argument("--size", default=None, help="HEIGHTxWIDTHxFRAMES (default: the config's published size)")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--layouts", default="1x1,2x1,1x2", help="SAMPLESxSEQUENCE per run; 1x1 is the baseline")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--markdown")
+    parser.add_argument("--json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--layout", default="1x1", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.size is None:
+        args.size = "32x48x9" if args.config == "tiny" else "x".join(str(v) for v in SIZES[args.config])
+    if args.worker:
+        worker(args)
+        return 0
+    out = Path(tempfile.mkdtemp(prefix="ditserve-parallel-"))
+    env = {**os.environ, "PYTHONPATH": f"{HERE.parent / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if args.device == "cpu":
+        env["OMP_NUM_THREADS"] = "1"
+    layouts = args.layouts.split(",")
+    for layout in layouts:
+        ranks = math.prod(int(x) for x in layout.split("x"))
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+                   str(_free_port()), __file__, "--worker", "--layout", layout, "--out", str(out),
+                   "--config", args.config, "--size", args.size, "--steps", str(args.steps), "--device", args.device]
+        print(f"layout {layout}: {ranks} rank(s)", flush=True)
+        subprocess.run(command, env=env, check=True)
+    base = layouts[0]
+    reference = np.load(out / f"{base}.npy").astype(np.float64)
+    rows = []
+    for layout in layouts:
+        timings = json.loads((out / f"{layout}.json").read_text())
+        frames = np.load(out / f"{layout}.npy").astype(np.float64)
+        mse = float(np.mean((frames - reference) ** 2))
+        rows.append({"layout": layout, "ranks": math.prod(int(x) for x in layout.split("x")),
+                     "step_median_s": statistics.median(timings["per_step_s"]), "total_s": timings["total_s"],
+                     "psnr_db": math.inf if mse == 0 else 10 * math.log10(1 / mse)})
+    step_base = rows[0]["step_median_s"]
+    device = torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    lines = [
+        f"#### Wan {args.config} on several ranks, {args.size}, {args.steps} steps, CFG 5.0 — {datetime.date.today()}, "
+        f"{device}",
+        "",
+        f"Command: `python bench/parallel.py {shown_args()}`. Layout SAMPLESxSEQUENCE: CFG parallelism x Ulysses; "
+        f"one torchrun per layout; PSNR of rank 0's frames against layout {base}.",
+        "",
+        "| layout | ranks | step median (s) | scaling vs {base} | efficiency | total (s) | PSNR vs {base} (dB) |".format(base=base),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        speedup = step_base / r["step_median_s"]
+        lines.append(f"| {r['layout']} | {r['ranks']} | {r['step_median_s']:.3f} | {speedup:.2f}x | "
+                     f"{speedup / r['ranks']:.0%} | {r['total_s']:.1f} | {r['psnr_db']:.1f} |")
+    publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
