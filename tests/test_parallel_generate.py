@@ -19,6 +19,8 @@ import torch
 
 REQUEST = dict(prompt="a red ball rolling on the street", negative_prompt="blurry", height=32, width=48,
                num_frames=9, num_inference_steps=3, guidance_scale=5.0, seed=3)  # 18 tokens: 9 per rank
+MIXED = [dict(REQUEST, seed=1), dict(REQUEST, height=16, width=32, num_frames=5, guidance_scale=1.0, seed=2),
+         dict(REQUEST, height=48, width=16, num_frames=1, num_inference_steps=2, seed=4)]  # 18, 4 and 3 tokens
 MODES = {"ulysses2": (2, 1, 2), "cfg2": (2, 2, 1), "cfg2xulysses2": (4, 2, 2)}  # world, samples, sequence
 SPAWN_TIMEOUT_S = 120
 
@@ -39,6 +41,8 @@ def _worker(rank: int, world: int, samples: int, sequence: int, model: str, stor
                          sequence_group=sequence_groups[rank // sequence] if sequence > 1 else None)
         frames = pipe.generate(**REQUEST).frames
         np.save(os.path.join(out, f"rank{rank}.npy"), frames)
+        for i, result in enumerate(pipe.generate_batch(MIXED)):  # a packed batch: each sample split on its own
+            np.save(os.path.join(out, f"rank{rank}-mixed{i}.npy"), result.frames)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -58,44 +62,29 @@ def _spawn(mode: str, model: Path, tmp: Path) -> list[np.ndarray]:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    return [np.load(tmp / f"rank{r}.npy") for r in range(world)]
+    return [[np.load(tmp / f"rank{r}.npy"), *(np.load(tmp / f"rank{r}-mixed{i}.npy") for i in range(len(MIXED)))]
+            for r in range(world)]
 
 
 @pytest.fixture(scope="module")
-def alone(tiny_wan_path: Path) -> np.ndarray:
-    import ditserve
-
-    return ditserve.Pipeline.from_pretrained(tiny_wan_path, device="cpu", dtype="fp32").generate(**REQUEST).frames
-
-
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_several_ranks_make_the_same_video_as_one(mode: str, alone: np.ndarray, tiny_wan_path: Path,
-                                                  tmp_path: Path) -> None:
-    per_rank = _spawn(mode, tiny_wan_path, tmp_path / mode)
-    for rank, frames in enumerate(per_rank):
-        assert frames.shape == alone.shape
-        assert np.abs(frames - alone).max() <= 1e-5 * np.abs(alone).max(), f"rank {rank}"
-        assert np.array_equal(frames, per_rank[0])  # every rank ends with the same video
-
-
-def test_sequence_parallel_refuses_a_packed_batch_of_mixed_shapes(tiny_wan_path: Path, tmp_path: Path) -> None:
-    """The DiT splits the dense layout only; a step mixing shapes is refused, not silently wrong."""
+def alone(tiny_wan_path: Path) -> list[np.ndarray]:
+    """The single-process frames: the request, then each MIXED request alone."""
     import ditserve
 
     pipe = ditserve.Pipeline.from_pretrained(tiny_wan_path, device="cpu", dtype="fp32")
-    dit = pipe.transformer
-    dit._sequence_group = None  # as enable_sequence_parallel leaves it on a 1-rank world
-    lat = [torch.zeros(16, 1, 2, 2), torch.zeros(16, 1, 2, 4)]
-    text = [torch.zeros(3, 32), torch.zeros(3, 32)]
-    try:
-        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store",
-                                             rank=0, world_size=1)
-        with pytest.raises(NotImplementedError, match="sequence parallelism runs the dense layout"):
-            dit.forward_packed(lat, torch.tensor([500.0, 500.0]), text)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        del dit._sequence_group
+    return [pipe.generate(**r).frames for r in (REQUEST, *MIXED)]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_several_ranks_make_the_same_video_as_one(mode: str, alone: list[np.ndarray], tiny_wan_path: Path,
+                                                  tmp_path: Path) -> None:
+    """One request, then a batch of three sizes (tokens not divisible by the ranks: padded chunks)."""
+    per_rank = _spawn(mode, tiny_wan_path, tmp_path / mode)
+    for rank, videos in enumerate(per_rank):
+        for i, (frames, ref) in enumerate(zip(videos, alone)):
+            assert frames.shape == ref.shape, (rank, i)
+            assert np.abs(frames - ref).max() <= 1e-5 * np.abs(ref).max(), f"rank {rank}, video {i}"
+            assert np.array_equal(frames, per_rank[0][i])  # every rank ends with the same video
 
 
 def test_ditserve_generate_under_torchrun(tiny_wan_path: Path, tmp_path: Path,

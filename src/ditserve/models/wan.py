@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ditserve.attention import Attention, AttentionMetadata, AttentionSelector, run_attention_eagerly
-from ditserve.attention.parallel import SequenceSplit, UlyssesAttention, split_dense
+from ditserve.attention.parallel import SequenceSplit, UlyssesAttention, split_dense, split_packed
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import qk_rms_norm_rotary
 
@@ -318,7 +318,11 @@ class WanAttention(nn.Module):
             v = self.to_v(kv_in)
         v = v.unflatten(-1, (self.heads, -1))
         if isinstance(metadata, SequenceSplit):  # this rank's slice of a sequence split across ranks
-            return self.to_out[0](self.sequence_parallel(q, k, v, metadata).flatten(-2).type_as(q))
+            if metadata.packed:
+                out = self.sequence_parallel(q[0], k[0], v[0], metadata).unsqueeze(0)
+            else:
+                out = self.sequence_parallel(q, k, v, metadata)
+            return self.to_out[0](out.flatten(-2).type_as(q))
         if metadata is not None and metadata.packed:
             out = self.attention(q[0], k[0], v[0], metadata).unsqueeze(0)
         else:
@@ -474,17 +478,21 @@ class WanTransformer3DModel(nn.Module):
     def enable_sequence_parallel(self, group: torch.distributed.ProcessGroup | None = None) -> None:
         """Split each forward's tokens across the ranks of `group` (Ulysses: an all-to-all over heads
         in self-attention; cross-attention needs none, its text is whole on every rank). Every rank
-        runs the same forward on the same inputs and returns the whole output. The dense layout only
-        (one request, or requests of one shape, per step)."""
+        runs the same forward on the same inputs and returns the whole output, dense or packed (each
+        sample of a packed batch split across the ranks)."""
         self._sequence_group = group
         for block in self.blocks:
             block.attn1.sequence_parallel = UlyssesAttention(block.attn1.attention, group)
 
-    def _sequence_split(self, tokens: int) -> SequenceSplit | None:
+    def _sequence_split(self, tokens: int | Sequence[int]) -> SequenceSplit | None:
+        """This forward's split across the sequence group: dense (one length) or packed (one per sample)."""
         if getattr(self, "_sequence_group", False) is False:
             return None
         group = self._sequence_group
-        return split_dense(tokens, torch.distributed.get_world_size(group), torch.distributed.get_rank(group))
+        world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+        if isinstance(tokens, int):
+            return split_dense(tokens, world, rank)
+        return split_packed(list(tokens), world, rank, device=self.device)
 
     def set_attention_backend(self, name: str | None) -> None:
         """Use a new selector ("auto", a backend name, or None) in every attention layer."""
@@ -739,10 +747,6 @@ class WanTransformer3DModel(nn.Module):
             (out,) = self.forward(torch.stack(list(latents)), stacked, torch.stack(list(text_embeds)),
                                   interrupt=interrupt)
             return list(out.unbind(0))
-        if self._sequence_split(1) is not None:
-            raise NotImplementedError("sequence parallelism runs the dense layout: samples of one shape per step "
-                                      "(--max-batch-size 1, or requests of one size)")
-
         text_lens = [text.shape[0] for text in text_embeds]
         self_metadata = AttentionMetadata.from_lengths(counts, device=device)
         cross_metadata = AttentionMetadata.from_lengths(counts, text_lens, device=device)
@@ -760,6 +764,14 @@ class WanTransformer3DModel(nn.Module):
         rotaries = [self._rotary(grid, x.device) for grid in grids]
         rotary = (torch.cat([c for c, _ in rotaries]), torch.cat([s for _, s in rotaries]))
 
-        x = self._blocks(x, context, modulation, rotary, rows[None], self_metadata, cross_metadata, interrupt)
+        split = self._sequence_split(counts)
+        if split is None:
+            x = self._blocks(x, context, modulation, rotary, rows[None], self_metadata, cross_metadata, interrupt)
+        else:  # each sample's tokens split across the ranks; local queries attend to their sample's whole text
+            local_cross = AttentionMetadata.from_lengths(split.chunks, text_lens, device=device)
+            local_rotary = (split.shard(rotary[0]), split.shard(rotary[1]))
+            x = self._blocks(split.shard(x[0])[None], context, modulation, local_rotary, split.shard(rows)[None],
+                             split, local_cross, interrupt)
+            x = split.gather(x[0], self._sequence_group)[None]
         x = self._head(x, temb, rows[None])[0]
         return [self._unpatchify(part[None], grid)[0] for part, grid in zip(x.split(counts), grids)]
