@@ -118,3 +118,72 @@ def test_ditserve_generate_under_torchrun(tiny_wan_path: Path, tmp_path: Path,
     assert np.abs(one - two).max() <= 1  # the same frame (uint8 rounding aside)
     assert cli.main(["generate", *flags, "--cfg-parallel", "2", "--output", str(tmp_path / "x.png")]) == 2
     assert "start with `torchrun --nproc_per_node 2 -m ditserve ...`" in capsys.readouterr().err
+
+
+def test_a_server_on_two_ranks_serves_what_one_process_makes(tiny_wan_path: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m ditserve serve --cfg-parallel 2`: rank 0 serves HTTP and leads each
+    step, rank 1 follows; an image equals the single-process one, jobs of other sizes complete, and
+    SIGTERM ends both ranks cleanly."""
+    import base64
+    import io
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    from PIL import Image
+
+    import ditserve
+    from ditserve.output import to_uint8
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    src = Path(__file__).resolve().parent.parent / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(ports[0]),
+         "-m", "ditserve", "serve", "--model", str(tiny_wan_path), "--port", str(ports[1]), "--device", "cpu",
+         "--dtype", "fp32", "--output-dir", str(tmp_path / "out"), "--cfg-parallel", "2", "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{ports[1]}", timeout=60) as http:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None, proc.communicate()[0][-3000:]
+                try:
+                    if http.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the two-rank server never became ready"
+                time.sleep(0.2)
+            video = http.post("/v1/videos", json={"prompt": "a dog", "size": "32x32", "num_frames": 5, "steps": 2,
+                                                  "seed": 1}).json()
+            body = {"prompt": REQUEST["prompt"], "negative_prompt": "blurry", "size": "48x32", "steps": 3,
+                    "guidance_scale": 5.0, "seed": 3}
+            image = http.post("/v1/images/generations", json=body)
+            assert image.status_code == 200, image.text
+            served = np.asarray(Image.open(io.BytesIO(base64.b64decode(image.json()["data"][0]["b64_json"]))),
+                                dtype=np.int16)
+            while http.get(f"/v1/videos/{video['id']}").json()["status"] not in ("completed", "failed"):
+                assert time.monotonic() < deadline + 60
+                time.sleep(0.1)
+            assert http.get(f"/v1/videos/{video['id']}").json()["status"] == "completed"
+        alone = ditserve.Pipeline.from_pretrained(tiny_wan_path, device="cpu", dtype="fp32").generate(
+            **dict(REQUEST, num_frames=1, seed=3)).frames
+        assert np.abs(served - to_uint8(alone)[0].astype(np.int16)).max() <= 1
+        import psutil  # accelerate's dependency
+
+        [rank0] = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "0"]
+        rank0.send_signal(signal.SIGTERM)  # as an orchestrator stops the serving rank
+        output = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, output[-3000:]  # rank 1 ended with rank 0, torchrun saw both exit 0
+        assert "Traceback" not in output, output[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

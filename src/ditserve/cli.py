@@ -373,14 +373,17 @@ def _serve(args: argparse.Namespace) -> int:
                                   public_url=args.public_url, docs=args.docs, max_body_bytes=args.max_body_bytes,
                                   max_upload_bytes=args.max_upload_bytes, request_timeout_s=args.request_timeout,
                                   keep_alive_timeout_s=args.keep_alive_timeout)
+        from ditserve.distributed import ParallelLayout
+
+        layout = ParallelLayout(samples=args.cfg_parallel, sequence=args.sequence_parallel)
     except (ValueError, _UsageError) as e:
         print(f"ditserve serve: error: {e}", file=sys.stderr)
         return 2
     try:
         return serve(model, settings, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
                      attention_backend=args.attention_backend, compile=args.compile, log_level=args.log_level,
-                     warm=not args.no_warm_up)
-    except _user_errors() as e:
+                     warm=not args.no_warm_up, layout=layout)
+    except (*_user_errors(), ValueError) as e:
         print(f"ditserve serve: error: {e}", file=sys.stderr)
         return 2
 
@@ -401,6 +404,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-batch-size", type=int, default=None,
                      help="most jobs admitted to the batch at once; 1 runs one job at a time, each to its end "
                           "(default: no limit; steps are bounded by --max-batch-tokens)")
+    srv.add_argument("--cfg-parallel", type=int, default=1,
+                     help="ranks dividing each step's samples (CFG parallelism; under torchrun, see --sequence-parallel)")
+    srv.add_argument("--sequence-parallel", type=int, default=1,
+                     help="ranks dividing each forward's tokens (Ulysses). With cfg x sequence > 1, start the server "
+                          "with `torchrun --nproc_per_node N -m ditserve serve ...`: rank 0 serves HTTP and leads every "
+                          "step, the other ranks follow it")
     srv.add_argument("--max-steps", type=int, default=None,
                      help="most denoising steps a request may ask for (default: the model's limit, its scheduler's "
                           "training steps, 1000 for Wan)")

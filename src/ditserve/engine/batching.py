@@ -53,9 +53,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ditserve.engine.coordination import Leader, advance
 from ditserve.engine.decoder import Decoder
 from ditserve.engine.errors import EngineClosed, GenerationCancelled, StepInterrupted
-from ditserve.engine.family import CancelToken, Family, Prepared, Sample, StepCallback
+from ditserve.engine.family import CancelToken, Family, Prepared, StepCallback
 from ditserve.engine.policy import DEFAULT_FILL_TOKENS, DEFAULT_MAX_SKIPPED, Candidate, select_step
 from ditserve.engine.request import GenerationRequest
 from ditserve.engine.result import GenerationOutput
@@ -102,6 +103,7 @@ class EngineStats:
 
 @dataclass(eq=False)
 class _Queued:
+    key: int  # unique per engine: how a coordinated step names the request on every rank
     request: GenerationRequest
     future: Future[GenerationOutput]
     callback: StepCallback | None
@@ -144,7 +146,8 @@ class BatchingEngine:
     `max_batch_size`: most requests admitted at once (None: no limit; 1: one at a time, each
     to its end). `fill_tokens` / `max_skipped`: the step policy (`ditserve.engine.policy`).
     `on_step(StepStats)` runs on the stepping thread after every batched forward (metrics);
-    its errors are logged, not raised.
+    its errors are logged, not raised. `leader`: the engine of rank 0 of several, publishing each
+    step to the followers (`ditserve.engine.coordination`).
     """
 
     def __init__(
@@ -156,6 +159,7 @@ class BatchingEngine:
         fill_tokens: int = DEFAULT_FILL_TOKENS,
         max_skipped: int = DEFAULT_MAX_SKIPPED,
         on_step: Callable[[StepStats], None] | None = None,
+        leader: Leader | None = None,
     ) -> None:
         budget = family.default_max_batch_tokens() if max_batch_tokens is None else max_batch_tokens
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
@@ -183,6 +187,8 @@ class BatchingEngine:
         self._completed = 0
         self._last_step: StepStats | None = None
         self._stepping = threading.Lock()  # one stepping thread at a time
+        self._submitted = 0
+        self._leader = leader
         self._thread: threading.Thread | None = None
 
     # -- any thread --------------------------------------------------------------------------
@@ -211,7 +217,9 @@ class BatchingEngine:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the batching engine is closed and takes no new requests")
-            self._queue.append(_Queued(request, future, callback, cancel, on_start, tokens, time.perf_counter()))
+            self._submitted += 1
+            self._queue.append(_Queued(self._submitted, request, future, callback, cancel, on_start, tokens,
+                                       time.perf_counter()))
             self._cond.notify_all()
         return future
 
@@ -315,6 +323,8 @@ class BatchingEngine:
                 self.step()
             except Exception:
                 log.exception("batching engine step failed; its active requests were failed")
+        if self._leader is not None:
+            self._leader.stop()
         self._decoder.wait_idle()
 
     # -- step pieces ---------------------------------------------------------------------------
@@ -384,18 +394,18 @@ class BatchingEngine:
     def _forward(self) -> None:
         """One step for the chosen requests: all their samples through the family, then each one's scheduler."""
         batch = self._select()
-        samples = [
-            Sample(state.latents, state.prepared.timesteps[state.step], state.step, condition, state.prepared)
-            for state in batch
-            for condition in state.prepared.conditions
-        ]
+        samples = sum(len(state.prepared.conditions) for state in batch)
+        if self._leader is not None:
+            with self._cond:
+                active = {state.queued.key: state.queued.request for state in self._active}
+            self._leader.publish(active, [state.queued.key for state in batch])
+
         def interrupt() -> bool:  # asked between blocks: stop a step that nobody waits for any more
             return self._aborting or all(_cancelled(state.queued.cancel) for state in batch)
 
         try:
-            preds = self._family.predict(samples, interrupt)
-            if len(preds) != len(samples):
-                raise RuntimeError(f"the family returned {len(preds)} predictions for {len(samples)} samples")
+            stepped = advance(self._family, [(state.prepared, state.latents, state.step) for state in batch],
+                              None if self._leader is not None else interrupt)  # ranks leave a step together
         except StepInterrupted as e:
             log.info("%s: every request in it was cancelled", e)
             with self._cond:
@@ -407,14 +417,9 @@ class BatchingEngine:
         except Exception as e:  # cannot tell whose fault: the requests in this step fail, the paused ones go on
             self._fail(batch, e)
             return
-        index = 0
         failed: list[_Active] = []
-        for state in batch:
-            plan = state.prepared.guidance
-            pred = plan.combine(preds[index:index + plan.samples], state.step)
-            index += plan.samples
-            t = state.prepared.timesteps[state.step]
-            state.latents = state.prepared.scheduler.step(pred, t, state.latents, return_dict=False)[0]
+        for state, latents in zip(batch, stepped):
+            state.latents = latents
             state.step += 1
             state.timer.mark()
             if state.queued.callback is not None:
@@ -427,7 +432,7 @@ class BatchingEngine:
             for state in failed:
                 self._active.remove(state)
             self._steps += 1
-            stats = StepStats(requests=len(batch), samples=len(samples),
+            stats = StepStats(requests=len(batch), samples=samples,
                               tokens=sum(s.queued.tokens for s in batch), queued=len(self._queue),
                               paused=len(self._active) - len(batch) + len(failed))
             self._last_step = stats

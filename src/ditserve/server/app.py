@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -30,6 +31,7 @@ def create_app(
     *,
     spec: RequestSpec | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
+    leader: Any = None,
 ) -> FastAPI:
     """An app serving `pipeline` (a loaded pipeline, or a no-argument factory run in the background at start).
 
@@ -39,7 +41,8 @@ def create_app(
     thread) if the factory raises; `serve` exits then. The server state is `app.state.ditserve`.
     With `settings.api_keys`, every route but /health needs a key (`ditserve.server.auth`);
     /openapi.json exists only with `settings.docs`, and there are no interactive docs pages
-    (they load scripts from a CDN).
+    (they load scripts from a CDN). `leader`: on rank 0 of several, the `engine.coordination.Leader`
+    whose followers run each step with this server's engine.
     """
     if spec is None:
         spec = getattr(pipeline, "request_spec", None)
@@ -48,7 +51,7 @@ def create_app(
     settings = settings or ServerSettings()
     spec = spec.with_limits(max_steps=settings.max_steps, max_frames=settings.max_frames,
                             max_pixels=settings.max_pixels, flags=LIMIT_FLAGS)
-    state = ServerState(pipeline, settings, spec, on_load_failure)
+    state = ServerState(pipeline, settings, spec, on_load_failure, leader)
     video_body, image_body = request_bodies(spec)
 
     @asynccontextmanager

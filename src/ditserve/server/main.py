@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import uvicorn
 
+from ditserve.distributed import ParallelLayout, build_groups, init_from_environment
+from ditserve.engine.coordination import Leader
 from ditserve.server.app import create_app
 from ditserve.server.settings import ServerSettings
 from ditserve.server.state import ServerState
@@ -66,6 +68,33 @@ def warm_up(pipeline: Any) -> float:
     return time.perf_counter() - start
 
 
+def _parallel_family(pipeline: Any, groups: tuple[Any, Any]) -> Any:
+    """The pipeline split over the rank grid: what the engine steps (every rank the same way)."""
+    sample_group, sequence_group = groups
+    pipeline.parallelize(sample_group=sample_group, sequence_group=sequence_group)
+    if sample_group is None:
+        return pipeline
+    from ditserve.engine.parallel import SampleParallel
+
+    return SampleParallel(pipeline, sample_group)
+
+
+def _follow(model: str | os.PathLike[str], device: Any, dtype: Any, attention_backend: str | None, compile: bool,
+            groups: tuple[Any, Any]) -> int:
+    """A rank other than 0: load the same model, then run every step rank 0's engine publishes."""
+    from ditserve import Pipeline
+    from ditserve.engine.coordination import Follower
+
+    pipeline = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=attention_backend,
+                                        compile=compile)
+    follower = Follower(_parallel_family(pipeline, groups))
+    for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 shuts down and tells the followers: they end with it
+        signal.signal(sig, signal.SIG_IGN)
+    follower.run()
+    log.info("rank %d: followed %d steps; rank 0 has shut down", torch.distributed.get_rank(), follower.steps)
+    return 0
+
+
 def serve(
     model: str | os.PathLike[str],
     settings: ServerSettings,
@@ -79,15 +108,28 @@ def serve(
     log_level: str = "info",
     sock: socket.socket | None = None,
     warm: bool = True,
+    layout: ParallelLayout | None = None,
 ) -> int:
     """Serve the model folder at `model`; return the exit status (0 after a requested shutdown, 1 if loading failed).
 
-    `warm`: run `warm_up` after loading, before /health reports ready."""
+    `warm`: run `warm_up` after loading, before /health reports ready. `layout`: several ranks under
+    torchrun (CFG x sequence parallelism): rank 0 serves and leads every step, the others follow it
+    (`ditserve.engine.coordination`) until it shuts down."""
     from ditserve.pipelines import read_request_spec
     from ditserve.pipelines.options import resolve_load_options
 
     # wrong paths and options fail now, before the port opens and the model loads
     spec = read_request_spec(Path(model))
+    leader = groups = None
+    if layout is not None and layout.world > 1:
+        device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available()
+                                                                             else "cpu")
+        rank, rank_device = init_from_environment(layout, device_type)
+        device = rank_device if rank_device is not None else device
+        groups = build_groups(layout, rank)
+        if rank != 0:
+            return _follow(model, device, dtype, attention_backend, compile, groups)
+        leader, warm = Leader(), False  # a warm-up would run on rank 0 alone: the followers would wait
     device, dtype, attention_backend = resolve_load_options(device, dtype, attention_backend)
 
     def load():  # runs on a background thread after the port opens, so /health answers 503 meanwhile
@@ -95,6 +137,8 @@ def serve(
 
         pipeline = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=attention_backend,
                                             compile=compile)
+        if groups is not None:
+            return _parallel_family(pipeline, groups)
         if warm:
             log.info("warm-up generation took %.1f s", warm_up(pipeline))
         return pipeline
@@ -114,7 +158,7 @@ def serve(
     elif host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no API keys on %s: anyone who can reach this port can generate, list and delete jobs "
                     "(see --api-key-file)", host)
-    app = create_app(load, settings, spec=spec, on_load_failure=on_load_failure)
+    app = create_app(load, settings, spec=spec, on_load_failure=on_load_failure, leader=leader)
     config = uvicorn_config(app, settings, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_timeout_s)),
                             access_log=log_level == "debug")

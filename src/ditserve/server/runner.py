@@ -39,6 +39,7 @@ from ditserve.server.stats import RunnerStats
 
 if TYPE_CHECKING:  # torch is imported only once the model loads
     from ditserve.engine.batching import BatchingEngine
+    from ditserve.engine.coordination import Leader
     from ditserve.engine.family import Family
 
 __all__ = ["JobRunner", "QueueFull", "RequestTooLarge", "RunnerClosed"]
@@ -94,14 +95,14 @@ class JobRunner:
         self._outputs: queue.SimpleQueue[tuple[Job, GenerationOutput] | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_outputs, name="ditserve-writer", daemon=True)
 
-    def start(self, pipeline: Family) -> None:
+    def start(self, pipeline: Family, leader: Leader | None = None) -> None:
         """Build the engine over the loaded pipeline (its default budget needs the model in memory) and start it.
 
         Raises what the engine raises for limits it cannot use.
         """
         from ditserve.engine.batching import BatchingEngine
 
-        engine = BatchingEngine(pipeline, max_batch_size=self._max_batch_size,
+        engine = BatchingEngine(pipeline, leader=leader, max_batch_size=self._max_batch_size,
                                 max_batch_tokens=self._max_batch_tokens, on_step=self._metrics.observe_step)
         with self._lock:
             if self._engine is not None:

@@ -31,6 +31,7 @@ __all__ = ["PipelineSource", "ServerState"]
 log = logging.getLogger("ditserve.server")
 
 if TYPE_CHECKING:  # torch is imported only once the model loads
+    from ditserve.engine.coordination import Leader
     from ditserve.engine.family import Family
 
 PipelineSource = Union["Family", Callable[[], "Family"]]
@@ -42,7 +43,8 @@ class ServerState:
     """Everything the routes share; lives in `app.state.ditserve`."""
 
     def __init__(self, source: PipelineSource, settings: ServerSettings, spec: RequestSpec,
-                 on_load_failure: Callable[[BaseException], None] | None = None) -> None:
+                 on_load_failure: Callable[[BaseException], None] | None = None, leader: Leader | None = None) -> None:
+        self._leader = leader  # rank 0 of several: its engine leads the others (`engine.coordination`)
         self.settings = settings
         self.spec = spec
         self.metrics = Metrics()
@@ -90,7 +92,7 @@ class ServerState:
             except Exception as e:
                 self._failed(e)
                 return
-            self._runner.start(self._source)  # type: ignore[arg-type]
+            self._runner.start(self._source, self._leader)  # type: ignore[arg-type]
             self._pipeline = self._source  # type: ignore[assignment]
         else:
             threading.Thread(target=self._load, name="ditserve-load", daemon=True).start()
@@ -102,7 +104,7 @@ class ServerState:
         try:
             pipeline = self._source()  # type: ignore[operator]
             check_writer(pipeline)
-            self.runner.start(pipeline)
+            self.runner.start(pipeline, self._leader)
         except BaseException as e:
             self._failed(e)
             return

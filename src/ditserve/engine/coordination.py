@@ -1,0 +1,131 @@
+"""One engine on several ranks: rank 0 decides every step, the other ranks follow it.
+
+A server on several GPUs takes requests on rank 0 only, so the ranks cannot each run their own
+engine as `generate` does (SPMD on the same calls). Instead rank 0's engine (`Leader`) publishes a
+`StepPlan` before each forward: the requests active now (by key), the requests that joined since
+the last plan (the validated request itself), and the requests that advance, in order. Every
+other rank (`Follower`) keeps the same per-request state (the same `prepare` of the same request
+gives the same noise, text and scheduler), drops what the plan no longer lists, and runs the same
+step (`advance`), so the collectives inside the model (Ulysses) and the family (CFG parallelism)
+meet. Only rank 0 decodes. Steps are never interrupted between blocks here: ranks must leave a
+step together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ditserve.engine.errors import StepInterrupted
+from ditserve.engine.family import Family, Prepared, Sample
+from ditserve.engine.request import GenerationRequest
+
+__all__ = ["Follower", "Leader", "StepPlan", "advance"]
+
+log = logging.getLogger("ditserve.engine")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What every rank does at one step (see the module docstring); `stop` ends the followers."""
+
+    active: tuple[int, ...] = ()
+    joining: dict[int, GenerationRequest] = field(default_factory=dict)
+    advancing: tuple[int, ...] = ()
+    stop: bool = False
+
+
+def advance(family: Family, steps: Sequence[tuple[Prepared, Tensor, int]],
+            interrupt: Callable[[], bool] | None = None) -> list[Tensor]:
+    """One step of several requests `(prepared, latents, step index)`: all their samples through the
+    family, each request's predictions combined by its guidance plan, then its own scheduler step.
+    Returns the new latents, in order. Raises what `predict` raises (e.g. `StepInterrupted`)."""
+    samples = [Sample(latents, prepared.timesteps[step], step, condition, prepared)
+               for prepared, latents, step in steps for condition in prepared.conditions]
+    preds = family.predict(samples, interrupt)
+    if len(preds) != len(samples):
+        raise RuntimeError(f"the family returned {len(preds)} predictions for {len(samples)} samples")
+    stepped, index = [], 0
+    for prepared, latents, step in steps:
+        plan = prepared.guidance
+        pred = plan.combine(preds[index:index + plan.samples], step)
+        index += plan.samples
+        stepped.append(prepared.scheduler.step(pred, prepared.timesteps[step], latents, return_dict=False)[0])
+    return stepped
+
+
+def _source(group: dist.ProcessGroup | None) -> int:
+    return dist.get_global_rank(group, 0) if group is not None else 0
+
+
+class Leader:
+    """Rank 0's side: the engine hands it each step's plan, which it broadcasts."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self._published: set[int] = set()
+
+    def publish(self, active: dict[int, GenerationRequest], advancing: Sequence[int]) -> None:
+        joining = {key: request for key, request in active.items() if key not in self._published}
+        self._published = set(active)
+        dist.broadcast_object_list([StepPlan(tuple(active), joining, tuple(advancing))], src=_source(self.group),
+                                   group=self.group)
+
+    def stop(self) -> None:
+        dist.broadcast_object_list([StepPlan(stop=True)], src=_source(self.group), group=self.group)
+
+
+@dataclass
+class _State:
+    prepared: Prepared
+    latents: Tensor
+    step: int = 0
+
+
+class Follower:
+    """Another rank's side: receive each plan and run the same step, until the leader stops."""
+
+    def __init__(self, family: Family, group: dist.ProcessGroup | None = None) -> None:
+        self.family = family
+        self.group = group
+        self.states: dict[int, _State] = {}
+        self.steps = 0
+
+    def run(self) -> None:
+        with torch.no_grad():
+            while True:
+                box: list[StepPlan | None] = [None]
+                dist.broadcast_object_list(box, src=_source(self.group), group=self.group)
+                plan = box[0]
+                if plan is None or plan.stop:
+                    return
+                self.apply(plan)
+
+    def apply(self, plan: StepPlan) -> None:
+        for key in [k for k in self.states if k not in plan.active]:
+            del self.states[key]
+        if plan.joining:
+            keys = list(plan.joining)
+            for key, prepared in zip(keys, self.family.prepare_batch([plan.joining[k] for k in keys])):
+                self.states[key] = _State(prepared, prepared.latents)
+        steps = [(self.states[k].prepared, self.states[k].latents, self.states[k].step) for k in plan.advancing]
+        try:
+            stepped = advance(self.family, steps)
+        except StepInterrupted:  # never asked here; kept for symmetry with the leader
+            return
+        except Exception:  # the leader's forward failed the same way; its requests are gone there too
+            log.exception("a followed step failed; dropping its requests")
+            for key in plan.advancing:
+                self.states.pop(key, None)
+            return
+        for key, latents in zip(plan.advancing, stepped):
+            state = self.states[key]
+            state.latents, state.step = latents, state.step + 1
+            if state.step == len(state.prepared.timesteps):
+                del self.states[key]
+        self.steps += 1
