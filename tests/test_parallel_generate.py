@@ -21,7 +21,8 @@ REQUEST = dict(prompt="a red ball rolling on the street", negative_prompt="blurr
                num_frames=9, num_inference_steps=3, guidance_scale=5.0, seed=3)  # 18 tokens: 9 per rank
 MIXED = [dict(REQUEST, seed=1), dict(REQUEST, height=16, width=32, num_frames=5, guidance_scale=1.0, seed=2),
          dict(REQUEST, height=48, width=16, num_frames=1, num_inference_steps=2, seed=4)]  # 18, 4 and 3 tokens
-MODES = {"ulysses2": (2, 1, 2), "cfg2": (2, 2, 1), "cfg2xulysses2": (4, 2, 2)}  # world, samples, sequence
+# world, samples, sequence; the tiny DiT has 2 heads, so 4 sequence ranks pass K/V round a ring instead
+MODES = {"ulysses2": (2, 1, 2), "cfg2": (2, 2, 1), "cfg2xulysses2": (4, 2, 2), "ring4": (4, 1, 4)}
 SPAWN_TIMEOUT_S = 120
 
 

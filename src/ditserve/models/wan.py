@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ditserve.attention import Attention, AttentionMetadata, AttentionSelector, run_attention_eagerly
-from ditserve.attention.parallel import SequenceSplit, UlyssesAttention, split_dense, split_packed
+from ditserve.attention.parallel import RingAttention, SequenceSplit, UlyssesAttention, split_dense, split_packed
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import qk_rms_norm_rotary
 
@@ -263,7 +263,7 @@ class WanAttention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps, elementwise_affine=True)
         self.norm_k = nn.RMSNorm(dim, eps=eps, elementwise_affine=True)
         self.attention = Attention(selector=selector, scale=None)
-        self.sequence_parallel: UlyssesAttention | None = None  # set by `enable_sequence_parallel`
+        self.sequence_parallel: UlyssesAttention | RingAttention | None = None  # `enable_sequence_parallel`
         self._qkv: tuple[Tensor, Tensor] | None = None  # set by fuse_qkv
 
     def fuse_qkv(self) -> None:
@@ -479,10 +479,18 @@ class WanTransformer3DModel(nn.Module):
         """Split each forward's tokens across the ranks of `group` (Ulysses: an all-to-all over heads
         in self-attention; cross-attention needs none, its text is whole on every rank). Every rank
         runs the same forward on the same inputs and returns the whole output, dense or packed (each
-        sample of a packed batch split across the ranks)."""
+        sample of a packed batch split across the ranks). Ulysses needs the heads to divide by the
+        group's size; otherwise K/V go round a ring (`RingAttention`, any head count, a backend
+        that returns the log-sum-exp)."""
         self._sequence_group = group
+        ranks = torch.distributed.get_world_size(group)
+        ring = self.config.num_attention_heads % ranks != 0
+        if ring:
+            logger.warning("%d heads do not divide by %d ranks: ring attention (K/V passed round the ranks) instead of "
+                        "Ulysses", self.config.num_attention_heads, ranks)
         for block in self.blocks:
-            block.attn1.sequence_parallel = UlyssesAttention(block.attn1.attention, group)
+            block.attn1.sequence_parallel = (RingAttention(None, group) if ring
+                                             else UlyssesAttention(block.attn1.attention, group))
 
     def _sequence_split(self, tokens: int | Sequence[int]) -> SequenceSplit | None:
         """This forward's split across the sequence group: dense (one length) or packed (one per sample)."""
