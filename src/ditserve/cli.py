@@ -291,6 +291,9 @@ def _add_generate(sub: argparse._SubParsersAction, spec: Any) -> None:
                      help="attention backend name or 'auto' (default: $DITSERVE_ATTENTION_BACKEND, else auto)")
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     gen.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    gen.add_argument("--num-gpus", type=int, default=1,
+                     help="ranks to run on (GPUs; with --device cpu, gloo processes): started here, no torchrun "
+                          "needed; split as --cfg-parallel x --sequence-parallel (default: all sequence parallel)")
     gen.add_argument("--cfg-parallel", type=int, default=1,
                      help="ranks dividing each step's samples: 2 puts cond and uncond on two GPUs (under torchrun)")
     gen.add_argument("--sequence-parallel", type=int, default=1,
@@ -404,6 +407,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-batch-size", type=int, default=None,
                      help="most jobs admitted to the batch at once; 1 runs one job at a time, each to its end "
                           "(default: no limit; steps are bounded by --max-batch-tokens)")
+    srv.add_argument("--num-gpus", type=int, default=1,
+                     help="ranks to serve on (GPUs; with --device cpu, gloo processes), started here; rank 0 "
+                          "serves HTTP; split as --cfg-parallel x --sequence-parallel (default: all sequence parallel)")
     srv.add_argument("--cfg-parallel", type=int, default=1,
                      help="ranks dividing each step's samples (CFG parallelism; under torchrun, see --sequence-parallel)")
     srv.add_argument("--sequence-parallel", type=int, default=1,
@@ -610,6 +616,39 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def _without_num_gpus(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--num-gpus":
+            skip = True
+        elif not arg.startswith("--num-gpus="):
+            out.append(arg)
+    return out
+
+
+def _launch_ranks(argv: list[str], args: argparse.Namespace) -> int:
+    """`--num-gpus N` > 1 outside torchrun: start the N ranks of this same command and wait for them."""
+    from ditserve.distributed import default_layout, launch
+
+    command = args.command
+    cfg = args.cfg_parallel if args.cfg_parallel != 1 else None
+    sequence = args.sequence_parallel if args.sequence_parallel != 1 else None
+    try:
+        layout = default_layout(args.num_gpus, cfg, sequence)
+        device_type = (args.device or ("cuda" if _cuda_available() else "cpu")).split(":")[0]
+        rest = _without_num_gpus(argv)
+        for flag in ("--cfg-parallel", "--sequence-parallel"):  # the launcher passes the layout it chose
+            while flag in rest:
+                i = rest.index(flag)
+                del rest[i:i + 2]
+        return launch(rest, layout, device_type)
+    except ValueError as e:
+        print(f"ditserve {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
@@ -617,6 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if getattr(args, "num_gpus", 1) > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_ranks(argv, args)
     return args.func(args)
 
 

@@ -1,5 +1,9 @@
 """Running one generation on several ranks: torchrun's environment -> process groups -> `Pipeline.parallelize`.
 
+`ditserve generate/serve --num-gpus N` starts its N ranks itself (`launch`: torchrun underneath,
+so a rank that dies stops the others); `--device cpu` makes them gloo processes, which is how the
+whole multi-rank path is tested on machines without GPUs.
+
 Under `torchrun --nproc_per_node N`, each process reads its rank from the environment, joins the
 default group (NCCL on CUDA, gloo on the CPU) and takes GPU `LOCAL_RANK`. The N ranks form a grid
 of `samples x sequence`: ranks `s * sequence ... (s + 1) * sequence - 1` share one sequence group
@@ -10,13 +14,14 @@ sample group (CFG parallelism). Every rank runs the same generation; rank 0 writ
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["ParallelLayout", "build_groups", "init_from_environment"]
+__all__ = ["ParallelLayout", "build_groups", "default_layout", "init_from_environment", "launch"]
 
 
 @dataclass(frozen=True)
@@ -66,3 +71,59 @@ def build_groups(layout: ParallelLayout, rank: int) -> tuple[Any, Any]:
     sample_groups = [dist.new_group(list(range(q, layout.world, layout.sequence))) for q in range(layout.sequence)]
     return (sample_groups[rank % layout.sequence] if layout.samples > 1 else None,
             sequence_groups[rank // layout.sequence] if layout.sequence > 1 else None)
+
+
+def default_layout(num_gpus: int, samples: int | None, sequence: int | None) -> ParallelLayout:
+    """The split of `num_gpus` ranks: what the user gave, the rest filled in (sequence parallelism takes
+    what CFG parallelism leaves); a clear error when the degrees do not multiply to `num_gpus`."""
+    if num_gpus < 1:
+        raise ValueError(f"--num-gpus must be >= 1, got {num_gpus}")
+    samples = samples or (num_gpus // sequence if sequence and num_gpus % sequence == 0 else 1)
+    sequence = sequence or (num_gpus // samples if num_gpus % samples == 0 else 0)
+    if samples * sequence != num_gpus:
+        raise ValueError(f"--cfg-parallel {samples} x --sequence-parallel {sequence or '?'} must equal --num-gpus "
+                         f"{num_gpus}")
+    return ParallelLayout(samples, sequence)
+
+
+def launch(argv: list[str], layout: ParallelLayout, device_type: str) -> int:
+    """Run `ditserve <argv>` on `layout.world` ranks (torchrun: a rank that dies stops the others) and wait;
+    the exit status. NVLink multicast stays off: on shared hosts it can take GPUs out of service."""
+    import socket
+    import subprocess
+    import sys
+
+    if device_type == "cuda" and torch.cuda.device_count() < layout.world:
+        raise ValueError(f"--num-gpus {layout.world}: only {torch.cuda.device_count()} CUDA device(s) here")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    if device_type == "cpu":
+        env.setdefault("OMP_NUM_THREADS", "1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(layout.world),
+               "--master_port", str(port), "-m", "ditserve", *argv, "--cfg-parallel", str(layout.samples),
+               "--sequence-parallel", str(layout.sequence)]
+    ranks = subprocess.Popen(command, env=env)
+
+    def stop(signum: int, frame: Any) -> None:  # rank 0 shuts down cleanly and the others end with it
+        _signal_rank_zero(ranks.pid, signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return ranks.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _signal_rank_zero(launcher_pid: int, signum: int) -> None:
+    """Send `signum` to the rank-0 worker of a torchrun (its children carry RANK in their environment)."""
+    import psutil  # a dependency of accelerate, which ditserve needs
+
+    for child in psutil.Process(launcher_pid).children():
+        try:
+            if child.environ().get("RANK") == "0":
+                child.send_signal(signum)
+        except psutil.Error:
+            continue
