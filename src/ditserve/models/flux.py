@@ -22,6 +22,15 @@ One block implementation serves two layouts:
                                 with `AttentionMetadata` (cu_seqlens of L_i + S_i) built once.
 The conditioning embedding (timestep, guidance, pooled text) is one row per sample `[N, dim]`;
 in the packed layout each token picks its sample's row through a per-token index (`rows`).
+
+Sequence parallelism (`enable_sequence_parallel`, either layout): each sample's image tokens are
+split across the ranks of a group, its text tokens stay whole on every rank. The text is short
+and every image token attends to all of it, so replicating it costs little and needs no
+exchange; Ulysses' `forward_joint` computes the text queries once (a head slice per rank) and
+hands every rank the same text output, so the text stream stays identical on every rank. On a
+rank the joint sequence is then simply `cat([whole text, local image], dim=1)`, with rotary
+angles and conditioning rows laid out the same way; the image tokens are gathered before the
+output head and every rank returns the whole prediction.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ditserve.attention import Attention, AttentionMetadata, AttentionSelector, run_attention_eagerly
+from ditserve.attention.parallel import (SequenceSplit, UlyssesAttention, kv_head_replication, split_dense,
+                                         split_packed)
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import rotate_pairs
 from ditserve.models.wan import MLP, FeedForward, linear_gelu_tanh, timestep_embedding
@@ -163,6 +174,10 @@ class TokenLayout:
     rows broadcast per sample. Packed: `order[j]` is the index in `cat([txt, img], dim=1)` of
     joint token j (each sample's text then its image tokens, so its tokens are contiguous for
     cu_seqlens), `inverse` undoes it, and `*_rows` give each token's sample (`[1, tokens]`).
+
+    Sequence parallel (`sequence_split` set, see `parallel`): the joint sequence is
+    `cat([whole text, this rank's image slice], dim=1)` in both layouts, never reordered, the
+    first `text_tokens` of it text; attention goes through the split instead of `metadata`.
     """
 
     metadata: AttentionMetadata | None = None
@@ -171,11 +186,13 @@ class TokenLayout:
     txt_rows: Tensor | None = None
     img_rows: Tensor | None = None
     joint_rows: Tensor | None = None
+    sequence_split: SequenceSplit | None = None
+    text_tokens: int = 0
 
     @classmethod
     def packed(cls, txt_lens: Sequence[int], img_lens: Sequence[int], device: torch.device) -> TokenLayout:
         """The layout of samples with these text and image token counts, one after another."""
-        n, total_txt = len(txt_lens), sum(txt_lens)
+        total_txt = sum(txt_lens)
         pieces, txt_start, img_start = [], 0, total_txt
         for txt_len, img_len in zip(txt_lens, img_lens):
             pieces += [torch.arange(txt_start, txt_start + txt_len), torch.arange(img_start, img_start + img_len)]
@@ -184,20 +201,24 @@ class TokenLayout:
         order = torch.cat(pieces)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel())
-        samples = torch.arange(n)
-
-        def rows(lens: list[int]) -> Tensor:
-            return torch.repeat_interleave(samples, torch.tensor(lens), output_size=sum(lens))[None].to(device)
-
         joint_lens = [t + i for t, i in zip(txt_lens, img_lens)]
         return cls(
             metadata=AttentionMetadata.from_lengths(joint_lens, device=device),
             order=order.to(device),
             inverse=inverse.to(device),
-            txt_rows=rows(list(txt_lens)),
-            img_rows=rows(list(img_lens)),
-            joint_rows=rows(joint_lens),
+            txt_rows=_sample_rows(txt_lens, device),
+            img_rows=_sample_rows(img_lens, device),
+            joint_rows=_sample_rows(joint_lens, device),
         )
+
+    @classmethod
+    def parallel(cls, split: SequenceSplit, text_tokens: int, txt_rows: Tensor | None,
+                 img_rows: Tensor | None) -> TokenLayout:
+        """One rank's layout: the whole text (`text_tokens`, rows `txt_rows`), then its image
+        slice (rows `img_rows`, already sharded); rows None (dense) broadcast per sample."""
+        joint_rows = None if txt_rows is None else torch.cat([txt_rows, img_rows], dim=1)
+        return cls(txt_rows=txt_rows, img_rows=img_rows, joint_rows=joint_rows, sequence_split=split,
+                   text_tokens=text_tokens)
 
     def join(self, txt: Tensor, img: Tensor) -> Tensor:
         """Text `[B, L, ...]` and image `[B, S, ...]` tokens -> the joint sequence `[B, L + S, ...]`."""
@@ -209,6 +230,12 @@ class TokenLayout:
         if self.inverse is not None:
             joint = joint[:, self.inverse]
         return joint[:, :text_tokens], joint[:, text_tokens:]
+
+
+def _sample_rows(lens: Sequence[int], device: torch.device) -> Tensor:
+    """Each token's sample `[1, sum(lens)]` for samples of `lens` tokens one after another."""
+    lens = list(lens)
+    return torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens), output_size=sum(lens))[None].to(device)
 
 
 def _per_token(values: Tensor, rows: Tensor | None) -> Tensor:
@@ -303,6 +330,7 @@ class FluxAttention(nn.Module):
             self.norm_added_k = nn.RMSNorm(head_dim, eps=_EPS)
             self.to_add_out = nn.Linear(inner, dim)
         self.attention = Attention(selector=selector, scale=None)
+        self.sequence_parallel: UlyssesAttention | None = None  # set by the model's `enable_sequence_parallel`
 
     def _qkv(self, x: Tensor, added: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Heads-split q, k, v `[..., N, H, D]` of one stream, q and k normalised."""
@@ -313,24 +341,41 @@ class FluxAttention(nn.Module):
         q, k, v = (proj(x).unflatten(-1, (self.heads, -1)) for proj in projs)
         return norms[0](q), norms[1](k), v
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, rotary: Rotary, metadata: AttentionMetadata | None) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, rotary: Rotary, layout: TokenLayout) -> Tensor:
         """Rotary, then attention over the joint sequence; `[B, N, H * D]` in q's dtype."""
         q, k = _rotate(q, rotary), _rotate(k, rotary)
-        if metadata is not None and metadata.packed:
+        metadata = layout.metadata
+        if layout.sequence_split is not None:
+            out = self._attend_split(q, k, v, layout.sequence_split, layout.text_tokens)
+        elif metadata is not None and metadata.packed:
             out = self.attention(q[0], k[0], v[0], metadata).unsqueeze(0)
         else:
             out = self.attention(q, k, v, metadata)
         return out.flatten(-2).to(q.dtype)
 
+    def _attend_split(self, q: Tensor, k: Tensor, v: Tensor, split: SequenceSplit, text_tokens: int) -> Tensor:
+        """Sequence parallel: `[whole text; local image]` q/k/v `[1 or B, L + local, H, D]` -> the
+        whole text's output (the same on every rank) and this rank's image output, joined alike."""
+        if self.sequence_parallel is None:
+            raise RuntimeError("a sequence-split forward reached an attention layer without sequence parallelism; "
+                               "call FluxTransformer2DModel.enable_sequence_parallel(group) on the model")
+        txt_qkv, img_qkv = zip(*((x[:, :text_tokens], x[:, text_tokens:]) for x in (q, k, v)))
+        if split.packed:  # the split describes [tokens, H, D]
+            txt_out, img_out = self.sequence_parallel.forward_joint(*(x[0] for x in txt_qkv),
+                                                                    *(x[0] for x in img_qkv), split)
+            return torch.cat([txt_out, img_out])[None]
+        txt_out, img_out = self.sequence_parallel.forward_joint(*txt_qkv, *img_qkv, split)
+        return torch.cat([txt_out, img_out], dim=1)
+
     def forward(self, x: Tensor, rotary: Rotary, layout: TokenLayout) -> Tensor:
         """Single stream: x `[B, N, dim]` (the joint sequence) -> attention output `[B, N, inner]`."""
-        return self._attend(*self._qkv(x, added=False), rotary, layout.metadata)
+        return self._attend(*self._qkv(x, added=False), rotary, layout)
 
     def forward_joint(self, img: Tensor, txt: Tensor, rotary: Rotary, layout: TokenLayout) -> tuple[Tensor, Tensor]:
         """Double stream: image `[B, S, dim]` and text `[B, L, dim]` -> their attention outputs."""
         img_qkv, txt_qkv = self._qkv(img, added=False), self._qkv(txt, added=True)
         q, k, v = (layout.join(t, i) for t, i in zip(txt_qkv, img_qkv))
-        txt_out, img_out = layout.split(self._attend(q, k, v, rotary, layout.metadata), txt.shape[1])
+        txt_out, img_out = layout.split(self._attend(q, k, v, rotary, layout), txt.shape[1])
         return self.to_out[0](img_out), self.to_add_out(txt_out)
 
 
@@ -444,6 +489,8 @@ class FluxTransformer2DModel(nn.Module):
         self.norm_out = AdaNorm(dim, 2)
         # as diffusers: patch_size only widens the output (Flux checkpoints have 1; latents come packed 2x2)
         self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * cfg.out_channels)
+        self._sequence_parallel = False  # set by `enable_sequence_parallel`, with its group
+        self._sequence_group: torch.distributed.ProcessGroup | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any], attention_backend: str | None = None) -> FluxTransformer2DModel:
@@ -462,6 +509,36 @@ class FluxTransformer2DModel(nn.Module):
         return cls(**args, attention_backend=attention_backend)
 
     # -- configuration of attention ------------------------------------------------------
+
+    def enable_sequence_parallel(self, group: torch.distributed.ProcessGroup | None = None) -> None:
+        """Split each sample's image tokens across the ranks of `group` (None: the default group).
+
+        Text tokens stay whole on every rank (the joint tokens of Ulysses' `forward_joint`), image
+        tokens, their rotary angles and conditioning rows are sharded, and the image is gathered
+        before the head. Every rank must run the same forward (dense or packed) on the same
+        inputs; each returns the whole output. Ulysses gives each rank a share of the heads, so
+        the head count must be divisible by the group size (checked here, before any forward).
+        """
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            raise RuntimeError("enable_sequence_parallel needs torch.distributed initialised "
+                               "(torch.distributed.init_process_group) on every rank first")
+        kv_head_replication(self.config.num_attention_heads, self.config.num_attention_heads,
+                            torch.distributed.get_world_size(group))  # ValueError naming the degrees that work
+        self._sequence_parallel, self._sequence_group = True, group
+        for module in self.modules():
+            if isinstance(module, FluxAttention):
+                module.sequence_parallel = UlyssesAttention(module.attention, group)
+
+    def _sequence_split(self, img_lens: int | Sequence[int], txt_lens: Sequence[int] = ()) -> SequenceSplit | None:
+        """This forward's split of the image tokens: dense (one length, the text whole in front) or
+        packed (one image and one text length per sample); None when not sequence parallel."""
+        if not self._sequence_parallel:
+            return None
+        group = self._sequence_group
+        world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+        if isinstance(img_lens, int):
+            return split_dense(img_lens, world, rank)
+        return split_packed(list(img_lens), world, rank, device=self.device, joint_lengths=list(txt_lens))
 
     def set_attention_backend(self, name: str | None) -> None:
         """Use a new selector ("auto", a backend name, or None) in every attention layer."""
@@ -514,6 +591,27 @@ class FluxTransformer2DModel(nn.Module):
             x = block(x, temb, rotary, layout)
         return layout.split(x, txt.shape[1])[1]
 
+    def _split_blocks(self, split: SequenceSplit, img: Tensor, txt: Tensor, temb: Tensor, rotary: Rotary,
+                      txt_rows: Tensor | None, img_rows: Tensor | None,
+                      interrupt: Callable[[], bool] | None) -> Tensor:
+        """`_blocks` with the image tokens split across the sequence group; returns them whole.
+
+        img `[B or 1, S, dim]` (whole), txt `[B or 1, L, dim]`, rotary `[L + S, D/2]` in the
+        order `cat([txt, img])`, rows `[1, L]` / `[1, S]` (packed) or None (dense). This rank
+        keeps its slice of the image tokens and of their rotary angles and rows (padding zero).
+        """
+        text = txt.shape[1]
+
+        def shard(x: Tensor) -> Tensor:  # `[B or 1, S, ...]` whole -> `[B or 1, local, ...]`
+            return split.shard(x[0])[None] if split.packed else split.shard(x)
+
+        local_rotary = tuple(torch.cat([r[:text], shard(r[None, text:])[0]]) for r in rotary)
+        layout = TokenLayout.parallel(split, text, txt_rows, None if img_rows is None else shard(img_rows))
+        img = self._blocks(shard(img), txt, temb, local_rotary, layout, interrupt)
+        if split.packed:
+            return split.gather(img[0], self._sequence_group)[None]
+        return split.gather(img, self._sequence_group)
+
     def _head(self, img: Tensor, temb: Tensor, rows: Tensor | None) -> Tensor:
         """Output AdaLN (scale before shift, as diffusers' `AdaLayerNormContinuous`) and projection."""
         scale, shift = self.norm_out(temb.to(img.dtype))
@@ -564,7 +662,8 @@ class FluxTransformer2DModel(nn.Module):
         (schnell) -> `(noise_pred [B, S, patch_size**2 * out_channels],)`.
 
         Attention runs dense (`[B, L + S, H, D]`, no metadata). `interrupt`: asked between blocks;
-        True stops the forward with `StepInterrupted`.
+        True stops the forward with `StepInterrupted`. Sequence parallel: the S image tokens are
+        split across the group (the text whole on every rank) and every rank returns the whole output.
         """
         cfg = self.config
         if joint_attention_kwargs:
@@ -590,8 +689,12 @@ class FluxTransformer2DModel(nn.Module):
 
         img, txt, temb = self._embed(hidden_states, encoder_hidden_states, timestep, guidance, pooled_projections)
         rotary = flux_rotary_cos_sin(torch.cat([txt_ids, img_ids]).to(img.device), cfg.axes_dims_rope)
-        layout = TokenLayout()
-        out = self._head(self._blocks(img, txt, temb, rotary, layout, interrupt), temb, None)
+        split = self._sequence_split(tokens)
+        if split is None:
+            img = self._blocks(img, txt, temb, rotary, TokenLayout(), interrupt)
+        else:
+            img = self._split_blocks(split, img, txt, temb, rotary, None, None, interrupt)
+        out = self._head(img, temb, None)
         return FluxTransformerOutput(out) if return_dict else (out,)
 
     @staticmethod
@@ -640,7 +743,8 @@ class FluxTransformer2DModel(nn.Module):
         packed (`[T, H, D]`, cu_seqlens of L_i + S_i) and the conditioning rows reach tokens
         through one per-token index. If all samples share shapes and position ids this is the
         dense `forward` on the stacked batch (same math, the faster layout). `interrupt`: as
-        `forward`'s.
+        `forward`'s. Sequence parallel: each sample's image tokens are split across the group on
+        their own (`split_packed`, its text the joint tokens), so every rank holds a slice of each.
         """
         samples = list(samples)
         if not samples:
@@ -664,10 +768,19 @@ class FluxTransformer2DModel(nn.Module):
 
         txt_lens = [s.text.shape[0] for s in samples]
         img_lens = [s.latents.shape[0] for s in samples]
-        layout = TokenLayout.packed(txt_lens, img_lens, dev)
         img, txt, temb = self._embed(torch.cat([s.latents for s in samples])[None],
                                      torch.cat([s.text for s in samples])[None], timestep, guidance, pooled)
-        ids = torch.cat([ids for s in samples for ids in (s.txt_ids, s.img_ids)]).to(img.device)
-        rotary = flux_rotary_cos_sin(ids, self.config.axes_dims_rope)
-        img = self._blocks(img, txt, temb, rotary, layout, interrupt)
-        return list(self._head(img, temb, layout.img_rows)[0].split(img_lens))
+        split = self._sequence_split(img_lens, txt_lens)
+        if split is None:
+            layout = TokenLayout.packed(txt_lens, img_lens, dev)
+            ids = torch.cat([ids for s in samples for ids in (s.txt_ids, s.img_ids)]).to(img.device)
+            rotary = flux_rotary_cos_sin(ids, self.config.axes_dims_rope)
+            img = self._blocks(img, txt, temb, rotary, layout, interrupt)
+            img_rows = layout.img_rows
+        else:  # all the text (sample by sample), then all the image tokens: the order of cat([txt, img])
+            ids = torch.cat([s.txt_ids for s in samples] + [s.img_ids for s in samples]).to(img.device)
+            rotary = flux_rotary_cos_sin(ids, self.config.axes_dims_rope)
+            img_rows = _sample_rows(img_lens, img.device)
+            img = self._split_blocks(split, img, txt, temb, rotary, _sample_rows(txt_lens, img.device), img_rows,
+                                     interrupt)
+        return list(self._head(img, temb, img_rows)[0].split(img_lens))
