@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.distributed import run_ranks
+
 from ditserve.attention import Attention, AttentionBackendError, AttentionMetadata
 from ditserve.attention.backends.reference import ReferenceBackend, dense_attention_math
 from ditserve.attention.backends.sdpa import SdpaBackend
@@ -173,18 +175,7 @@ def _worker(rank: int, size: int, store_path: str, out_dir: str) -> None:
 
 def _spawn(size: int, tmp: Path) -> list[dict]:
     tmp.mkdir(parents=True)
-    context = torch.multiprocessing.start_processes(
-        _worker, args=(size, str(tmp / "store"), str(tmp)), nprocs=size, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{size} ranks did not finish within {SPAWN_TIMEOUT_S} s (a hang in a collective?)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_ranks(_worker, size, (size, str(tmp / "store"), str(tmp)), SPAWN_TIMEOUT_S)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(size)]
 
 

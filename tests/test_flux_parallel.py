@@ -12,7 +12,6 @@ got; the tests judge those results.
 from __future__ import annotations
 
 import os
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 
 from ditserve.engine.errors import StepInterrupted
 from ditserve.models.flux import FluxSample, FluxTransformer2DModel
+from helpers.distributed import run_ranks
 
 TOL = 1e-5
 SPAWN_TIMEOUT_S = 120
@@ -111,17 +111,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 def _spawn(world: int, tmp: Path) -> list[dict[str, Any]]:
     tmp.mkdir(parents=True)
-    context = torch.multiprocessing.start_processes(_worker, args=(world, str(tmp / "store"), str(tmp)), nprocs=world,
-                                                    join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} ranks did not finish in {SPAWN_TIMEOUT_S} s (a hang in a collective?)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_ranks(_worker, world, (world, str(tmp / "store"), str(tmp)), SPAWN_TIMEOUT_S)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
 
 

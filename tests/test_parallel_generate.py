@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.distributed import run_ranks
+
 REQUEST = dict(prompt="a red ball rolling on the street", negative_prompt="blurry", height=32, width=48,
                num_frames=9, num_inference_steps=3, guidance_scale=5.0, seed=3)  # 18 tokens: 9 per rank
 MIXED = [dict(REQUEST, seed=1), dict(REQUEST, height=16, width=32, num_frames=5, guidance_scale=1.0, seed=2),
@@ -48,21 +50,10 @@ def _worker(rank: int, world: int, samples: int, sequence: int, model: str, stor
         torch.distributed.destroy_process_group()
 
 
-def _spawn(mode: str, model: Path, tmp: Path) -> list[np.ndarray]:
+def _spawn(mode: str, model: Path, tmp: Path) -> list[list[np.ndarray]]:
     world, samples, sequence = MODES[mode]
     tmp.mkdir(parents=True)
-    context = torch.multiprocessing.start_processes(
-        _worker, args=(world, samples, sequence, str(model), str(tmp / "store"), str(tmp)), nprocs=world,
-        join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{mode}: the ranks did not finish in {SPAWN_TIMEOUT_S} s (a hang in a collective?)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_ranks(_worker, world, (world, samples, sequence, str(model), str(tmp / "store"), str(tmp)), SPAWN_TIMEOUT_S)
     return [[np.load(tmp / f"rank{r}.npy"), *(np.load(tmp / f"rank{r}-mixed{i}.npy") for i in range(len(MIXED)))]
             for r in range(world)]
 
