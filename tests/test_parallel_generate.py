@@ -23,12 +23,20 @@ REQUEST = dict(prompt="a red ball rolling on the street", negative_prompt="blurr
                num_frames=9, num_inference_steps=3, guidance_scale=5.0, seed=3)  # 18 tokens: 9 per rank
 MIXED = [dict(REQUEST, seed=1), dict(REQUEST, height=16, width=32, num_frames=5, guidance_scale=1.0, seed=2),
          dict(REQUEST, height=48, width=16, num_frames=1, num_inference_steps=2, seed=4)]  # 18, 4 and 3 tokens
-# world, samples, sequence; the tiny DiT has 2 heads, so 4 sequence ranks pass K/V round a ring instead
-MODES = {"ulysses2": (2, 1, 2), "cfg2": (2, 2, 1), "cfg2xulysses2": (4, 2, 2), "ring4": (4, 1, 4)}
+# FLUX.1 (an image model): its text whole on every rank, its image tokens split; true CFG gives it two samples
+FLUX_REQUEST = dict(prompt="a red ball on the grass", negative_prompt="blurry", height=32, width=48,
+                    num_inference_steps=3, true_cfg_scale=2.0, seed=3)
+FLUX_MIXED = [dict(FLUX_REQUEST, seed=1), dict(FLUX_REQUEST, height=16, width=24, true_cfg_scale=1.0, seed=2),
+              dict(FLUX_REQUEST, height=40, width=16, num_inference_steps=2, seed=4)]
+REQUESTS = {"wan": (REQUEST, MIXED), "flux": (FLUX_REQUEST, FLUX_MIXED)}
+# family, world, samples, sequence; the tiny Wan DiT has 2 heads, so 4 sequence ranks pass K/V round a ring
+MODES = {"ulysses2": ("wan", 2, 1, 2), "cfg2": ("wan", 2, 2, 1), "cfg2xulysses2": ("wan", 4, 2, 2),
+         "ring4": ("wan", 4, 1, 4), "flux-ulysses2": ("flux", 2, 1, 2), "flux-cfg2": ("flux", 2, 2, 1)}
 SPAWN_TIMEOUT_S = 120
 
 
-def _worker(rank: int, world: int, samples: int, sequence: int, model: str, store: str, out: str) -> None:
+def _worker(rank: int, family: str, world: int, samples: int, sequence: int, model: str, store: str,
+            out: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                          timeout=timedelta(seconds=60))
@@ -42,36 +50,44 @@ def _worker(rank: int, world: int, samples: int, sequence: int, model: str, stor
         pipe = ditserve.Pipeline.from_pretrained(model, device="cpu", dtype="fp32")
         pipe.parallelize(sample_group=sample_groups[rank % sequence] if samples > 1 else None,
                          sequence_group=sequence_groups[rank // sequence] if sequence > 1 else None)
-        frames = pipe.generate(**REQUEST).frames
+        request, mixed = REQUESTS[family]
+        frames = pipe.generate(**request).frames
         np.save(os.path.join(out, f"rank{rank}.npy"), frames)
-        for i, result in enumerate(pipe.generate_batch(MIXED)):  # a packed batch: each sample split on its own
+        for i, result in enumerate(pipe.generate_batch(mixed)):  # a packed batch: each sample split on its own
             np.save(os.path.join(out, f"rank{rank}-mixed{i}.npy"), result.frames)
     finally:
         torch.distributed.destroy_process_group()
 
 
 def _spawn(mode: str, model: Path, tmp: Path) -> list[list[np.ndarray]]:
-    world, samples, sequence = MODES[mode]
+    family, world, samples, sequence = MODES[mode]
     tmp.mkdir(parents=True)
-    run_ranks(_worker, world, (world, samples, sequence, str(model), str(tmp / "store"), str(tmp)), SPAWN_TIMEOUT_S)
+    run_ranks(_worker, world, (family, world, samples, sequence, str(model), str(tmp / "store"), str(tmp)),
+              SPAWN_TIMEOUT_S)
     return [[np.load(tmp / f"rank{r}.npy"), *(np.load(tmp / f"rank{r}-mixed{i}.npy") for i in range(len(MIXED)))]
             for r in range(world)]
 
 
 @pytest.fixture(scope="module")
-def alone(tiny_wan_path: Path) -> list[np.ndarray]:
-    """The single-process frames: the request, then each MIXED request alone."""
+def models(tiny_wan_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[np.ndarray]]]:
+    """Per family: its tiny folder and the single-process frames (the request, then each mixed one alone)."""
     import ditserve
+    from helpers.checkpoints import build_tiny_flux_pipeline
 
-    pipe = ditserve.Pipeline.from_pretrained(tiny_wan_path, device="cpu", dtype="fp32")
-    return [pipe.generate(**r).frames for r in (REQUEST, *MIXED)]
+    folders = {"wan": tiny_wan_path, "flux": build_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "pipeline")}
+    out = {}
+    for family, folder in folders.items():
+        pipe = ditserve.Pipeline.from_pretrained(folder, device="cpu", dtype="fp32")
+        request, mixed = REQUESTS[family]
+        out[family] = (folder, [pipe.generate(**r).frames for r in (request, *mixed)])
+    return out
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_several_ranks_make_the_same_video_as_one(mode: str, alone: list[np.ndarray], tiny_wan_path: Path,
-                                                  tmp_path: Path) -> None:
+def test_several_ranks_make_the_same_output_as_one(mode: str, models: dict, tmp_path: Path) -> None:
     """One request, then a batch of three sizes (tokens not divisible by the ranks: padded chunks)."""
-    per_rank = _spawn(mode, tiny_wan_path, tmp_path / mode)
+    folder, alone = models[MODES[mode][0]]
+    per_rank = _spawn(mode, folder, tmp_path / mode)
     for rank, videos in enumerate(per_rank):
         for i, (frames, ref) in enumerate(zip(videos, alone)):
             assert frames.shape == ref.shape, (rank, i)
