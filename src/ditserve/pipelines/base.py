@@ -32,6 +32,7 @@ from ditserve.engine import GenerationOutput, GenerationRequest, InvalidRequest,
 from ditserve.engine.batching import BatchingEngine
 from ditserve.engine.family import CancelToken, Prepared, Sample
 from ditserve.loading import UnknownModelError, read_model_index
+from ditserve.pipelines.errors import PipelineConfigError
 from ditserve.pipelines.registry import family_class_for, folder_request_defaults
 
 __all__ = ["Pipeline"]
@@ -153,6 +154,9 @@ class Pipeline(ABC):
         DiT). Either may be None; their sizes multiply to the ranks used."""
         if sequence_group is not None:
             for module in self.denoisers():
+                if not hasattr(module, "enable_sequence_parallel"):
+                    raise PipelineConfigError(f"{type(module).__name__} cannot split its sequence across ranks "
+                                              "(no enable_sequence_parallel); use sample (CFG) parallelism only")
                 module.enable_sequence_parallel(sequence_group)
         if sample_group is not None:
             from ditserve.engine.parallel import SampleParallel
