@@ -631,3 +631,29 @@ def test_a_step_whose_requests_are_all_cancelled_stops_between_blocks(pipe: WanP
         doomed.result()
     assert kept.result().frames.shape[0] == MIXED[1]["num_frames"]
     assert len(ran) > len(blocks)  # the shared step was not interrupted for the one still wanted
+
+
+def test_an_idle_leader_publishes_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Followers wait in a collective between steps; an idle leader keeps it from timing out."""
+    import ditserve.engine.batching as batching
+
+    published: list[tuple[dict, list]] = []
+
+    class RecordingLeader:
+        def publish(self, active: dict, advancing: list) -> None:
+            published.append((dict(active), list(advancing)))
+
+        def stop(self) -> None:
+            published.append(("stop", []))
+
+    monkeypatch.setattr(batching, "HEARTBEAT_S", 0.05)
+    engine = BatchingEngine(FakeFamily(), leader=RecordingLeader())  # type: ignore[arg-type]
+    engine.start()
+    time.sleep(0.3)
+    future = engine.submit(fake(1, steps=2))
+    future.result(timeout=10)
+    assert engine.stop(timeout=10)
+    beats = [p for p in published if p == ({}, [])]
+    steps = [p for p in published if p[0] not in ({}, "stop")]
+    assert len(beats) >= 2 and len(steps) == 2 and published[-1] == ("stop", [])
+    assert steps[0][1] == steps[1][1] == [steps[0][1][0]]  # one request, advancing at both of its steps

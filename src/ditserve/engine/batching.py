@@ -66,6 +66,10 @@ __all__ = ["BatchingEngine", "EngineClosed", "EngineStats", "StepStats"]
 
 log = logging.getLogger("ditserve.engine")
 
+# An idle leader publishes an empty step this often, so that the followers' collective never waits
+# long enough for a communication timeout (NCCL's watchdog, gloo's timeout).
+HEARTBEAT_S = 60.0
+
 
 @dataclass(frozen=True)
 class StepStats:
@@ -315,10 +319,16 @@ class BatchingEngine:
         """
         while True:
             with self._cond:
+                idle = False
                 while not (self._queue or self._active or self._closed):
-                    self._cond.wait()
-                if self._closed and not (self._queue or self._active):
+                    if not self._cond.wait(timeout=None if self._leader is None else HEARTBEAT_S):
+                        idle = True  # the followers wait in a collective: tell them we are alive
+                        break
+                if not idle and self._closed and not (self._queue or self._active):
                     break
+            if idle:
+                self._leader.publish({}, [])  # type: ignore[union-attr]
+                continue
             try:
                 self.step()
             except Exception:

@@ -113,6 +113,8 @@ class Follower:
             keys = list(plan.joining)
             for key, prepared in zip(keys, self.family.prepare_batch([plan.joining[k] for k in keys])):
                 self.states[key] = _State(prepared, prepared.latents)
+        if not plan.advancing:  # an idle leader's heartbeat
+            return
         steps = [(self.states[k].prepared, self.states[k].latents, self.states[k].step) for k in plan.advancing]
         try:
             stepped = advance(self.family, steps)
