@@ -29,7 +29,7 @@ from ditserve.engine.batching import BatchingEngine, EngineClosed, StepStats
 from ditserve.engine.budget import CPU_MAX_BATCH_TOKENS, block_activation_bytes, default_max_batch_tokens
 from ditserve.engine.decoder import Decoder
 from ditserve.engine.policy import Candidate, select_step
-from ditserve.engine import GenerationCancelled, Param, RequestSpec
+from ditserve.engine import GenerationCancelled, RequestSpec
 from ditserve.engine.family import GuidancePlan, Prepared, Sample
 from ditserve.engine.request import standard_params
 from ditserve.pipelines.wan import WanPipeline

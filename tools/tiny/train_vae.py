@@ -20,7 +20,6 @@ normalisation the DiT is trained on.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 import torch
