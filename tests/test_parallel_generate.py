@@ -198,3 +198,45 @@ def test_a_server_on_two_ranks_serves_what_one_process_makes(tiny_wan_path: Path
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_rank_that_dies_stops_the_server_instead_of_hanging(tiny_wan_path: Path, tmp_path: Path) -> None:
+    """Killing a follower rank (a crashed GPU process) ends the whole command with an error, promptly."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    import psutil  # accelerate's dependency
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    src = Path(__file__).resolve().parent.parent / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ditserve", "serve", "--model", str(tiny_wan_path), "--port", str(port), "--device",
+         "cpu", "--dtype", "fp32", "--output-dir", str(tmp_path / "out"), "--num-gpus", "2", "--log-level", "error"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None, proc.communicate()[0][-3000:]
+                try:
+                    if http.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+        ranks[0].send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        proc.communicate(timeout=90)
+        assert proc.returncode != 0 and time.monotonic() - started < 90  # an error, not a hang
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
