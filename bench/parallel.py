@@ -68,8 +68,10 @@ def worker(args: argparse.Namespace) -> None:
     """One rank of one layout (under torchrun)."""
     from ditserve.distributed import ParallelLayout, build_groups, init_from_environment
 
-    samples, sequence = (int(x) for x in args.layout.split("x"))
-    layout = ParallelLayout(samples, sequence)
+    samples, sequence = args.layout.split("x")
+    ring = sequence.endswith("r")
+    sequence = int(sequence.rstrip("r"))
+    layout = ParallelLayout(int(samples), ulysses=1 if ring else sequence, ring=sequence if ring else 1)
     rank, device = 0, torch.device(args.device)
     if layout.world > 1:
         rank, rank_device = init_from_environment(layout, device.type)
@@ -78,7 +80,8 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.set_device(device)
     pipe = build_pipeline(args.config, device)
     if layout.world > 1:
-        pipe.parallelize(**dict(zip(("sample_group", "sequence_group"), build_groups(layout, rank))))
+        sample_group, sequence_group = build_groups(layout, rank)
+        pipe.parallelize(sample_group=sample_group, sequence_group=sequence_group, ring=layout.ring > 1)
     height, width, frames = (int(x) for x in args.size.split("x"))
     request = dict(prompt="a cat surfing a wave", negative_prompt="blurry", height=height, width=width,
                    num_frames=frames, num_inference_steps=args.steps, guidance_scale=5.0, seed=0)
@@ -100,7 +103,9 @@ def main() -> int:
     parser.add_argument("--config", choices=["tiny", *sorted(WAN_CONFIGS)], default="14b")
     parser.add_argument("--size", default=None, help="HEIGHTxWIDTHxFRAMES (default: the config's published size)")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--layouts", default="1x1,2x1,1x2", help="SAMPLESxSEQUENCE per run; 1x1 is the baseline")
+    parser.add_argument("--layouts", default="1x1,2x1,1x2",
+                        help="SAMPLESxSEQUENCE per run (SEQUENCE by Ulysses; with an 'r', e.g. 1x2r, by ring); "
+                             "the first is the baseline")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--markdown")
     parser.add_argument("--json")
@@ -119,7 +124,7 @@ def main() -> int:
         env["OMP_NUM_THREADS"] = "1"
     layouts = args.layouts.split(",")
     for layout in layouts:
-        ranks = math.prod(int(x) for x in layout.split("x"))
+        ranks = math.prod(int(x.rstrip("r")) for x in layout.split("x"))
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
                    str(_free_port()), __file__, "--worker", "--layout", layout, "--out", str(out),
                    "--config", args.config, "--size", args.size, "--steps", str(args.steps), "--device", args.device]
@@ -132,7 +137,7 @@ def main() -> int:
         timings = json.loads((out / f"{layout}.json").read_text())
         frames = np.load(out / f"{layout}.npy").astype(np.float64)
         mse = float(np.mean((frames - reference) ** 2))
-        rows.append({"layout": layout, "ranks": math.prod(int(x) for x in layout.split("x")),
+        rows.append({"layout": layout, "ranks": math.prod(int(x.rstrip("r")) for x in layout.split("x")),
                      "step_median_s": statistics.median(timings["per_step_s"]), "total_s": timings["total_s"],
                      "psnr_db": math.inf if mse == 0 else 10 * math.log10(1 / mse)})
     step_base = rows[0]["step_median_s"]
@@ -141,7 +146,7 @@ def main() -> int:
         f"#### Wan {args.config} on several ranks, {args.size}, {args.steps} steps, CFG 5.0 — {datetime.date.today()}, "
         f"{device}",
         "",
-        f"Command: `python bench/parallel.py {shown_args()}`. Layout SAMPLESxSEQUENCE: CFG parallelism x Ulysses; "
+        f"Command: `python bench/parallel.py {shown_args()}`. Layout SAMPLESxSEQUENCE: CFG parallelism x Ulysses ('r': ring); "
         f"one torchrun per layout; PSNR of rank 0's frames against layout {base}.",
         "",
         "| layout | ranks | step median (s) | scaling vs {base} | efficiency | total (s) | PSNR vs {base} (dB) |".format(base=base),

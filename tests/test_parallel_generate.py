@@ -29,13 +29,14 @@ FLUX_REQUEST = dict(prompt="a red ball on the grass", negative_prompt="blurry", 
 FLUX_MIXED = [dict(FLUX_REQUEST, seed=1), dict(FLUX_REQUEST, height=16, width=24, true_cfg_scale=1.0, seed=2),
               dict(FLUX_REQUEST, height=40, width=16, num_inference_steps=2, seed=4)]
 REQUESTS = {"wan": (REQUEST, MIXED), "flux": (FLUX_REQUEST, FLUX_MIXED)}
-# family, world, samples, sequence; the tiny Wan DiT has 2 heads, so 4 sequence ranks pass K/V round a ring
-MODES = {"ulysses2": ("wan", 2, 1, 2), "cfg2": ("wan", 2, 2, 1), "cfg2xulysses2": ("wan", 4, 2, 2),
-         "ring4": ("wan", 4, 1, 4), "flux-ulysses2": ("flux", 2, 1, 2), "flux-cfg2": ("flux", 2, 2, 1)}
+# family, world, samples, sequence, ring; the tiny Wan DiT has 2 heads: 4 sequence ranks must use ring
+MODES = {"ulysses2": ("wan", 2, 1, 2, False), "cfg2": ("wan", 2, 2, 1, False), "cfg2xulysses2": ("wan", 4, 2, 2, False),
+         "ring2": ("wan", 2, 1, 2, True), "ring4": ("wan", 4, 1, 4, True), "flux-ulysses2": ("flux", 2, 1, 2, False),
+         "flux-cfg2": ("flux", 2, 2, 1, False)}
 SPAWN_TIMEOUT_S = 120
 
 
-def _worker(rank: int, family: str, world: int, samples: int, sequence: int, model: str, store: str,
+def _worker(rank: int, family: str, world: int, samples: int, sequence: int, ring: bool, model: str, store: str,
             out: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
@@ -49,7 +50,7 @@ def _worker(rank: int, family: str, world: int, samples: int, sequence: int, mod
         sample_groups = [torch.distributed.new_group(list(range(q, world, sequence))) for q in range(sequence)]
         pipe = ditserve.Pipeline.from_pretrained(model, device="cpu", dtype="fp32")
         pipe.parallelize(sample_group=sample_groups[rank % sequence] if samples > 1 else None,
-                         sequence_group=sequence_groups[rank // sequence] if sequence > 1 else None)
+                         sequence_group=sequence_groups[rank // sequence] if sequence > 1 else None, ring=ring)
         request, mixed = REQUESTS[family]
         frames = pipe.generate(**request).frames
         np.save(os.path.join(out, f"rank{rank}.npy"), frames)
@@ -60,9 +61,9 @@ def _worker(rank: int, family: str, world: int, samples: int, sequence: int, mod
 
 
 def _spawn(mode: str, model: Path, tmp: Path) -> list[list[np.ndarray]]:
-    family, world, samples, sequence = MODES[mode]
+    family, world, samples, sequence, ring = MODES[mode]
     tmp.mkdir(parents=True)
-    run_ranks(_worker, world, (family, world, samples, sequence, str(model), str(tmp / "store"), str(tmp)),
+    run_ranks(_worker, world, (family, world, samples, sequence, ring, str(model), str(tmp / "store"), str(tmp)),
               SPAWN_TIMEOUT_S)
     return [[np.load(tmp / f"rank{r}.npy"), *(np.load(tmp / f"rank{r}-mixed{i}.npy") for i in range(len(MIXED)))]
             for r in range(world)]
@@ -131,7 +132,11 @@ def test_ditserve_generate_under_torchrun(tiny_wan_path: Path, tmp_path: Path,
     three = np.asarray(Image.open(tmp_path / "three.png"), dtype=np.int16)
     assert np.abs(one - three).max() <= 1
     assert cli.main(["generate", *flags, "--num-gpus", "4", "--cfg-parallel", "3", "--output", str(tmp_path / "y.png")]) == 2
-    assert "--cfg-parallel 3 x --sequence-parallel ? must equal --num-gpus 4" in capsys.readouterr().err
+    assert "--cfg-parallel 3 x --ulysses-degree 1 x --ring-degree 1 = 3 does not divide --num-gpus 4" in \
+        capsys.readouterr().err
+    assert cli.main(["generate", *flags, "--num-gpus", "4", "--ulysses-degree", "2", "--ring-degree", "2",
+                     "--output", str(tmp_path / "y.png")]) == 2
+    assert "--ulysses-degree and --ring-degree together (a hybrid) are not supported yet" in capsys.readouterr().err
     assert cli.main(["generate", *flags, "--cfg-parallel", "2", "--output", str(tmp_path / "x.png")]) == 2
     assert "start with `torchrun --nproc_per_node 2 -m ditserve ...`" in capsys.readouterr().err
 

@@ -205,9 +205,9 @@ def _run_generate(args: argparse.Namespace) -> str:
     from ditserve.distributed import ParallelLayout, build_groups, init_from_environment
 
     try:
-        layout = ParallelLayout(samples=args.cfg_parallel, sequence=args.sequence_parallel)
+        layout = ParallelLayout(samples=args.cfg_parallel, ulysses=args.ulysses_degree, ring=args.ring_degree)
     except ValueError as e:
-        raise _UsageError(f"argument --cfg-parallel / --sequence-parallel: {e}") from None
+        raise _UsageError(str(e)) from None
     rank = 0
     if layout.world > 1:
         device_type = (args.device or ("cuda" if _cuda_available() else "cpu")).split(":")[0]
@@ -223,7 +223,10 @@ def _run_generate(args: argparse.Namespace) -> str:
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=backend, compile=args.compile)
     if layout.world > 1:
         sample_group, sequence_group = build_groups(layout, rank)
-        pipe.parallelize(sample_group=sample_group, sequence_group=sequence_group)
+        try:
+            pipe.parallelize(sample_group=sample_group, sequence_group=sequence_group, ring=layout.ring > 1)
+        except ValueError as e:
+            raise _UsageError(str(e)) from None
     load_s = time.perf_counter() - start
     with tqdm(total=request.num_inference_steps, desc="denoising", unit="step", disable=args.quiet or rank != 0) as bar:
 
@@ -292,13 +295,18 @@ def _add_generate(sub: argparse._SubParsersAction, spec: Any) -> None:
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     gen.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     gen.add_argument("--num-gpus", type=int, default=1,
-                     help="ranks to run on (GPUs; with --device cpu, gloo processes): started here, no torchrun "
-                          "needed; split as --cfg-parallel x --sequence-parallel (default: all sequence parallel)")
+                     help="ranks to run on (GPUs; with --device cpu, gloo processes), started here (no torchrun "
+                          "needed); split as --cfg-parallel x --ulysses-degree x --ring-degree "
+                          "(default: the ranks CFG parallelism leaves split the tokens, by Ulysses when the heads "
+                          "divide by them, else by ring)")
     gen.add_argument("--cfg-parallel", type=int, default=1,
-                     help="ranks dividing each step's samples: 2 puts cond and uncond on two GPUs (under torchrun)")
-    gen.add_argument("--sequence-parallel", type=int, default=1,
-                     help="ranks dividing each forward's tokens (Ulysses; the heads must divide by it). Start "
-                          "cfg x sequence ranks with `torchrun --nproc_per_node N -m ditserve generate ...`")
+                     help="ranks dividing each step's samples: 2 puts a request's cond and uncond on two GPUs")
+    gen.add_argument("--ulysses-degree", type=int, default=1,
+                     help="ranks dividing each forward's tokens by an all-to-all over heads (the heads must divide "
+                          "by it)")
+    gen.add_argument("--ring-degree", type=int, default=1,
+                     help="ranks dividing each forward's tokens by passing K/V round them (any head count; not "
+                          "with --ulysses-degree)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the DiT blocks: ~1.3x faster steps on an H100 after a one-off compile (~1 min)")
@@ -378,7 +386,7 @@ def _serve(args: argparse.Namespace) -> int:
                                   keep_alive_timeout_s=args.keep_alive_timeout)
         from ditserve.distributed import ParallelLayout
 
-        layout = ParallelLayout(samples=args.cfg_parallel, sequence=args.sequence_parallel)
+        layout = ParallelLayout(samples=args.cfg_parallel, ulysses=args.ulysses_degree, ring=args.ring_degree)
     except (ValueError, _UsageError) as e:
         print(f"ditserve serve: error: {e}", file=sys.stderr)
         return 2
@@ -408,14 +416,18 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                      help="most jobs admitted to the batch at once; 1 runs one job at a time, each to its end "
                           "(default: no limit; steps are bounded by --max-batch-tokens)")
     srv.add_argument("--num-gpus", type=int, default=1,
-                     help="ranks to serve on (GPUs; with --device cpu, gloo processes), started here; rank 0 "
-                          "serves HTTP; split as --cfg-parallel x --sequence-parallel (default: all sequence parallel)")
+                     help="ranks to run on (GPUs; with --device cpu, gloo processes), started here (no torchrun "
+                          "needed); rank 0 serves HTTP; split as --cfg-parallel x --ulysses-degree x --ring-degree "
+                          "(default: the ranks CFG parallelism leaves split the tokens, by Ulysses when the heads "
+                          "divide by them, else by ring)")
     srv.add_argument("--cfg-parallel", type=int, default=1,
-                     help="ranks dividing each step's samples (CFG parallelism; under torchrun, see --sequence-parallel)")
-    srv.add_argument("--sequence-parallel", type=int, default=1,
-                     help="ranks dividing each forward's tokens (Ulysses). With cfg x sequence > 1, start the server "
-                          "with `torchrun --nproc_per_node N -m ditserve serve ...`: rank 0 serves HTTP and leads every "
-                          "step, the other ranks follow it")
+                     help="ranks dividing each step's samples: 2 puts a request's cond and uncond on two GPUs")
+    srv.add_argument("--ulysses-degree", type=int, default=1,
+                     help="ranks dividing each forward's tokens by an all-to-all over heads (the heads must divide "
+                          "by it)")
+    srv.add_argument("--ring-degree", type=int, default=1,
+                     help="ranks dividing each forward's tokens by passing K/V round them (any head count; not "
+                          "with --ulysses-degree)")
     srv.add_argument("--max-steps", type=int, default=None,
                      help="most denoising steps a request may ask for (default: the model's limit, its scheduler's "
                           "training steps, 1000 for Wan)")
@@ -628,24 +640,37 @@ def _without_num_gpus(argv: list[str]) -> list[str]:
     return out
 
 
+def _transformer_heads(model: str | None) -> int | None:
+    """The DiT's attention heads from the folder's transformer/config.json (for the default split), if readable."""
+    import json
+    from pathlib import Path
+
+    path = model or default_model_path()
+    try:
+        return int(json.loads((Path(path) / "transformer" / "config.json").read_text())["num_attention_heads"])
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+
+
 def _launch_ranks(argv: list[str], args: argparse.Namespace) -> int:
     """`--num-gpus N` > 1 outside torchrun: start the N ranks of this same command and wait for them."""
     from ditserve.distributed import default_layout, launch
 
-    command = args.command
-    cfg = args.cfg_parallel if args.cfg_parallel != 1 else None
-    sequence = args.sequence_parallel if args.sequence_parallel != 1 else None
+    def given(value: int) -> int | None:
+        return value if value != 1 else None
+
     try:
-        layout = default_layout(args.num_gpus, cfg, sequence)
+        layout = default_layout(args.num_gpus, given(args.cfg_parallel), given(args.ulysses_degree),
+                                given(args.ring_degree), _transformer_heads(args.model))
         device_type = (args.device or ("cuda" if _cuda_available() else "cpu")).split(":")[0]
         rest = _without_num_gpus(argv)
-        for flag in ("--cfg-parallel", "--sequence-parallel"):  # the launcher passes the layout it chose
+        for flag in ("--cfg-parallel", "--ulysses-degree", "--ring-degree"):  # the launcher passes its layout
             while flag in rest:
                 i = rest.index(flag)
                 del rest[i:i + 2]
         return launch(rest, layout, device_type)
     except ValueError as e:
-        print(f"ditserve {command}: error: {e}", file=sys.stderr)
+        print(f"ditserve {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

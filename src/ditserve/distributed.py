@@ -7,7 +7,7 @@ whole multi-rank path is tested on machines without GPUs.
 Under `torchrun --nproc_per_node N`, each process reads its rank from the environment, joins the
 default group (NCCL on CUDA, gloo on the CPU) and takes GPU `LOCAL_RANK`. The N ranks form a grid
 of `samples x sequence`: ranks `s * sequence ... (s + 1) * sequence - 1` share one sequence group
-(Ulysses inside the DiT), and ranks with the same position in their sequence group share one
+(Ulysses or ring inside the DiT), and ranks with the same position in their sequence group share one
 sample group (CFG parallelism). Every rank runs the same generation; rank 0 writes the result.
 """
 
@@ -26,20 +26,33 @@ __all__ = ["ParallelLayout", "build_groups", "default_layout", "init_from_enviro
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """How many ranks divide each step's samples (CFG parallelism) and each forward's tokens (Ulysses)."""
+    """How many ranks divide each step's samples (CFG parallelism) and each forward's tokens: Ulysses
+    (an all-to-all over heads; the heads must divide by its degree) or ring (K/V passed round the
+    ranks; any head count). One of the two sequence kinds at a time."""
 
     samples: int = 1
-    sequence: int = 1
+    ulysses: int = 1
+    ring: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("samples", "sequence"):
+        for name, flag in (("samples", "--cfg-parallel"), ("ulysses", "--ulysses-degree"), ("ring", "--ring-degree")):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} parallel degree must be an int >= 1, got {value!r}")
+                raise ValueError(f"{flag} must be an int >= 1, got {value!r}")
+        if self.ulysses > 1 and self.ring > 1:
+            raise ValueError("--ulysses-degree and --ring-degree together (a hybrid) are not supported yet; give one")
+
+    @property
+    def sequence(self) -> int:
+        return self.ulysses * self.ring
 
     @property
     def world(self) -> int:
         return self.samples * self.sequence
+
+    def flags(self) -> list[str]:
+        return ["--cfg-parallel", str(self.samples), "--ulysses-degree", str(self.ulysses), "--ring-degree",
+                str(self.ring)]
 
 
 def init_from_environment(layout: ParallelLayout, device_type: str) -> tuple[int, torch.device | None]:
@@ -52,8 +65,8 @@ def init_from_environment(layout: ParallelLayout, device_type: str) -> tuple[int
                          "-m ditserve ...`")
     world = int(os.environ["WORLD_SIZE"])
     if world != layout.world:
-        raise ValueError(f"--cfg-parallel {layout.samples} x --sequence-parallel {layout.sequence} = {layout.world} "
-                         f"ranks, but torchrun started {world}")
+        raise ValueError(f"--cfg-parallel {layout.samples} x --ulysses-degree {layout.ulysses} x --ring-degree "
+                         f"{layout.ring} = {layout.world} ranks, but torchrun started {world}")
     device = None
     if device_type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -73,17 +86,29 @@ def build_groups(layout: ParallelLayout, rank: int) -> tuple[Any, Any]:
             sequence_groups[rank // layout.sequence] if layout.sequence > 1 else None)
 
 
-def default_layout(num_gpus: int, samples: int | None, sequence: int | None) -> ParallelLayout:
-    """The split of `num_gpus` ranks: what the user gave, the rest filled in (sequence parallelism takes
-    what CFG parallelism leaves); a clear error when the degrees do not multiply to `num_gpus`."""
+def default_layout(num_gpus: int, samples: int | None, ulysses: int | None, ring: int | None,
+                   heads: int | None) -> ParallelLayout:
+    """The split of `num_gpus` ranks: what the user gave, the rest filled in: the ranks CFG parallelism
+    leaves split the tokens, by Ulysses when the model's `heads` divide by them, else by ring. A clear
+    error when the degrees cannot multiply to `num_gpus`."""
     if num_gpus < 1:
         raise ValueError(f"--num-gpus must be >= 1, got {num_gpus}")
-    samples = samples or (num_gpus // sequence if sequence and num_gpus % sequence == 0 else 1)
-    sequence = sequence or (num_gpus // samples if num_gpus % samples == 0 else 0)
-    if samples * sequence != num_gpus:
-        raise ValueError(f"--cfg-parallel {samples} x --sequence-parallel {sequence or '?'} must equal --num-gpus "
-                         f"{num_gpus}")
-    return ParallelLayout(samples, sequence)
+    given = (samples or 1) * (ulysses or 1) * (ring or 1)
+    if num_gpus % given:
+        raise ValueError(f"--cfg-parallel {samples or 1} x --ulysses-degree {ulysses or 1} x --ring-degree "
+                         f"{ring or 1} = {given} does not divide --num-gpus {num_gpus}")
+    rest = num_gpus // given
+    if rest > 1:
+        if ulysses or ring:
+            if samples:
+                raise ValueError(f"--cfg-parallel x --ulysses-degree x --ring-degree = {given} must equal "
+                                 f"--num-gpus {num_gpus}")
+            samples = rest
+        elif heads is None or heads % rest == 0:
+            ulysses = rest
+        else:
+            ring = rest
+    return ParallelLayout(samples or 1, ulysses or 1, ring or 1)
 
 
 def launch(argv: list[str], layout: ParallelLayout, device_type: str) -> int:
@@ -102,8 +127,7 @@ def launch(argv: list[str], layout: ParallelLayout, device_type: str) -> int:
     if device_type == "cpu":
         env.setdefault("OMP_NUM_THREADS", "1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(layout.world),
-               "--master_port", str(port), "-m", "ditserve", *argv, "--cfg-parallel", str(layout.samples),
-               "--sequence-parallel", str(layout.sequence)]
+               "--master_port", str(port), "-m", "ditserve", *argv, *layout.flags()]
     ranks = subprocess.Popen(command, env=env)
 
     def stop(signum: int, frame: Any) -> None:  # rank 0 shuts down cleanly and the others end with it

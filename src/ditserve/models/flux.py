@@ -510,7 +510,8 @@ class FluxTransformer2DModel(nn.Module):
 
     # -- configuration of attention ------------------------------------------------------
 
-    def enable_sequence_parallel(self, group: torch.distributed.ProcessGroup | None = None) -> None:
+    def enable_sequence_parallel(self, group: torch.distributed.ProcessGroup | None = None, *,
+                                 ring: bool = False) -> None:
         """Split each sample's image tokens across the ranks of `group` (None: the default group).
 
         Text tokens stay whole on every rank (the joint tokens of Ulysses' `forward_joint`), image
@@ -519,6 +520,8 @@ class FluxTransformer2DModel(nn.Module):
         inputs; each returns the whole output. Ulysses gives each rank a share of the heads, so
         the head count must be divisible by the group size (checked here, before any forward).
         """
+        if ring:
+            raise ValueError("ring attention is not wired into the Flux DiT yet: use --ulysses-degree")
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
             raise RuntimeError("enable_sequence_parallel needs torch.distributed initialised "
                                "(torch.distributed.init_process_group) on every rank first")

@@ -475,19 +475,20 @@ class WanTransformer3DModel(nn.Module):
 
     # -- configuration of attention ------------------------------------------------------
 
-    def enable_sequence_parallel(self, group: torch.distributed.ProcessGroup | None = None) -> None:
-        """Split each forward's tokens across the ranks of `group` (Ulysses: an all-to-all over heads
-        in self-attention; cross-attention needs none, its text is whole on every rank). Every rank
-        runs the same forward on the same inputs and returns the whole output, dense or packed (each
-        sample of a packed batch split across the ranks). Ulysses needs the heads to divide by the
-        group's size; otherwise K/V go round a ring (`RingAttention`, any head count, a backend
-        that returns the log-sum-exp)."""
-        self._sequence_group = group
+    def enable_sequence_parallel(self, group: torch.distributed.ProcessGroup | None = None, *,
+                                 ring: bool = False) -> None:
+        """Split each forward's tokens across the ranks of `group` (cross-attention needs no exchange:
+        its text is whole on every rank). Every rank runs the same forward on the same inputs and
+        returns the whole output, dense or packed (each sample of a packed batch split across the
+        ranks). Self-attention: Ulysses (an all-to-all over heads, which must divide by the group's
+        size), or with `ring` K/V passed round the ranks (any head count; a backend that returns the
+        log-sum-exp)."""
         ranks = torch.distributed.get_world_size(group)
-        ring = self.config.num_attention_heads % ranks != 0
-        if ring:
-            logger.warning("%d heads do not divide by %d ranks: ring attention (K/V passed round the ranks) instead of "
-                        "Ulysses", self.config.num_attention_heads, ranks)
+        heads = self.config.num_attention_heads
+        if not ring and heads % ranks:
+            raise ValueError(f"{heads} attention heads do not divide by {ranks} Ulysses ranks: use --ring-degree "
+                             f"{ranks}, or a Ulysses degree that divides {heads}")
+        self._sequence_group = group
         for block in self.blocks:
             block.attn1.sequence_parallel = (RingAttention(None, group) if ring
                                              else UlyssesAttention(block.attn1.attention, group))
