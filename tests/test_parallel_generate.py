@@ -137,6 +137,9 @@ def test_ditserve_generate_under_torchrun(tiny_wan_path: Path, tmp_path: Path,
     assert cli.main(["generate", *flags, "--num-gpus", "4", "--ulysses-degree", "2", "--ring-degree", "2",
                      "--output", str(tmp_path / "y.png")]) == 2
     assert "--ulysses-degree and --ring-degree together (a hybrid) are not supported yet" in capsys.readouterr().err
+    assert cli.main(["generate", *flags, "--num-gpus", "4", "--ulysses-degree", "4", "--output",
+                     str(tmp_path / "y.png")]) == 2  # the tiny DiT has 2 heads
+    assert "2 attention heads do not divide by --ulysses-degree 4: use --ring-degree 4" in capsys.readouterr().err
     assert cli.main(["generate", *flags, "--cfg-parallel", "2", "--output", str(tmp_path / "x.png")]) == 2
     assert "start with `torchrun --nproc_per_node 2 -m ditserve ...`" in capsys.readouterr().err
 

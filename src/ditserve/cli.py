@@ -660,8 +660,13 @@ def _launch_ranks(argv: list[str], args: argparse.Namespace) -> int:
         return value if value != 1 else None
 
     try:
+        heads = _transformer_heads(args.model)
         layout = default_layout(args.num_gpus, given(args.cfg_parallel), given(args.ulysses_degree),
-                                given(args.ring_degree), _transformer_heads(args.model))
+                                given(args.ring_degree), heads)
+        if heads is not None and heads % layout.ulysses:  # refused before any rank starts
+            raise ValueError(f"the model's {heads} attention heads do not divide by --ulysses-degree "
+                             f"{layout.ulysses}: use --ring-degree {layout.ulysses}, or a Ulysses degree dividing "
+                             f"{heads}")
         device_type = (args.device or ("cuda" if _cuda_available() else "cpu")).split(":")[0]
         rest = _without_num_gpus(argv)
         for flag in ("--cfg-parallel", "--ulysses-degree", "--ring-degree"):  # the launcher passes its layout
