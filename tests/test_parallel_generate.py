@@ -248,3 +248,30 @@ def test_a_rank_that_dies_stops_the_server_instead_of_hanging(tiny_wan_path: Pat
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("split", [["--ulysses-degree", "2"], ["--cfg-parallel", "2"], ["--ring-degree", "2"]],
+                         ids=["ulysses", "cfg", "ring"])
+def test_gpu_two_ranks_over_nccl_match_one(split: list[str], tiny_wan_path: Path, tmp_path: Path) -> None:
+    """`ditserve generate --num-gpus 2` on two GPUs (NCCL, bf16) against one GPU: PSNR >= 40 dB."""
+    import math
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    src = Path(__file__).resolve().parent.parent / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    flags = ["--model", str(tiny_wan_path), "--prompt", REQUEST["prompt"], "--negative-prompt", "blurry",
+             "--height", "64", "--width", "96", "--num-frames", "9", "--steps", "4", "--guidance-scale", "5",
+             "--seed", "3", "--quiet"]
+    outs = {}
+    for name, extra in (("one", []), ("two", ["--num-gpus", "2", *split])):
+        done = subprocess.run([sys.executable, "-m", "ditserve", "generate", *flags, *extra, "--output",
+                               str(tmp_path / f"{name}.png")], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outs[name] = np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.float64) / 255
+    mse = float(np.mean((outs["one"] - outs["two"]) ** 2))
+    assert mse == 0 or 10 * math.log10(1 / mse) >= 40.0
