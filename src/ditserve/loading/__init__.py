@@ -2,7 +2,7 @@
 
 from .component import load_component
 from .errors import PipelineFolderError, UnknownModelError, WeightLoadError
-from .folder import component_path, declared_components, read_config, read_model_index
+from .folder import check_components, component_path, declared_class, declared_components, read_config, read_model_index
 from .meta import instantiate_on_meta
 from .weights import Checkpoint, find_checkpoint, load_weights
 
@@ -11,7 +11,9 @@ __all__ = [
     "PipelineFolderError",
     "UnknownModelError",
     "WeightLoadError",
+    "check_components",
     "component_path",
+    "declared_class",
     "declared_components",
     "find_checkpoint",
     "instantiate_on_meta",

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineFolderError
+from .errors import PipelineFolderError, UnknownModelError
 
-__all__ = ["read_model_index", "component_path", "read_config", "declared_components"]
+__all__ = ["check_components", "component_path", "declared_class", "declared_components", "read_config",
+           "read_model_index"]
 
 MODEL_INDEX = "model_index.json"
 _WHAT_A_FOLDER_HOLDS = (
@@ -61,6 +62,21 @@ def declared_components(model_index: Mapping[str, Any]) -> list[str]:
         for k, v in model_index.items()
         if not k.startswith("_") and isinstance(v, (list, tuple)) and len(v) == 2 and v[1] is not None
     )
+
+
+def declared_class(entry: Any) -> Any:
+    """model_index.json's `["library", "Class"]` -> "Class" (None for an absent component)."""
+    if isinstance(entry, list | tuple):
+        return entry[1] if len(entry) == 2 else None
+    return entry
+
+
+def check_components(root: Path, model_index: Mapping[str, Any], expected: Mapping[str, str], pipeline: str) -> None:
+    """Refuse a folder whose components are not the classes `pipeline` builds, before anything loads."""
+    for name, cls in expected.items():
+        declared = declared_class(model_index.get(name))
+        if declared != cls:
+            raise UnknownModelError(f"{root / MODEL_INDEX}: component {name!r} is {declared!r}; {pipeline} needs {cls!r}")
 
 
 def component_path(root: str | Path, name: str) -> Path:

@@ -29,12 +29,12 @@ from ditserve.engine import GenerationRequest, RequestSpec
 from ditserve.engine.budget import block_activation_bytes, default_max_batch_tokens
 from ditserve.engine.family import GuidancePlan, Prepared, Sample
 from ditserve.engine.request import Param, standard_params
-from ditserve.loading import UnknownModelError, component_path, load_component, read_config
+from ditserve.loading import check_components, component_path, load_component, read_config
 from ditserve.models.flux import FluxSample, FluxTransformer2DModel
 from ditserve.pipelines.base import Pipeline
 from ditserve.pipelines.errors import PipelineConfigError
 from ditserve.pipelines.latents import seeded_noise
-from ditserve.pipelines.options import resolve_load_options
+from ditserve.pipelines.options import resolve_load_options, transformers_dtype_kwargs
 from ditserve.pipelines.schedulers import scheduler_factory
 
 __all__ = ["FluxPipeline"]
@@ -55,20 +55,6 @@ _DEFAULTS = {
     "dev": dict(num_inference_steps=28, guidance_scale=3.5, t5_tokens=512),
     "schnell": dict(num_inference_steps=4, guidance_scale=0.0, t5_tokens=256),
 }
-
-
-def _declared(entry: Any) -> Any:
-    if isinstance(entry, list | tuple):
-        return entry[1] if len(entry) == 2 else None
-    return entry
-
-
-def _check_model_index(root: Path, index: Mapping[str, Any]) -> None:
-    source = root / "model_index.json"
-    for name, cls in _EXPECTED_COMPONENTS.items():
-        declared = _declared(index.get(name))
-        if declared != cls:
-            raise UnknownModelError(f"{source}: component {name!r} is {declared!r}; FluxPipeline needs {cls!r}")
 
 
 def _vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
@@ -95,15 +81,6 @@ def _request_spec(variant: str, vae_scale: int, num_train_timesteps: int) -> Req
 
 def _variant(transformer_config: Mapping[str, Any]) -> str:
     return "dev" if transformer_config.get("guidance_embeds", False) else "schnell"
-
-
-def _from_pretrained_kwargs(dtype: torch.dtype) -> dict[str, Any]:
-    """transformers renamed `torch_dtype` to `dtype` in 4.56."""
-    import transformers
-    from packaging.version import Version
-
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return {key: dtype}
 
 
 def calculate_shift(image_tokens: int, scheduler_config: Mapping[str, Any]) -> float:
@@ -179,7 +156,7 @@ class FluxPipeline(Pipeline):
 
     @classmethod
     def read_request_spec(cls, root: Path, model_index: Mapping[str, Any]) -> RequestSpec:
-        _check_model_index(root, model_index)
+        check_components(root, model_index, _EXPECTED_COMPONENTS, "FluxPipeline")
         transformer = read_config(component_path(root, "transformer"))
         vae = read_config(component_path(root, "vae"))
         scheduler = read_config(component_path(root, "scheduler"), "scheduler_config.json")
@@ -195,14 +172,14 @@ class FluxPipeline(Pipeline):
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
         device, dtype, backend = resolve_load_options(device, dtype, attention_backend)
-        _check_model_index(root, model_index)
+        check_components(root, model_index, _EXPECTED_COMPONENTS, "FluxPipeline")
         scheduler_dir = component_path(root, "scheduler")
         new_scheduler = scheduler_factory(read_config(scheduler_dir, "scheduler_config.json"),
                                           source=scheduler_dir / "scheduler_config.json")
         transformer = load_component(
             root, "transformer", lambda config: FluxTransformer2DModel.from_config(config, attention_backend=backend),
             device=device, dtype=dtype, keep_float32=FluxTransformer2DModel._keep_in_fp32_modules)
-        kwargs = _from_pretrained_kwargs(dtype)
+        kwargs = transformers_dtype_kwargs(dtype)
         text_encoder = CLIPTextModel.from_pretrained(component_path(root, "text_encoder"), **kwargs).to(device).eval()
         text_encoder_2 = T5EncoderModel.from_pretrained(component_path(root, "text_encoder_2"), **kwargs).to(device).eval()
         tokenizer = CLIPTokenizer.from_pretrained(component_path(root, "tokenizer"))

@@ -9,7 +9,7 @@ import torch
 
 from ditserve.pipelines.errors import PipelineConfigError
 
-__all__ = ["DTYPE_NAMES", "resolve_device", "resolve_dtype", "resolve_load_options"]
+__all__ = ["DTYPE_NAMES", "resolve_device", "resolve_dtype", "resolve_load_options", "transformers_dtype_kwargs"]
 
 DTYPE_NAMES: Mapping[str, torch.dtype] = MappingProxyType(
     {
@@ -66,3 +66,12 @@ def resolve_load_options(device: str | torch.device | None, dtype: str | torch.d
     except ValueError as e:
         raise PipelineConfigError(str(e)) from None
     return resolved_device, resolved_dtype, backend
+
+
+def transformers_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """`from_pretrained`'s dtype argument for transformers models: renamed `torch_dtype` -> `dtype` in 4.56."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: dtype}

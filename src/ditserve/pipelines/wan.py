@@ -38,12 +38,12 @@ from ditserve.engine import GenerationRequest, RequestSpec
 from ditserve.engine.budget import block_activation_bytes, default_max_batch_tokens
 from ditserve.engine.family import GuidancePlan, Prepared, Sample
 from ditserve.engine.request import standard_params, Param
-from ditserve.loading import UnknownModelError, component_path, load_component, read_config
+from ditserve.loading import UnknownModelError, check_components, component_path, declared_class, load_component, read_config
 from ditserve.models.wan import WanTransformer3DModel
 from ditserve.pipelines.base import Pipeline
 from ditserve.pipelines.errors import PipelineConfigError
 from ditserve.pipelines.latents import seeded_noise, video_latent_shape
-from ditserve.pipelines.options import resolve_load_options
+from ditserve.pipelines.options import resolve_load_options, transformers_dtype_kwargs
 from ditserve.pipelines.schedulers import scheduler_factory
 from ditserve.pipelines.text import encode_prompts
 
@@ -84,24 +84,14 @@ _A14B_GUIDANCE_2 = 3.0
 EXPERT_HEADROOM_FRACTION = 0.25
 
 
-def _declared(entry: Any) -> Any:
-    """model_index.json's `["library", "Class"]` -> "Class" (None for an absent component)."""
-    if isinstance(entry, list | tuple):
-        return entry[1] if len(entry) == 2 else None
-    return entry
-
-
 def _variant(root: Path, index: Mapping[str, Any]) -> _Variant:
     """Refuse Wan folders this pipeline does not run, before loading anything."""
     source = root / "model_index.json"
-    for name, cls in _EXPECTED_COMPONENTS.items():
-        declared = _declared(index.get(name))
-        if declared != cls:
-            raise UnknownModelError(f"{source}: component {name!r} is {declared!r}; WanPipeline needs {cls!r}")
-    if _declared(index.get("image_encoder")) is not None:
+    check_components(root, index, _EXPECTED_COMPONENTS, "WanPipeline")
+    if declared_class(index.get("image_encoder")) is not None:
         raise UnknownModelError(f"{source}: Wan2.1 image-to-video (image_encoder) is not supported; "
                                 "supported: Wan2.1 T2V, Wan2.2 T2V-A14B and TI2V-5B")
-    second = _declared(index.get("transformer_2"))
+    second = declared_class(index.get("transformer_2"))
     ratio = index.get("boundary_ratio")
     if (second is None) != (ratio is None):
         raise UnknownModelError(f"{source}: transformer_2 and boundary_ratio come together (Wan2.2-A14B); "
@@ -148,15 +138,6 @@ class _Experts:
     def order(self, wanted: set[int]) -> list[int]:
         """Experts a step needs, the resident one first (so a mixed step swaps once, not twice)."""
         return sorted(wanted, key=lambda i: (i != self.resident, i))
-
-
-def _from_pretrained_kwargs(dtype: torch.dtype) -> dict[str, Any]:
-    """transformers renamed `torch_dtype` to `dtype` in 4.56."""
-    import transformers
-    from packaging.version import Version
-
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return {key: dtype}
 
 
 def _request_spec(variant: _Variant, patch_size: tuple[int, ...], rope_max_seq_len: int, spatial: int, temporal: int,
@@ -329,7 +310,7 @@ class WanPipeline(Pipeline):
             ))
         tokenizer = AutoTokenizer.from_pretrained(component_path(root, "tokenizer"))
         text_encoder = UMT5EncoderModel.from_pretrained(
-            component_path(root, "text_encoder"), **_from_pretrained_kwargs(dtype)
+            component_path(root, "text_encoder"), **transformers_dtype_kwargs(dtype)
         ).to(device).eval()
         vae = AutoencoderKLWan.from_pretrained(component_path(root, "vae"), torch_dtype=VAE_DTYPE).to(device).eval()
         return cls(transformers=transformers, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
