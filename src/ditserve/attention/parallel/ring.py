@@ -20,21 +20,18 @@ joint query is computed once per chunk, and every rank ends with the same bits.
 from __future__ import annotations
 
 import torch
-from torch import nn
-from torch.distributed import ProcessGroup
 
 from ditserve.attention.backends import AttentionBackend, describe_call
-from ditserve.attention.layer import Attention
 from ditserve.attention.metadata import AttentionMetadata
-from ditserve.attention.parallel.agreement import AgreedBackends
 from ditserve.attention.parallel.comm import all_gather_stacked, group_rank_and_size, start_ring_pass
 from ditserve.attention.parallel.partials import BlockPlan, PartialSum, attend_block
 from ditserve.attention.parallel.split import SequenceSplit, resolve_split
+from ditserve.attention.parallel.wrapper import SequenceParallelAttention
 
 __all__ = ["RingAttention"]
 
 
-class RingAttention(nn.Module):
+class RingAttention(SequenceParallelAttention):
     """Attention over a sequence split across the ranks of `group`, by passing K/V round a ring.
 
     `inner`: an `Attention` (its selector chooses, on group rank 0, among backends that return
@@ -43,35 +40,7 @@ class RingAttention(nn.Module):
     `UlyssesAttention`: each rank's local slice and the `SequenceSplit` describing it.
     """
 
-    def __init__(
-        self, inner: Attention | AttentionBackend | str | None = None, group: ProcessGroup | None = None, *, scale: float | None = None
-    ) -> None:
-        super().__init__()
-        self.inner = inner if isinstance(inner, Attention) else None
-        self.group = group
-        self.scale = scale if scale is not None or not isinstance(inner, Attention) else inner.scale
-        self.backends = AgreedBackends(inner, group, needs_lse=True)
-
-    def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: SequenceSplit | None = None
-    ) -> torch.Tensor:
-        return self._run(None, query, key, value, split)[1]
-
-    def forward_joint(
-        self,
-        joint_query: torch.Tensor,
-        joint_key: torch.Tensor,
-        joint_value: torch.Tensor,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        split: SequenceSplit | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Joint attention over `[joint; sequence]` per sample, the joint tokens whole on every rank.
-
-        Returns (the whole joint output, identical on every rank; this rank's sequence output).
-        """
-        return self._run((joint_query, joint_key, joint_value), query, key, value, split)
+    needs_lse = True
 
     def _run(
         self, joint: tuple[torch.Tensor, ...] | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: SequenceSplit | None

@@ -21,15 +21,12 @@ from __future__ import annotations
 from math import gcd
 
 import torch
-from torch import nn
-from torch.distributed import ProcessGroup
 
-from ditserve.attention.backends import AttentionBackend, describe_call
-from ditserve.attention.layer import Attention
+from ditserve.attention.backends import describe_call
 from ditserve.attention.metadata import AttentionMetadata
-from ditserve.attention.parallel.agreement import AgreedBackends
 from ditserve.attention.parallel.comm import all_gather_stacked, all_to_all_stacked, group_rank_and_size
 from ditserve.attention.parallel.split import SequenceSplit, resolve_split
+from ditserve.attention.parallel.wrapper import SequenceParallelAttention
 
 __all__ = ["UlyssesAttention", "kv_head_replication"]
 
@@ -51,7 +48,7 @@ def kv_head_replication(num_heads: int, num_kv_heads: int, degree: int) -> int:
     return degree // gcd(num_kv_heads, degree)
 
 
-class UlyssesAttention(nn.Module):
+class UlyssesAttention(SequenceParallelAttention):
     """Attention over a sequence split across the ranks of `group`, by all-to-all over heads.
 
     `inner`: an `Attention` (its selector chooses, on group rank 0, for every rank), a backend
@@ -60,36 +57,6 @@ class UlyssesAttention(nn.Module):
     `SequenceSplit` describing it (None: dense, evenly split), and gets its slice of the output,
     padded rows zero. Every rank of the group must make the same calls.
     """
-
-    def __init__(
-        self, inner: Attention | AttentionBackend | str | None = None, group: ProcessGroup | None = None, *, scale: float | None = None
-    ) -> None:
-        super().__init__()
-        self.inner = inner if isinstance(inner, Attention) else None
-        self.group = group
-        self.scale = scale if scale is not None or not isinstance(inner, Attention) else inner.scale
-        self.backends = AgreedBackends(inner, group, needs_lse=False)
-
-    def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: SequenceSplit | None = None
-    ) -> torch.Tensor:
-        return self._run(None, query, key, value, split)[1]
-
-    def forward_joint(
-        self,
-        joint_query: torch.Tensor,
-        joint_key: torch.Tensor,
-        joint_value: torch.Tensor,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        split: SequenceSplit | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Joint attention over `[joint; sequence]` per sample, the joint tokens whole on every rank.
-
-        Returns (the whole joint output, identical on every rank; this rank's sequence output).
-        """
-        return self._run((joint_query, joint_key, joint_value), query, key, value, split)
 
     def _run(
         self, joint: tuple[torch.Tensor, ...] | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: SequenceSplit | None

@@ -1,0 +1,61 @@
+"""What Ulysses and ring attention share: how they are built and called.
+
+Both wrap an inner attention (an `Attention`, a backend name, None for 'auto', or an
+`AttentionBackend`) whose backend is chosen on group rank 0 for every rank, and both take each
+rank's local slice of q/k/v with the `SequenceSplit` describing it; `forward_joint` adds tokens
+held whole on every rank. Each subclass implements `_run`, the exchange itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from ditserve.attention.backends import AttentionBackend
+from ditserve.attention.layer import Attention
+from ditserve.attention.parallel.agreement import AgreedBackends
+from ditserve.attention.parallel.split import SequenceSplit
+
+__all__ = ["SequenceParallelAttention"]
+
+
+class SequenceParallelAttention(nn.Module):
+    """A sequence-parallel attention wrapper; `needs_lse`: its backend must return the log-sum-exp."""
+
+    needs_lse = False
+
+    def __init__(
+        self, inner: Attention | AttentionBackend | str | None = None, group: ProcessGroup | None = None, *, scale: float | None = None
+    ) -> None:
+        super().__init__()
+        self.inner = inner if isinstance(inner, Attention) else None
+        self.group = group
+        self.scale = scale if scale is not None or not isinstance(inner, Attention) else inner.scale
+        self.backends = AgreedBackends(inner, group, needs_lse=self.needs_lse)
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: SequenceSplit | None = None
+    ) -> torch.Tensor:
+        return self._run(None, query, key, value, split)[1]
+
+    def forward_joint(
+        self,
+        joint_query: torch.Tensor,
+        joint_key: torch.Tensor,
+        joint_value: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        split: SequenceSplit | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint attention over `[joint; sequence]` per sample, the joint tokens whole on every rank.
+
+        Returns (the whole joint output, identical on every rank; this rank's sequence output).
+        """
+        return self._run((joint_query, joint_key, joint_value), query, key, value, split)
+
+    def _run(
+        self, joint: tuple[torch.Tensor, ...] | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: SequenceSplit | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        raise NotImplementedError
