@@ -81,9 +81,6 @@ def default_model_path() -> str | None:
         return None
 
 
-_KINDS: dict[str, Any] = {"int": int, "float": float, "str": str}
-
-
 def _spec_or_none(model: str | None) -> Any:
     """The request spec of `model` read from its configs; if that fails (the command reports why when
     it runs) or no model is named, the embedded model's; None if neither can be read."""
@@ -106,7 +103,7 @@ def _add_request_flags(parser: argparse.ArgumentParser, spec: Any) -> None:
         if p.name == "prompt":
             continue
         default = "" if p.default is None else f" (default: {p.default if p.default != '' else repr('')})"
-        parser.add_argument(p.cli_flag, dest=p.name, type=_KINDS[p.kind], default=None,
+        parser.add_argument(p.cli_flag, dest=p.name, type=p.python_type, default=None,
                             metavar=p.cli_flag.lstrip("-").replace("-", "_").upper(),
                             help=f"{p.help}; {p.accepted()}{default}".replace("%", "%%"))
     if spec.takes_image:
@@ -277,6 +274,23 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _add_parallel_flags(parser: argparse.ArgumentParser, *, serving: bool) -> None:
+    """--num-gpus and the degrees that split it, for generate and serve alike."""
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="ranks to run on (GPUs; with --device cpu, gloo processes), started here (no torchrun "
+                             f"needed){'; rank 0 serves HTTP' if serving else ''}; split as --cfg-parallel x "
+                             "--ulysses-degree x --ring-degree (default: the ranks CFG parallelism leaves split the "
+                             "tokens, by Ulysses when the heads divide by them, else by ring)")
+    parser.add_argument("--cfg-parallel", type=int, default=1,
+                        help="ranks dividing each step's samples: 2 puts a request's cond and uncond on two GPUs")
+    parser.add_argument("--ulysses-degree", type=int, default=1,
+                        help="ranks dividing each forward's tokens by an all-to-all over heads (the heads must "
+                             "divide by it)")
+    parser.add_argument("--ring-degree", type=int, default=1,
+                        help="ranks dividing each forward's tokens by passing K/V round them (any head count; not "
+                             "with --ulysses-degree)")
+
+
 def _add_generate(sub: argparse._SubParsersAction, spec: Any) -> None:
     gen = sub.add_parser("generate", help="generate a video (or image) from a prompt",
                          description="Generate one video from a prompt and write it as .mp4, .gif or .png (first "
@@ -294,19 +308,7 @@ def _add_generate(sub: argparse._SubParsersAction, spec: Any) -> None:
                      help="attention backend name or 'auto' (default: $DITSERVE_ATTENTION_BACKEND, else auto)")
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     gen.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
-    gen.add_argument("--num-gpus", type=int, default=1,
-                     help="ranks to run on (GPUs; with --device cpu, gloo processes), started here (no torchrun "
-                          "needed); split as --cfg-parallel x --ulysses-degree x --ring-degree "
-                          "(default: the ranks CFG parallelism leaves split the tokens, by Ulysses when the heads "
-                          "divide by them, else by ring)")
-    gen.add_argument("--cfg-parallel", type=int, default=1,
-                     help="ranks dividing each step's samples: 2 puts a request's cond and uncond on two GPUs")
-    gen.add_argument("--ulysses-degree", type=int, default=1,
-                     help="ranks dividing each forward's tokens by an all-to-all over heads (the heads must divide "
-                          "by it)")
-    gen.add_argument("--ring-degree", type=int, default=1,
-                     help="ranks dividing each forward's tokens by passing K/V round them (any head count; not "
-                          "with --ulysses-degree)")
+    _add_parallel_flags(gen, serving=False)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the DiT blocks: ~1.3x faster steps on an H100 after a one-off compile (~1 min)")
@@ -415,19 +417,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-batch-size", type=int, default=None,
                      help="most jobs admitted to the batch at once; 1 runs one job at a time, each to its end "
                           "(default: no limit; steps are bounded by --max-batch-tokens)")
-    srv.add_argument("--num-gpus", type=int, default=1,
-                     help="ranks to run on (GPUs; with --device cpu, gloo processes), started here (no torchrun "
-                          "needed); rank 0 serves HTTP; split as --cfg-parallel x --ulysses-degree x --ring-degree "
-                          "(default: the ranks CFG parallelism leaves split the tokens, by Ulysses when the heads "
-                          "divide by them, else by ring)")
-    srv.add_argument("--cfg-parallel", type=int, default=1,
-                     help="ranks dividing each step's samples: 2 puts a request's cond and uncond on two GPUs")
-    srv.add_argument("--ulysses-degree", type=int, default=1,
-                     help="ranks dividing each forward's tokens by an all-to-all over heads (the heads must divide "
-                          "by it)")
-    srv.add_argument("--ring-degree", type=int, default=1,
-                     help="ranks dividing each forward's tokens by passing K/V round them (any head count; not "
-                          "with --ulysses-degree)")
+    _add_parallel_flags(srv, serving=True)
     srv.add_argument("--max-steps", type=int, default=None,
                      help="most denoising steps a request may ask for (default: the model's limit, its scheduler's "
                           "training steps, 1000 for Wan)")

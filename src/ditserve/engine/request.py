@@ -113,6 +113,11 @@ class Param:
     limited_by: str | None = None  # what set `maximum` below the model's own, named in errors (a server flag)
 
     @property
+    def python_type(self) -> type:
+        """int, float or str: what a command line or a request body parses the value as."""
+        return {"int": int, "float": float, "str": str}[self.kind]
+
+    @property
     def cli_flag(self) -> str:
         return self.flag or "--" + self.name.replace("_", "-")
 

@@ -28,7 +28,6 @@ __all__ = [
 ]
 
 _STRICT = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
-_KINDS: dict[str, Any] = {"int": int, "float": float, "str": str}
 
 
 def _described(spec: RequestSpec, name: str, text: str) -> str:
@@ -53,7 +52,7 @@ def _common_fields(spec: RequestSpec) -> dict[str, Any]:
         "user": (str | None, Field(None, description="Accepted for OpenAI compatibility and ignored.")),
     }
     for p in spec.extras:
-        kind = _KINDS[p.kind]
+        kind = p.python_type
         fields[p.name] = (kind | None, Field(None, description=_described(spec, p.name, p.help)))
     return fields
 
