@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from helpers.distributed import run_ranks
+from helpers.server import free_port, source_env, wait_healthy
 
 REQUEST = dict(prompt="a red ball rolling on the street", negative_prompt="blurry", height=32, width=48,
                num_frames=9, num_inference_steps=3, guidance_scale=5.0, seed=3)  # 18 tokens: 9 per rank
@@ -100,7 +101,6 @@ def test_ditserve_generate_under_torchrun(tiny_wan_path: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture) -> None:
     """`torchrun --nproc_per_node 2 -m ditserve generate --cfg-parallel 2`, and `ditserve generate --num-gpus 2`
     (its ranks started by the command; all sequence parallel), write what one process writes."""
-    import socket
     import subprocess
     import sys
 
@@ -112,11 +112,8 @@ def test_ditserve_generate_under_torchrun(tiny_wan_path: Path, tmp_path: Path,
              "--height", "32", "--width", "48", "--num-frames", "9", "--steps", "3", "--guidance-scale", "5",
              "--seed", "3", "--device", "cpu", "--dtype", "fp32", "--quiet"]
     assert cli.main(["generate", *flags, "--output", str(tmp_path / "one.png")]) == 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    src = Path(__file__).resolve().parent.parent / "src"
-    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    env = source_env()
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
          "-m", "ditserve", "generate", *flags, "--cfg-parallel", "2", "--output", str(tmp_path / "two.png")],
@@ -151,7 +148,6 @@ def test_a_server_on_two_ranks_serves_what_one_process_makes(tiny_wan_path: Path
     import base64
     import io
     import signal
-    import socket
     import subprocess
     import sys
 
@@ -161,11 +157,8 @@ def test_a_server_on_two_ranks_serves_what_one_process_makes(tiny_wan_path: Path
     import ditserve
     from ditserve.output import to_uint8
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    src = Path(__file__).resolve().parent.parent / "src"
-    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    env = source_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "ditserve", "serve", "--model", str(tiny_wan_path), "--port", str(port),
          "--device", "cpu", "--dtype", "fp32", "--output-dir", str(tmp_path / "out"), "--num-gpus", "2",
@@ -173,16 +166,8 @@ def test_a_server_on_two_ranks_serves_what_one_process_makes(tiny_wan_path: Path
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            wait_healthy(proc, http, timeout=120)
             deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None, proc.communicate()[0][-3000:]
-                try:
-                    if http.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "the two-rank server never became ready"
-                time.sleep(0.2)
             video = http.post("/v1/videos", json={"prompt": "a dog", "size": "32x32", "num_frames": 5, "steps": 2,
                                                   "seed": 1}).json()
             body = {"prompt": REQUEST["prompt"], "negative_prompt": "blurry", "size": "48x32", "steps": 3,
@@ -211,34 +196,21 @@ def test_a_server_on_two_ranks_serves_what_one_process_makes(tiny_wan_path: Path
 def test_a_rank_that_dies_stops_the_server_instead_of_hanging(tiny_wan_path: Path, tmp_path: Path) -> None:
     """Killing a follower rank (a crashed GPU process) ends the whole command with an error, promptly."""
     import signal
-    import socket
     import subprocess
     import sys
 
     import httpx
     import psutil  # accelerate's dependency
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    src = Path(__file__).resolve().parent.parent / "src"
-    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    env = source_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "ditserve", "serve", "--model", str(tiny_wan_path), "--port", str(port), "--device",
          "cpu", "--dtype", "fp32", "--output-dir", str(tmp_path / "out"), "--num-gpus", "2", "--log-level", "error"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None, proc.communicate()[0][-3000:]
-                try:
-                    if http.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+            wait_healthy(proc, http, timeout=120)
         ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
         ranks[0].send_signal(signal.SIGKILL)
         started = time.monotonic()

@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,10 +23,9 @@ import ditserve
 from ditserve.loading import UnknownModelError
 from ditserve.pipelines import read_request_spec
 from ditserve.server import ServerSettings, create_app
-from helpers.server import GatedPipeline, serve_in_thread
+from helpers.server import GatedPipeline, free_port, serve_in_thread, source_env, wait_healthy
 
 SMALL = {"size": "32x32", "num_frames": 5, "steps": 2, "seed": 1}
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def settings(tmp_path: Path, **overrides: Any) -> ServerSettings:
@@ -505,16 +502,9 @@ def test_shutdown_refuses_new_jobs_with_503(tiny_pipeline: Any, tmp_path: Path) 
         assert refused.status_code == 503 and error_of(refused)["code"] == "shutting_down"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_sigterm_cancels_the_running_job_and_exits_cleanly(tiny_wan_path: Path, tmp_path: Path) -> None:
-    out, port = tmp_path / "out", _free_port()
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
+    out, port = tmp_path / "out", free_port()
+    env = source_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "ditserve.cli", "serve", "--model", str(tiny_wan_path), "--port", str(port),
          "--output-dir", str(out), "--max-queue", "2", "--log-level", "warning"],
@@ -522,16 +512,7 @@ def test_sigterm_cancels_the_running_job_and_exits_cleanly(tiny_wan_path: Path, 
     )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, proc.communicate()[0]
-                try:
-                    if http.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "server never became ready"
-                time.sleep(0.1)
+            wait_healthy(proc, http)
             kept = http.post(VIDEO, json={"prompt": "a short one", **SMALL}).json()["id"]
             assert wait_for(http, kept)["status"] == "completed"
             long = http.post(VIDEO, json={"prompt": "a long one", **SMALL, "steps": 1000}).json()["id"]

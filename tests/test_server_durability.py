@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,8 +21,8 @@ from ditserve.engine import GenerationRequest
 from ditserve.server.jobdb import JobDatabase, request_from_json, request_to_json
 from ditserve.server.jobs import Job, JobStatus
 from ditserve.server.store import FolderInUse, JobStore
+from helpers.server import free_port, source_env, wait_healthy
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 SMALL = {"size": "32x32", "num_frames": 5, "steps": 2, "seed": 1}
 
 
@@ -115,18 +113,11 @@ def test_recovery_accounts_for_every_file_and_prunes_across_restarts(tmp_path: P
 
 # -- a real server, SIGKILLed and restarted ---------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def running_server(model: Path, out: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str], httpx.Client]]:
     """`ditserve serve` in a subprocess on a free loopback port, ready; killed after if still running."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    env = source_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "ditserve.cli", "serve", "--model", str(model), "--port", str(port),
          "--output-dir", str(out), "--log-level", "warning", "--no-warm-up", *extra],
@@ -134,16 +125,7 @@ def running_server(model: Path, out: Path, *extra: str) -> Iterator[tuple[subpro
     )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, proc.communicate()[0]
-                try:
-                    if http.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "server never became ready"
-                time.sleep(0.1)
+            wait_healthy(proc, http)
             yield proc, http
     finally:
         if proc.poll() is None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ import pytest
 from ditserve.server import ServerSettings, create_app
 from ditserve.server.execute import FAILURES
 from ditserve.server.output_check import OutputWriterMissing, check_writer
-from helpers.server import GatedPipeline, serve_in_thread
+from helpers.server import GatedPipeline, free_port, serve_in_thread, source_env
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SMALL = {"size": "32x32", "num_frames": 5, "steps": 1, "seed": 1}
@@ -124,11 +122,8 @@ def test_without_an_mp4_writer_a_video_model_is_not_ready(tiny_pipeline: Any, tm
 
 
 def test_serve_stops_at_start_up_when_ffmpeg_is_missing(tiny_wan_path: Path, tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "IMAGEIO_FFMPEG_EXE": str(tmp_path / "no-ffmpeg")}
+    port = free_port()
+    env = source_env(IMAGEIO_FFMPEG_EXE=str(tmp_path / "no-ffmpeg"))
     done = subprocess.run(
         [sys.executable, "-m", "ditserve.cli", "serve", "--model", str(tiny_wan_path), "--port", str(port),
          "--output-dir", str(tmp_path / "out"), "--log-level", "warning", "--no-warm-up"],

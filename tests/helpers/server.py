@@ -4,11 +4,14 @@ and a pipeline wrapper that pauses, counts or fails batched steps on cue.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -16,7 +19,39 @@ from fastapi import FastAPI
 
 from ditserve.server.transport import uvicorn_config
 
-__all__ = ["GatedPipeline", "serve_in_thread"]
+__all__ = ["GatedPipeline", "free_port", "serve_in_thread", "source_env", "wait_healthy"]
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server or torchrun's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def source_env(**extra: str) -> dict[str, str]:
+    """The environment for a `ditserve` subprocess run from this checkout: src first on PYTHONPATH, one
+    intra-op thread (2 cores shared by several processes)."""
+    return {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def wait_healthy(proc: subprocess.Popen, http: Any, timeout: float = 60.0) -> None:
+    """Poll `GET /health` until 200; fail with the server's output if it exits, or at `timeout`."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        try:
+            if http.get("/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server never became ready"
+        time.sleep(0.1)
 
 
 @contextmanager
