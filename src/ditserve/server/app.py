@@ -20,7 +20,7 @@ from ditserve.server.settings import ServerSettings
 from ditserve.server.state import PipelineSource, ServerState
 from ditserve.server.transport import MAX_HEADER_BYTES
 
-__all__ = ["LIMIT_FLAGS", "create_app"]
+__all__ = ["LIMIT_FLAGS", "build_app", "create_app", "served_spec"]
 
 LIMIT_FLAGS = {"max_steps": "--max-steps", "max_frames": "--max-frames", "max_pixels": "--max-pixels"}
 
@@ -49,10 +49,20 @@ def create_app(
         if spec is None:
             raise TypeError("create_app needs spec= when given a factory instead of a loaded pipeline")
     settings = settings or ServerSettings()
-    spec = spec.with_limits(max_steps=settings.max_steps, max_frames=settings.max_frames,
+    return build_app(ServerState(pipeline, settings, served_spec(spec, settings), on_load_failure, leader))
+
+
+def served_spec(spec: RequestSpec, settings: ServerSettings) -> RequestSpec:
+    """The model's request spec under the operator's limits (`--max-steps`, `--max-frames`, `--max-pixels`)."""
+    return spec.with_limits(max_steps=settings.max_steps, max_frames=settings.max_frames,
                             max_pixels=settings.max_pixels, flags=LIMIT_FLAGS)
-    state = ServerState(pipeline, settings, spec, on_load_failure, leader)
-    video_body, image_body = request_bodies(spec)
+
+
+def build_app(state: Any) -> FastAPI:
+    """The FastAPI app around a server state: `ServerState`, or any object with its route-facing methods
+    (`ditserve.rayserve.ingress.IngressState`: jobs in a store shared by replicas). The state's `start()`
+    and `await stop()` run at the app's start and end; its `settings` and `spec` give the limits and bodies."""
+    video_body, image_body = request_bodies(state.spec)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

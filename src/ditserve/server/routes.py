@@ -1,4 +1,9 @@
-"""The HTTP endpoints. Handlers are `async` and never block: generation runs on the batching engine's thread."""
+"""The HTTP endpoints. Handlers are `async` and never block: generation runs on the batching engine's thread.
+
+They reach jobs only through the state's awaitable methods (`admit`, `find`, `jobs`, `cancel`, `remove`,
+`finished`, `render_metrics`; `stats` for /health), so one set of routes serves one process
+(`ditserve.server.state.ServerState`) and many replicas behind Ray Serve (`ditserve.rayserve.ingress`).
+"""
 
 from __future__ import annotations
 
@@ -48,23 +53,19 @@ State = Annotated[ServerState, Depends(_state)]
 DISCONNECT_POLL_S = 0.2  # how often a synchronous request checks that its client is still there
 
 
-async def _wait_finished(job: Job, request: Request) -> JobSnapshot | None:
+async def _wait_finished(state: ServerState, job: Job, request: Request) -> JobSnapshot | None:
     """Wait (without blocking the loop) until the job is finished: its snapshot; None if the client
     disconnected first (nobody is left to answer)."""
-    loop = asyncio.get_running_loop()
-    finished = loop.create_future()
-
-    def wake(_: Job) -> None:
-        loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
-
-    job.on_finish(wake)
-    while True:
-        try:
-            await asyncio.wait_for(asyncio.shield(finished), DISCONNECT_POLL_S)
-            return job.snapshot()
-        except TimeoutError:
+    finished = asyncio.ensure_future(state.finished(job))
+    try:
+        while True:
+            done, _ = await asyncio.wait({finished}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return finished.result()
             if await request.is_disconnected():
                 return None
+    finally:
+        finished.cancel()
 
 
 def _visible(state: ServerState, job: Job, request: Request) -> bool:
@@ -72,10 +73,10 @@ def _visible(state: ServerState, job: Job, request: Request) -> bool:
     return not state.settings.api_keys or job.owner == request_owner(request)
 
 
-def _find(state: ServerState, request: Request, job_id: str, kind: str | None) -> Job:
+async def _find(state: ServerState, request: Request, job_id: str, kind: str | None) -> Job:
     """The job `job_id` (of `kind`, if given) if the caller may see it, or 404 (another key's job is
     answered as if it did not exist)."""
-    job = state.store.get(job_id)
+    job = await state.find(job_id)
     if job is None or (kind is not None and job.kind != kind) or not _visible(state, job, request):
         raise ApiError(404, f"no {kind or 'file'} with id {job_id!r} (never created, or deleted after "
                             f"{state.settings.keep_jobs} newer jobs finished)",
@@ -151,7 +152,7 @@ def build_router(video_body: type[BaseModel], image_body: type[BaseModel]) -> AP
         image = _input_image(parsed, state.spec)
         job = video_job(parsed.fields, state.spec, state.settings, image=image)
         job.owner = request_owner(request)
-        state.admit(job)
+        await state.admit(job)
         return video_object(job.snapshot(), state.settings.model_name)
 
 
@@ -161,7 +162,7 @@ def build_router(video_body: type[BaseModel], image_body: type[BaseModel]) -> AP
                           order: Literal["asc", "desc"] = "desc") -> VideoList:
         """Your video jobs, newest first (`order=asc`: oldest first), `limit` at a time; the next page starts
         `after` the previous page's `last_id`."""
-        jobs = [j for j in state.store.jobs() if j.kind == "video" and _visible(state, j, request)]
+        jobs = [j for j in await state.jobs() if j.kind == "video" and _visible(state, j, request)]
         if order == "desc":
             jobs.reverse()
         if after is not None:
@@ -177,13 +178,13 @@ def build_router(video_body: type[BaseModel], image_body: type[BaseModel]) -> AP
 
     @router.get("/v1/videos/{video_id}", response_model=VideoObject, tags=["videos"])
     async def get_video(video_id: str, request: Request, state: State) -> VideoObject:
-        return video_object(_find(state, request, video_id, "video").snapshot(), state.settings.model_name)
+        return video_object((await _find(state, request, video_id, "video")).snapshot(), state.settings.model_name)
 
 
     @router.get("/v1/videos/{video_id}/content", tags=["videos"], response_class=FileResponse)
     async def video_content(video_id: str, request: Request, state: State, variant: str = "video") -> FileResponse:
         """The MP4 of a completed job (409 before that). `variant`: only `video` exists here."""
-        job = _find(state, request, video_id, "video")
+        job = await _find(state, request, video_id, "video")
         if variant != "video":
             raise ApiError(400, f"variant: only 'video' is available here, got {variant!r}", param="variant",
                            code="invalid_value")
@@ -196,10 +197,11 @@ def build_router(video_body: type[BaseModel], image_body: type[BaseModel]) -> AP
         (answered `{"id", "object": "video.deleted", "deleted": true}`). A queued job is cancelled (answered
         `cancelled`), a running one asked to stop (answered `in_progress`: it stops before its next denoising
         step, GET then shows `cancelled`, and a second DELETE deletes it)."""
-        job = _find(state, request, video_id, "video")
-        if state.runner.cancel(video_id):
-            return video_object(job.snapshot(), state.settings.model_name)
-        if not await asyncio.to_thread(state.store.remove, job):
+        job = await _find(state, request, video_id, "video")
+        cancelled = await state.cancel(job)
+        if cancelled is not None:
+            return video_object(cancelled, state.settings.model_name)
+        if not await state.remove(job):
             raise ApiError(409, f"{video_id} is {job.status.value} and cannot be deleted yet; try again",
                            code="not_deletable")
         return VideoDeleted(id=video_id)
@@ -216,10 +218,10 @@ def build_router(video_body: type[BaseModel], image_body: type[BaseModel]) -> AP
         state.pipeline()  # 503 unless loaded
         job = image_job(body, state.spec, state.settings)
         job.owner = request_owner(request)
-        state.admit(job)
-        snap = await _wait_finished(job, request)
+        await state.admit(job)
+        snap = await _wait_finished(state, job, request)
         if snap is None:  # the client went away: stop its image rather than make it for nobody
-            state.runner.cancel(job.id)
+            await state.cancel(job)
             log.info("job %s: cancelled, its client disconnected", job.id)
             return Response(status_code=499)  # nginx's "client closed request"; nobody receives it
         if snap.status is JobStatus.CANCELLED:
@@ -227,6 +229,8 @@ def build_router(video_body: type[BaseModel], image_body: type[BaseModel]) -> AP
                            type="server_error", code="cancelled")
         if snap.status is not JobStatus.COMPLETED or snap.path is None:
             error = snap.error
+            if error is not None and error.code == "invalid_request":  # a limit only the loaded model knows
+                raise ApiError(400, error.message, param=error.message.partition(":")[0], code="invalid_value")
             raise ApiError(500, f"generation failed: {error.message if error else 'unknown error'}",
                            type="server_error", code=error.code if error else "generation_failed")
         seed = snap.request.seed
@@ -245,7 +249,7 @@ def build_router(video_body: type[BaseModel], image_body: type[BaseModel]) -> AP
     @router.get("/v1/files/{file_id}/content", name="file_content", tags=["images"], response_class=FileResponse)
     async def file_content(file_id: str, request: Request, state: State) -> FileResponse:
         """The file of any completed job of yours (images' `url` points here)."""
-        return _file(_find(state, request, file_id, None).snapshot())
+        return _file((await _find(state, request, file_id, None)).snapshot())
 
 
     # -- service ----------------------------------------------------------------------------------
@@ -254,7 +258,7 @@ def build_router(video_body: type[BaseModel], image_body: type[BaseModel]) -> AP
     async def health(state: State) -> AsciiJSONResponse:
         """200 when a request can be generated; 503 while loading, after a failed load, or shutting down."""
         if state.ready:
-            stats = state.runner.stats()
+            stats = state.stats()
             return AsciiJSONResponse({"status": "ok", "model": state.settings.model_name, "queued": stats.queued,
                                  "running": stats.running})
         if state.draining:
@@ -274,6 +278,6 @@ def build_router(video_body: type[BaseModel], image_body: type[BaseModel]) -> AP
     @router.get("/metrics", tags=["service"])
     async def metrics(state: State) -> Response:
         """Prometheus text format."""
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(await state.render_metrics(), media_type=CONTENT_TYPE)
 
     return router

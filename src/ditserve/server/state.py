@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Union
 from ditserve.engine import RequestSpec
 from ditserve.server.errors import ApiError
 from ditserve.server.jobdb import JobDatabaseError
-from ditserve.server.jobs import Job
+from ditserve.server.jobs import Job, JobSnapshot
 from ditserve.server.metrics import Metrics
 from ditserve.server.output_check import check_writer
 from ditserve.server.runner import JobRunner, QueueFull, RunnerClosed
 from ditserve.server.settings import ServerSettings
+from ditserve.server.stats import RunnerStats
 from ditserve.server.store import FolderInUse, JobStore
 
 __all__ = ["PipelineSource", "ServerState"]
@@ -182,7 +183,39 @@ class ServerState:
             raise RuntimeError("the server has not started")
         return self._runner
 
-    def admit(self, job: Job) -> None:
+    # -- what the routes call (awaitable, so a state whose jobs live elsewhere can serve the same routes) --
+
+    async def find(self, job_id: str) -> Job | None:
+        return self.store.get(job_id)
+
+    async def jobs(self) -> list[Job]:
+        """Every job, oldest first."""
+        return self.store.jobs()
+
+    async def cancel(self, job: Job) -> JobSnapshot | None:
+        """Cancel a queued job, or ask a running one to stop: its state now; None if it is not running."""
+        return job.snapshot() if self.runner.cancel(job.id) else None
+
+    async def remove(self, job: Job) -> bool:
+        """Delete a finished job and its file (off the loop: a file system can be slow)."""
+        return await asyncio.to_thread(self.store.remove, job)
+
+    async def finished(self, job: Job) -> JobSnapshot:
+        """Wait until `job` is finished; its final snapshot."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        job.on_finish(lambda _: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None)))
+        await done
+        return job.snapshot()
+
+    def stats(self) -> RunnerStats:
+        """The runner's counts now (for /health: never waits on the engine)."""
+        return self.runner.stats()
+
+    async def render_metrics(self) -> bytes:
+        return self.metrics.render()
+
+    async def admit(self, job: Job) -> None:
         """Store and queue a job, or answer 429 (queue full, with Retry-After) / 503 (shutting down)."""
         self.store.add(job)
         try:

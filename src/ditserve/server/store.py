@@ -147,6 +147,24 @@ class JobStore:
             snap.path.unlink(missing_ok=True)
         return True
 
+    def requeue(self, job: Job) -> Job | None:
+        """Put an unfinished job back in the queue (the process running it was lost): a new `Job` with the
+        same id, request and owner, queued again, one version on, replacing `job` here and in the database.
+        None if `job` is finished or no longer the store's (nothing to run again)."""
+        snap = job.snapshot()
+        if snap.status.finished:
+            return None
+        fresh = Job.restored(replace(snap, status=JobStatus.QUEUED, started_at=None, step=0, error=None,
+                                     version=snap.version + 1))
+        with self._lock:
+            if self._jobs.get(job.id) is not job:
+                return None
+            self._jobs[job.id] = fresh
+        self._database().update(fresh.snapshot())
+        fresh.on_change(self._persist)
+        fresh.on_finish(lambda _job: self.prune())
+        return fresh
+
     def get(self, job_id: str) -> Job | None:
         with self._lock:
             return self._jobs.get(job_id)
