@@ -254,6 +254,9 @@ class RequestSpec:
     image may be given. max_image_pixels: the largest input image accepted (width x height,
     before resizing to the request's size). max_pixels: the largest frame (height x width),
     None for the size limits alone; `pixels_limited_by` names what set it (a server flag).
+    modes: what the model serves, in words (e.g. "text-to-video and text-to-image"), added to
+    the errors for inputs it does not take (an unknown parameter, an image), so a request for
+    one of a model's other modes learns what is supported.
     """
 
     params: tuple[Param, ...]
@@ -262,6 +265,7 @@ class RequestSpec:
     max_image_pixels: int = 4096 * 4096
     max_pixels: int | None = None
     pixels_limited_by: str | None = None
+    modes: str | None = None
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.params]
@@ -331,6 +335,9 @@ class RequestSpec:
                 spec = replace(spec, max_pixels=max_pixels, pixels_limited_by=flags.get("max_pixels"))
         return spec
 
+    def _modes_note(self) -> str:
+        return f" (it serves {self.modes} only)" if self.modes else ""
+
     def validate(self, fields: Mapping[str, Any], image: Any = None) -> GenerationRequest:
         """Check every field (missing ones take the defaults) and return the normalised request.
 
@@ -342,7 +349,7 @@ class RequestSpec:
         unknown = sorted(set(fields) - known)
         if unknown:
             raise InvalidRequest(unknown[0], f"unknown parameter(s) {unknown} for this model; it takes: "
-                                             f"{', '.join(p.name for p in self.params)}")
+                                             f"{', '.join(p.name for p in self.params)}{self._modes_note()}")
         values: dict[str, Any] = {}
         for p in self.params:
             value = fields.get(p.name, p.default)
@@ -362,7 +369,7 @@ class RequestSpec:
         picture = None
         if image is not None:
             if not self.takes_image:
-                raise InvalidRequest("image", "this model does not take an input image")
+                raise InvalidRequest("image", f"this model does not take an input image{self._modes_note()}")
             picture = load_image(image, max_pixels=self.max_image_pixels)
         common = {name: values.pop(name) for name in COMMON_FIELDS}
         return GenerationRequest(**common, extras=values, image=picture)
