@@ -99,7 +99,7 @@ def test_unknown_pipeline_class_lists_supported(tiny_wan_path: Path, tmp_path: P
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "CogVideoXPipeline"}))
     with pytest.raises(UnknownModelError, match=r"pipeline class 'CogVideoXPipeline' is not supported; supported "
-                                                r"pipelines: FluxPipeline, WanImageToVideoPipeline, WanPipeline"):
+                                                r"pipelines: Cosmos3OmniPipeline, FluxPipeline, WanImageToVideoPipeline, WanPipeline"):
         ditserve.Pipeline.from_pretrained(folder, device="cpu")
 
 

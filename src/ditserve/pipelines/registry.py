@@ -19,6 +19,7 @@ from ditserve.loading import UnknownModelError
 __all__ = ["FAMILIES", "REQUEST_DEFAULTS_FILE", "family_class_for", "folder_request_defaults"]
 
 FAMILIES: Mapping[str, str] = MappingProxyType({
+    "Cosmos3OmniPipeline": "ditserve.pipelines.cosmos3:Cosmos3Pipeline",
     "FluxPipeline": "ditserve.pipelines.flux:FluxPipeline",
     "WanPipeline": "ditserve.pipelines.wan:WanPipeline",
     "WanImageToVideoPipeline": "ditserve.pipelines.wan:WanPipeline",
