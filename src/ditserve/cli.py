@@ -10,9 +10,13 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ditserve import __version__
+from ditserve.rayserve.flags import add_ray_flags
+
+if TYPE_CHECKING:
+    from ditserve.server.settings import ServerSettings
 
 
 def _bench_attention(args: argparse.Namespace) -> int:
@@ -367,25 +371,87 @@ def _run_remote_generate(args: argparse.Namespace) -> str:
             f"seed {job['seed']} -> {output}")
 
 
-def _serve(args: argparse.Namespace) -> int:
-    """`ditserve serve`: the HTTP API (see ditserve.server) until SIGTERM / Ctrl-C."""
+def _server_settings(args: argparse.Namespace) -> tuple[str, ServerSettings]:
+    """The model folder and the server settings `serve`'s flags give (ValueError / _UsageError if wrong)."""
     from pathlib import Path
 
     from ditserve.server.auth import ENV_VAR, load_api_keys
-    from ditserve.server.main import serve
     from ditserve.server.settings import ServerSettings
 
+    model = _model_path(args)
+    api_keys = load_api_keys(args.api_key or (), args.api_key_file or (), os.environ.get(ENV_VAR))
+    settings = ServerSettings(model_name=args.model_name or Path(model).resolve().name,
+                              output_dir=args.output_dir, max_queue=args.max_queue, keep_jobs=args.keep_jobs,
+                              max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                              max_steps=args.max_steps, max_frames=args.max_frames, max_pixels=args.max_pixels,
+                              shutdown_timeout_s=args.shutdown_timeout, api_keys=api_keys,
+                              public_url=args.public_url, docs=args.docs, max_body_bytes=args.max_body_bytes,
+                              max_upload_bytes=args.max_upload_bytes, request_timeout_s=args.request_timeout,
+                              keep_alive_timeout_s=args.keep_alive_timeout)
+    return model, settings
+
+
+def _load_options(args: argparse.Namespace) -> dict[str, object]:
+    return {"device": args.device, "dtype": args.dtype, "attention_backend": args.attention_backend,
+            "compile": args.compile}
+
+
+def ray_app(args: dict[str, str]) -> Any:
+    """The Serve application `ditserve serve --ray` deploys, for Ray's own command:
+    `serve run ditserve.cli:ray_app cli="--output-dir /shared/out --replicas 2 ..."` (the same flags, parsed
+    and checked by this parser; --output-dir is required since nothing removes a folder afterwards)."""
+    import shlex
+    from pathlib import Path
+
+    from ditserve.pipelines import read_request_spec
+    from ditserve.rayserve.application import build_application, start_hub
+    from ditserve.rayserve.flags import ray_options
+    from ditserve.server.app import served_spec
+
+    if set(args) - {"cli"}:
+        raise ValueError(f"ray_app takes one argument, cli=\"<ditserve serve flags>\"; got {sorted(args)}")
+    parsed = build_parser(["serve"]).parse_args(["serve", "--ray", *shlex.split(args.get("cli", ""))])
+    model, settings = _server_settings(parsed)
+    if settings.output_dir is None:
+        raise ValueError("serve run needs --output-dir in cli=\"...\" (a folder every node sees)")
+    Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+    options = ray_options(parsed, parsed.device)
+    _, token = start_hub(settings, options)
+    return build_application(model, settings, options, served_spec(read_request_spec(model), settings), token,
+                             load=_load_options(parsed), warm=not parsed.no_warm_up)
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    """`ditserve serve --ray`: replicas on Ray Serve (`ditserve.rayserve`); Ray is imported only here."""
+    from ditserve.rayserve.flags import ray_options
+    from ditserve.rayserve.requirement import RayNotInstalled
+
     try:
-        model = _model_path(args)
-        api_keys = load_api_keys(args.api_key or (), args.api_key_file or (), os.environ.get(ENV_VAR))
-        settings = ServerSettings(model_name=args.model_name or Path(model).resolve().name,
-                                  output_dir=args.output_dir, max_queue=args.max_queue, keep_jobs=args.keep_jobs,
-                                  max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                                  max_steps=args.max_steps, max_frames=args.max_frames, max_pixels=args.max_pixels,
-                                  shutdown_timeout_s=args.shutdown_timeout, api_keys=api_keys,
-                                  public_url=args.public_url, docs=args.docs, max_body_bytes=args.max_body_bytes,
-                                  max_upload_bytes=args.max_upload_bytes, request_timeout_s=args.request_timeout,
-                                  keep_alive_timeout_s=args.keep_alive_timeout)
+        if args.num_gpus > 1:
+            raise _UsageError("--num-gpus with --ray (several GPUs per replica) is not supported yet; give each "
+                              "replica one GPU (--replica-gpus 1) and more --replicas")
+        model, settings = _server_settings(args)
+        options = ray_options(args, args.device)
+        from ditserve.rayserve.launch import serve_on_ray
+    except (ValueError, _UsageError, RayNotInstalled) as e:
+        print(f"ditserve serve: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return serve_on_ray(model, settings, options, host=args.host, port=args.port, load=_load_options(args),
+                            log_level=args.log_level, warm=not args.no_warm_up)
+    except (*_user_errors(), ValueError) as e:
+        print(f"ditserve serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """`ditserve serve`: the HTTP API (see ditserve.server) until SIGTERM / Ctrl-C."""
+    from ditserve.server.main import serve
+
+    if args.ray:
+        return _serve_ray(args)
+    try:
+        model, settings = _server_settings(args)
         from ditserve.distributed import ParallelLayout
 
         layout = ParallelLayout(samples=args.cfg_parallel, ulysses=args.ulysses_degree, ring=args.ring_degree)
@@ -464,6 +530,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                      help="report ready right after loading, without the one-frame, one-step warm-up generation "
                           "that pays kernel compilation and the attention selector's trials before the first request")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_ray_flags(srv)
     srv.set_defaults(func=_serve)
 
 

@@ -1,0 +1,151 @@
+"""ditserve on Ray Serve, for real: a local Ray cluster on this CPU, the embedded tiny model, HTTP over loopback.
+
+Two generator replicas take a burst of 40 jobs between them; two ingress replicas each answer for
+every job, whichever replica made it; a replica killed (SIGKILL) mid-run loses no accepted job; and
+an autoscaled application grows from one replica to two under queued work, then shrinks back,
+finishing every job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ditserve.rayserve.options import RayOptions
+from helpers.rayserve import Deployed, deployed, local_cluster, submit, wait_finished, wait_for
+
+pytestmark = pytest.mark.ray
+
+SMALL = {"size": "32x32", "num_frames": 5, "steps": 4}
+LONG = {"size": "32x32", "num_frames": 5, "steps": 120}  # seconds per batch on one core: time to kill mid-run
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    with local_cluster(num_cpus=3) as url:
+        yield url
+
+
+@pytest.fixture(scope="class")
+def two_replicas(cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
+    options = RayOptions.fixed(2, threads=1, ingress_replicas=2, app_name="two")
+    with deployed(cluster, tmp_path_factory.mktemp("two"), options) as app:
+        wait_for(lambda: app.view().live_replicas == 2, 60, "both replicas to report")
+        yield app
+
+
+class TestTwoReplicas:
+    def test_forty_requests_spread_over_both_replicas_and_any_ingress_answers_for_any_job(
+            self, two_replicas: Deployed) -> None:
+        http = two_replicas.http
+        ids = submit(http, 40, **SMALL)
+        jobs = wait_finished(http, ids, timeout=60)
+        assert Counter(j["status"] for j in jobs.values()) == {"completed": 40}
+        ran_on = Counter(j["timings"]["replica"] for j in jobs.values())
+        assert len(ran_on) == 2 and min(ran_on.values()) >= 10, ran_on  # routed by queue length: about half each
+
+        # every job, whichever generator made it, answered with the same state and bytes by both ingress replicas
+        answered_by: dict[str, set[str]] = {}
+        for job_id in ids:
+            contents = set()
+            for _ in range(6):
+                response = http.get(f"/v1/videos/{job_id}/content")
+                assert response.status_code == 200, response.text
+                assert response.headers["content-type"] == "video/mp4"
+                contents.add(response.content)
+                answered_by.setdefault(job_id, set()).add(response.headers["x-ditserve-replica"])
+            assert len(contents) == 1 and len(contents.pop()) > 100
+            assert http.get(f"/v1/videos/{job_id}").json()["status"] == "completed"
+        ingress = set().union(*answered_by.values())
+        assert len(ingress) == 2, ingress
+        by_generator: dict[str, set[str]] = {}
+        for job_id, job in jobs.items():
+            by_generator.setdefault(job["timings"]["replica"], set()).update(answered_by[job_id])
+        assert all(seen == ingress for seen in by_generator.values()), by_generator
+
+    def test_same_errors_and_limits_as_one_server(self, two_replicas: Deployed) -> None:
+        http = two_replicas.http
+        bad = http.post("/v1/videos", json={"prompt": "a cat", "size": "33x32"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "size"
+        assert "multiple of 16" in bad.json()["error"]["message"]
+        assert http.post("/v1/videos", json={"prompt": 3}).status_code == 422
+        missing = http.get("/v1/videos/video_" + "0" * 32)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        image = http.post("/v1/images/generations", json={"prompt": "a red circle", "size": "32x32", "steps": 2})
+        assert image.status_code == 200 and image.json()["data"][0]["b64_json"]
+        assert http.get("/health").json()["status"] == "ok"
+        metrics = http.get("/metrics").text
+        assert "ditserve_replicas 2.0" in metrics and 'ditserve_jobs{status="completed"}' in metrics
+
+    def test_killing_a_replica_mid_run_loses_no_accepted_job(self, two_replicas: Deployed) -> None:
+        http = two_replicas.http
+        ids = submit(http, 12, **LONG)
+        view = wait_for(lambda: (v := two_replicas.view()) and all(r.progress for r in v.replicas.values())
+                        and len(v.replicas) == 2 and v, 60, "both replicas to be running jobs", period=0.05)
+        victim_id, victim = next(iter(sorted(view.replicas.items())))
+        cut_short = {p.job_id for p in victim.progress}
+        os.kill(victim.pid, signal.SIGKILL)
+
+        jobs = wait_finished(http, ids, timeout=120)
+        statuses = Counter(j["status"] for j in jobs.values())
+        assert set(statuses) <= {"completed", "failed"}, statuses
+        for job in jobs.values():
+            if job["status"] == "failed":
+                assert job["error"]["code"] == "replica_died", job["error"]
+        for job_id in cut_short:  # re-queued and run again, to the end, by another replica
+            assert jobs[job_id]["status"] == "completed", jobs[job_id]
+            assert jobs[job_id]["timings"]["replica"] != victim_id
+            assert http.get(f"/v1/videos/{job_id}/content").status_code == 200
+        requeued = [line for line in http.get("/metrics").text.splitlines()
+                    if line.startswith('ditserve_jobs_requeued_total{reason="replica_died"}')]
+        assert requeued and float(requeued[0].split()[-1]) >= len(cut_short) >= 1
+
+
+@pytest.fixture(scope="class")
+def autoscaled(cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
+    options = RayOptions(replicas=1, min_replicas=1, max_replicas=2, target_jobs=2, threads=1, app_name="scaling",
+                         upscale_delay_s=0.5, downscale_delay_s=3.0, look_back_s=2.0, drain_timeout_s=30.0)
+    with deployed(cluster, tmp_path_factory.mktemp("scaling"), options, max_queue=3) as app:
+        yield app
+
+
+class TestAutoscaling:
+    def test_scales_from_one_to_two_replicas_under_load_and_back(self, autoscaled: Deployed) -> None:
+        http = autoscaled.http
+        assert autoscaled.running_replicas() == 1
+        ids: list[str] = []
+        stop = threading.Event()
+
+        def load() -> None:  # keep the hub full (6 = --max-queue 3 x 2 replicas): 3 run, 3 wait at the router
+            seed = 0
+            while not stop.is_set():
+                response = http.post("/v1/videos", json={"prompt": "a red circle moving left on a blue background",
+                                                         "seed": seed, **SMALL, "steps": 30})
+                if response.status_code == 200:
+                    ids.append(response.json()["id"])
+                    seed += 1
+                else:
+                    assert response.status_code == 429, response.text
+                    time.sleep(0.1)
+
+        submitter = threading.Thread(target=load, daemon=True)
+        submitter.start()
+        try:
+            wait_for(lambda: autoscaled.running_replicas() == 2, 60, "a second replica under load")
+            wait_for(lambda: len(autoscaled.view().replicas) == 2 and all(
+                r.stats.running for r in autoscaled.view().replicas.values()), 30, "both replicas running jobs")
+        finally:
+            stop.set()
+            submitter.join(10)
+        jobs = wait_finished(http, ids, timeout=60)
+        assert Counter(j["status"] for j in jobs.values()) == {"completed": len(ids)}
+        assert len({j["timings"]["replica"] for j in jobs.values()}) == 2
+        wait_for(lambda: autoscaled.running_replicas() == 1, 60, "scaling back to one replica")
+        assert Counter(j["status"] for j in wait_finished(http, ids, timeout=5).values()) == {"completed": len(ids)}
