@@ -14,12 +14,18 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from helpers.rayserve import (
+    Deployed,
+    deployed,
+    local_cluster,
+    submit,
+    wait_finished,
+    wait_for,
+)
 
 from ditserve.rayserve.options import RayOptions
-from helpers.rayserve import Deployed, deployed, local_cluster, submit, wait_finished, wait_for
 
 pytestmark = pytest.mark.ray
 
