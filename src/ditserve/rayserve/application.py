@@ -27,22 +27,20 @@ __all__ = ["INGRESS", "build_application", "start_hub"]
 INGRESS = "Ingress"
 CONSTRUCTOR_RETRIES = 3  # a replica that cannot load its model fails the deployment after this many tries
 HEALTH_CHECK_S = 5.0
+HEAD_NODE = "node:__internal_head__"  # a resource only Ray's head node has
 
 
 def start_hub(settings: ServerSettings, options: RayOptions) -> tuple[Any, str]:
-    """The application's job hub (`options.hub_name`): created on this node (the output folder's and the job
-    database's), detached so that it outlives a `serve run` driver; an existing one is reused. Returns the
-    hub and the token its output-folder marker holds."""
+    """The application's job hub (`options.hub_name`): created on the head node (the cluster's one stable node,
+    where the job database lives), detached so that it outlives a `serve run` driver; an existing one is reused.
+    Returns the hub and the token its output-folder marker holds."""
     ray, _ = require_ray()
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     if settings.output_dir is None:
         raise ValueError("serving on Ray needs --output-dir (a folder every node sees)")
     token = secrets.token_hex(8)
     hub = ray.remote(JobHub).options(
         name=options.hub_name, namespace=HUB_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-        max_restarts=-1, max_concurrency=10_000,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+        max_restarts=-1, max_concurrency=10_000, resources={HEAD_NODE: 0.001},
     ).remote(str(settings.output_dir), settings.keep_jobs, settings.max_queue * options.max_replicas,
              options.max_attempts, options.app_name, token)
     return hub, ray.get(hub.token.remote())

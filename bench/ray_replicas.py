@@ -1,0 +1,165 @@
+"""Throughput of `ditserve serve --ray` on a burst of small jobs: one replica vs several, over HTTP.
+
+For each replica count it starts a real `ditserve serve --ray --replicas N` (a local Ray cluster,
+one torch thread and one CPU per replica, the embedded tiny model unless --model), waits until
+every replica reports, pays one-off costs with a small warm-up burst, then sends `--jobs` video
+jobs at once from 8 client threads and times the burst from the first POST until the last job is
+finished (polling the job list), `--rounds` times. Reports jobs/s per replica count (median of the
+rounds) and the speed-up over one replica; every job must complete.
+
+    python bench/ray_replicas.py                            # CPU: 1 vs 2 replicas of the tiny model
+    python bench/ray_replicas.py --replicas 1,2,4 --model /tmp/wan13 --replica-gpus 1 --size 832x480 --frames 17
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from report import publish, shown_args  # bench/report.py, after the path insert
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+PROMPT = "a red circle moving left on a blue background"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(replicas: int, args: argparse.Namespace, out: Path) -> tuple[subprocess.Popen, str]:
+    """`ditserve serve --ray --replicas N`, ready with every replica reporting."""
+    port = _free_port()
+    command = [sys.executable, "-m", "ditserve.cli", "serve", "--ray", "--replicas", str(replicas), "--port",
+               str(port), "--output-dir", str(out), "--log-level", "warning", "--app-name", f"bench{replicas}",
+               "--replica-cpus", str(args.replica_cpus), "--replica-threads", str(args.replica_threads),
+               "--max-queue", str(args.jobs)]
+    if args.model:
+        command += ["--model", args.model]
+    if args.replica_gpus is not None:
+        command += ["--replica-gpus", str(args.replica_gpus)]
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    with httpx.Client(base_url=url, timeout=10) as http:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ditserve serve --ray exited with {proc.returncode}")
+            try:
+                if http.get("/health").status_code == 200 and f"ditserve_replicas {replicas}.0" in http.get(
+                        "/metrics").text:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server never became ready")
+            time.sleep(0.5)
+
+
+def burst(http: httpx.Client, n: int, body: dict, seed: int) -> tuple[float, dict[str, int]]:
+    """`n` jobs at once: seconds from the first POST until all are finished, and jobs per replica."""
+    started = time.perf_counter()
+
+    def post(i: int) -> str:
+        response = http.post("/v1/videos", json={"prompt": PROMPT, "seed": seed + i, **body})
+        response.raise_for_status()
+        return response.json()["id"]
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = set(pool.map(post, range(n)))
+    while True:
+        listed = [v for v in http.get("/v1/videos", params={"limit": 100}).json()["data"] if v["id"] in ids]
+        if len(listed) == n and all(v["status"] in ("completed", "failed", "cancelled") for v in listed):
+            break
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    bad = [v for v in listed if v["status"] != "completed"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} job(s) did not complete: {bad[0]['error']}")
+    per_replica: dict[str, int] = {}
+    for v in listed:
+        per_replica[v["timings"]["replica"]] = per_replica.get(v["timings"]["replica"], 0) + 1
+    for job_id in ids:  # keep the folder small between rounds
+        http.delete(f"/v1/videos/{job_id}")
+    return elapsed, per_replica
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--replicas", default="1,2", help="replica counts to compare (default: 1,2)")
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded tiny model)")
+    parser.add_argument("--jobs", type=int, default=48, help="jobs per burst (default: 48)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed bursts per replica count (default: 3)")
+    parser.add_argument("--size", default="32x32")
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--replica-cpus", type=float, default=1.0)
+    parser.add_argument("--replica-threads", type=int, default=1)
+    parser.add_argument("--replica-gpus", type=float, default=None)
+    parser.add_argument("--markdown")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    body = {"size": args.size, "num_frames": args.frames, "steps": args.steps}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ditserve-bench-ray-") as scratch:
+        for replicas in (int(r) for r in args.replicas.split(",")):
+            proc, url = start(replicas, args, Path(scratch) / str(replicas))
+            try:
+                with httpx.Client(base_url=url, timeout=60) as http:
+                    burst(http, 4 * replicas, body, seed=10_000)  # warm-up: first calls, first MP4s
+                    times, spread = [], {}
+                    for r in range(args.rounds):
+                        elapsed, spread = burst(http, args.jobs, body, seed=r * args.jobs)
+                        times.append(elapsed)
+                        print(f"{replicas} replica(s), round {r + 1}: {args.jobs} jobs in {elapsed:.2f} s "
+                              f"({args.jobs / elapsed:.2f} jobs/s), per replica {sorted(spread.values())}",
+                              file=sys.stderr)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(120)
+            median = statistics.median(times)
+            rows.append({"replicas": replicas, "seconds": times, "median_s": median, "jobs_per_s": args.jobs / median,
+                         "last_spread": sorted(spread.values())})
+    base = rows[0]["jobs_per_s"]
+    lines = [
+        (f"#### Ray Serve replicas: a burst of {args.jobs} small jobs — {datetime.date.today()}, "
+         f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"),
+        "",
+        (f"Command: `{f'python bench/ray_replicas.py {shown_args()}'.strip()}`. A real `ditserve serve --ray "
+         f"--replicas N` per row (local Ray cluster, {args.replica_cpus:g} CPU and {args.replica_threads} torch "
+         f"thread(s) per replica, {'the embedded tiny model' if not args.model else args.model}); each job "
+         f"{args.size}, {args.frames} frames, {args.steps} steps; {args.jobs} jobs posted at once from 8 client "
+         f"threads, timed from the first POST until all are completed; median of {args.rounds} bursts after a warm-up."),
+        "",
+        "| replicas | burst (s), median | jobs/s | vs 1 replica | jobs per replica (last burst) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['replicas']} | {row['median_s']:.2f} | {row['jobs_per_s']:.2f} | "
+                     f"{row['jobs_per_s'] / base:.2f}x | {' / '.join(map(str, row['last_spread']))} |")
+    publish("\n".join(lines) + "\n", rows, args.markdown, None)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
