@@ -743,7 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    if getattr(args, "num_gpus", 1) > 1 and "WORLD_SIZE" not in os.environ:
+    if getattr(args, "num_gpus", 1) > 1 and "WORLD_SIZE" not in os.environ and not getattr(args, "ray", False):
         return _launch_ranks(argv, args)
     return args.func(args)
 

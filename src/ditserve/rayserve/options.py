@@ -48,6 +48,8 @@ class RayOptions:
     drain_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
+        if self.replicas is not None and (not isinstance(self.replicas, int) or self.replicas < 1):
+            raise ValueError(f"--replicas must be an int >= 1, got {self.replicas!r}")
         for name, flag, low in (("min_replicas", "--min-replicas", 0), ("max_replicas", "--max-replicas", 1),
                                 ("ingress_replicas", "--ingress-replicas", 1), ("max_attempts", "--max-attempts", 1)):
             value = getattr(self, name)

@@ -1,0 +1,60 @@
+"""`ditserve serve --ray` before anything starts: flags checked with clear errors, Ray imported only when asked
+for, and a clear message when it is not installed. No Ray cluster here (tests/test_rayserve.py runs one)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from helpers.server import source_env
+
+from ditserve.cli import main, ray_app
+from ditserve.rayserve.options import RayOptions
+from ditserve.rayserve.requirement import RayNotInstalled, require_ray
+
+
+def test_importing_ditserve_and_its_server_never_imports_ray() -> None:
+    code = ("import sys, ditserve, ditserve.cli, ditserve.server.app, ditserve.server.main\n"
+            "from ditserve.cli import build_parser\n"
+            "build_parser(['serve']).parse_args(['serve', '--ray', '--replicas', '2'])\n"
+            "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env=source_env(), timeout=120)
+
+
+def test_a_missing_ray_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(RayNotInstalled, match=r"pip install 'ditserve\[ray\]'"):
+        require_ray()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--min-replicas", "3", "--max-replicas", "2"], "--max-replicas (2) must be >= --min-replicas (3)"),
+    (["--replicas", "5", "--min-replicas", "1", "--max-replicas", "4"], "--replicas must be an int in [--min-replicas"),
+    (["--replicas", "0"], "--replicas must be an int >= 1"),
+    (["--target-jobs-per-replica", "0"], "--target-jobs-per-replica must be a number of jobs > 0"),
+    (["--max-attempts", "0"], "--max-attempts must be an int >= 1"),
+    (["--replica-threads", "0"], "--replica-threads must be an int >= 1"),
+    (["--num-gpus", "2"], "--num-gpus with --ray"),
+])
+def test_bad_flags_are_refused_before_ray_starts(flags: list[str], message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--ray", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_replica_counts_follow_the_flags() -> None:
+    fixed = RayOptions.fixed(3)
+    assert (fixed.min_replicas, fixed.max_replicas, fixed.autoscaling, fixed.initial_replicas) == (3, 3, False, 3)
+    scaled = RayOptions(min_replicas=0, max_replicas=4)
+    assert (scaled.autoscaling, scaled.initial_replicas, scaled.torch_threads) == (True, 1, 1)
+    assert RayOptions(app_name="video").hub_name == "video-jobs"
+    with pytest.raises(ValueError, match="application name"):
+        RayOptions(app_name="bad name!")
+
+
+def test_serve_run_builder_needs_a_shared_output_folder() -> None:
+    with pytest.raises(ValueError, match="serve run needs --output-dir"):
+        ray_app({"cli": "--replicas 2"})
+    with pytest.raises(ValueError, match="one argument, cli="):
+        ray_app({"replicas": "2"})
