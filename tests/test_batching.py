@@ -450,6 +450,36 @@ def test_decoder_batches_equal_shapes_and_retries_a_failed_batch_one_by_one() ->
     assert [float(results[k].flat[0]) for k in (1, 3, 4, 5, 6)] == [1.0, 3.0, 4.0, 5.0, 6.0]
 
 
+def test_decoder_close_drains_then_ends_its_thread_and_refuses_more() -> None:
+    decoded: list[float] = []
+    before = {t.ident for t in threading.enumerate()}
+    decoder = Decoder(lambda latents: [row.numpy() for row in latents])
+    decoder.submit_all([(torch.full((1, 1, 1, 2, 2), v), lambda f, e, s, t: decoded.append(float(f.flat[0])))
+                        for v in (1.0, 2.0)])
+    decoder.close()
+    assert decoded == [1.0, 2.0] and {t.ident for t in threading.enumerate()} <= before
+    with pytest.raises(RuntimeError, match="closed"):
+        decoder.submit_all([(torch.zeros(1, 1, 1, 2, 2), lambda *a: None)])
+
+
+def test_generate_leaves_no_thread_and_frees_the_pipeline(tiny_wan_path: Path) -> None:
+    """Each `generate` runs an engine of its own; its decoder thread must end with it, or it keeps
+    the pipeline (and its GPU memory) alive after the caller drops it."""
+    import gc
+    import weakref
+
+    before = {t.ident for t in threading.enumerate()}
+    local = ditserve.Pipeline.from_pretrained(tiny_wan_path, device="cpu", dtype="fp32")
+    local.generate("a cat", height=16, width=16, num_frames=1, num_inference_steps=1, seed=0)
+    small = dict(height=16, width=16, num_frames=1, num_inference_steps=1)
+    local.generate_batch([{"prompt": "a", "seed": 1, **small}, {"prompt": "b", "seed": 2, **small}])
+    assert [t.name for t in threading.enumerate() if t.ident not in before and t.name.startswith("ditserve")] == []
+    alive = weakref.ref(local)
+    del local
+    gc.collect()
+    assert alive() is None
+
+
 def test_failures_and_cancels_end_only_their_request() -> None:
     stages = FakeFamily()
     stages.fail_encode.add(2)

@@ -272,10 +272,12 @@ class BatchingEngine:
 
     def stop(self, *, cancel: bool = False, timeout: float | None = None) -> bool:
         """`close(cancel=cancel)`, then wait for the thread `start` began (it ends once every
-        decode is done); True if it has ended."""
+        decode is done and the decoder's thread has ended); True if it has ended. Without
+        `start`, ends the decoder's thread after its queued decodes (a synchronous batch's end)."""
         self.close(cancel=cancel)
         thread = self._thread
         if thread is None:
+            self._decoder.close()
             return True
         thread.join(timeout)
         return not thread.is_alive()
@@ -335,7 +337,7 @@ class BatchingEngine:
                 log.exception("batching engine step failed; its active requests were failed")
         if self._leader is not None:
             self._leader.stop()
-        self._decoder.wait_idle()
+        self._decoder.close()
 
     # -- step pieces ---------------------------------------------------------------------------
 

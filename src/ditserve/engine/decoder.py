@@ -67,6 +67,7 @@ class Decoder:
         self._pending = 0  # submitted, callback not yet returned
         self._thread: threading.Thread | None = None
         self._stream: torch.cuda.Stream | None = None
+        self._closed = False
 
     def submit_all(self, items: list[tuple[Tensor, DecodeDone]]) -> None:
         """Queue latents `[1, C, ...]` (from the calling thread's current stream) with their callbacks;
@@ -81,6 +82,8 @@ class Decoder:
                 ready.record()
             jobs.append(_Job(latents, ready, done))
         with self._cond:
+            if self._closed:
+                raise RuntimeError("the decoder is closed")
             self._jobs.extend(jobs)
             self._pending += len(jobs)
             if self._thread is None:
@@ -97,12 +100,26 @@ class Decoder:
         with self._cond:
             return self._cond.wait_for(lambda: self._pending == 0, timeout)
 
+    def close(self) -> None:
+        """Take no more latents; the worker thread decodes what is queued, then ends (joined
+        here unless called from it). Without it the thread, and through `decode_batch` the
+        whole pipeline, would live as long as the process."""
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
     # -- the worker --------------------------------------------------------------------------
 
-    def _next_group(self) -> list[_Job]:
-        """The oldest job and the queued jobs of its shape, within the pixel bound."""
+    def _next_group(self) -> list[_Job] | None:
+        """The oldest job and the queued jobs of its shape, within the pixel bound; None once
+        closed and drained."""
         with self._cond:
-            self._cond.wait_for(lambda: bool(self._jobs))
+            self._cond.wait_for(lambda: bool(self._jobs) or self._closed)
+            if not self._jobs:
+                return None
             head = self._jobs.popleft()
             shape = head.latents.shape
             room = max(1, self.max_batch_latent_pixels // (shape[-1] * shape[-2])) - 1
@@ -117,8 +134,7 @@ class Decoder:
             return group
 
     def _run(self) -> None:
-        while True:
-            group = self._next_group()
+        while (group := self._next_group()) is not None:
             start = time.perf_counter()
             try:
                 results = [(frames, None) for frames in self._decode(group)]

@@ -244,8 +244,11 @@ class Pipeline(ABC):
                     max_batch_size: int | None = None) -> list[GenerationOutput]:
         family = getattr(self, "_engine_family", None) or self
         engine = BatchingEngine(family, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size)
-        futures = [engine.submit(request, cancel=cancel, callback=cb) for request, cb in zip(requests, callbacks)]
-        engine.run_until_idle()
+        try:
+            futures = [engine.submit(request, cancel=cancel, callback=cb) for request, cb in zip(requests, callbacks)]
+            engine.run_until_idle()
+        finally:
+            engine.stop(cancel=True)  # ends the decoder's thread (it holds this pipeline)
         return [future.result() for future in futures]
 
     def _validated(self, index: int, request: Mapping[str, Any] | GenerationRequest) -> GenerationRequest:
