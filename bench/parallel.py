@@ -1,13 +1,14 @@
 """One Wan generation on several GPUs: per-step time and scaling of each parallel layout, and PSNR vs one GPU.
 
-Each layout (`samples x sequence`: CFG parallelism x Ulysses) runs as its own `torchrun` of a
+Each layout (`SxQ`: CFG parallelism x Ulysses; `SxQr`: x ring; `SxUxR`: x Ulysses inside ring)
+runs as its own `torchrun` of a
 worker (this file with `--worker`), which builds the same random-weight pipeline on every rank
 (published transformer config, a small UMT5, the Wan2.1 VAE; same seed, same weights), runs one
 CFG generation and saves rank 0's frames and step times. The driver compares every layout with
 the 1-GPU run of the same request.
 
     python bench/parallel.py --config 14b --layouts 1x1,2x1,1x2 --markdown docs/performance.md   # 2 GPUs
-    python bench/parallel.py --config 14b --layouts 1x1,2x1,1x2,2x2,1x4 ...                     # 4 GPUs
+    python bench/parallel.py --config 14b --layouts 1x1,2x1,1x2,2x2,1x4,1x2x2 ...               # 4 GPUs
     python bench/parallel.py --config tiny --device cpu --layouts 1x1,2x1,1x2                    # CPU smoke run
 """
 
@@ -68,10 +69,13 @@ def worker(args: argparse.Namespace) -> None:
     """One rank of one layout (under torchrun)."""
     from ditserve.distributed import ParallelLayout, build_groups, init_from_environment
 
-    samples, sequence = args.layout.split("x")
-    ring = sequence.endswith("r")
-    sequence = int(sequence.rstrip("r"))
-    layout = ParallelLayout(int(samples), ulysses=1 if ring else sequence, ring=sequence if ring else 1)
+    parts = args.layout.split("x")
+    if len(parts) == 3:  # SxUxR: Ulysses inside ring
+        layout = ParallelLayout(int(parts[0]), ulysses=int(parts[1]), ring=int(parts[2]))
+    else:
+        ring = parts[1].endswith("r")
+        sequence = int(parts[1].rstrip("r"))
+        layout = ParallelLayout(int(parts[0]), ulysses=1 if ring else sequence, ring=sequence if ring else 1)
     rank, device = 0, torch.device(args.device)
     if layout.world > 1:
         rank, rank_device = init_from_environment(layout, device.type)
@@ -80,8 +84,8 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.set_device(device)
     pipe = build_pipeline(args.config, device)
     if layout.world > 1:
-        sample_group, sequence_group = build_groups(layout, rank)
-        pipe.parallelize(sample_group=sample_group, sequence_group=sequence_group, ring=layout.ring > 1)
+        sample_group, sequence = build_groups(layout, rank)
+        pipe.parallelize(sample_group=sample_group, sequence=sequence)
     height, width, frames = (int(x) for x in args.size.split("x"))
     request = dict(prompt="a cat surfing a wave", negative_prompt="blurry", height=height, width=width,
                    num_frames=frames, num_inference_steps=args.steps, guidance_scale=5.0, seed=0)
@@ -104,8 +108,8 @@ def main() -> int:
     parser.add_argument("--size", default=None, help="HEIGHTxWIDTHxFRAMES (default: the config's published size)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--layouts", default="1x1,2x1,1x2",
-                        help="SAMPLESxSEQUENCE per run (SEQUENCE by Ulysses; with an 'r', e.g. 1x2r, by ring); "
-                             "the first is the baseline")
+                        help="SAMPLESxSEQUENCE per run (SEQUENCE by Ulysses; with an 'r', e.g. 1x2r, by ring; "
+                             "SAMPLESxULYSSESxRING for both, e.g. 1x2x2); the first is the baseline")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--markdown")
     parser.add_argument("--json")

@@ -23,12 +23,15 @@ from ditserve.attention import Attention, AttentionBackendError, AttentionMetada
 from ditserve.attention.backends.reference import ReferenceBackend, dense_attention_math
 from ditserve.attention.backends.sdpa import SdpaBackend
 from ditserve.attention.parallel import (
+    HybridSplit,
     RingAttention,
+    SequenceParallel,
     UlyssesAttention,
     agree_on_choice,
     kv_head_replication,
     lse_backend_names,
     merge_partials,
+    hybrid_split,
     split_dense,
     split_packed,
 )
@@ -43,7 +46,7 @@ class Case:
     """One parallel attention call: what is split, how, and which inner attention runs it."""
 
     name: str
-    mode: str  # "ulysses" | "ring"
+    mode: str  # "ulysses" | "ring" | "hybrid" (Ulysses 2 inside ring: 4 ranks only)
     packed: bool
     heads: int = 4
     kv_heads: int = 4
@@ -73,7 +76,13 @@ CASES = [
     Case("ring_joint_dense", "ring", packed=False, joint=5),
     Case("ring_joint_packed", "ring", packed=True, joint=0),
     Case("ring_float32", "ring", packed=False, dtype=torch.float32, inner="reference"),
+    Case("hybrid_dense", "hybrid", packed=False),
+    Case("hybrid_packed", "hybrid", packed=True),
+    Case("hybrid_gqa_packed_one_kv_head", "hybrid", packed=True, heads=4, kv_heads=1),
+    Case("hybrid_joint_dense", "hybrid", packed=False, joint=5),
+    Case("hybrid_joint_packed", "hybrid", packed=True, joint=0),
 ]
+HYBRID_ULYSSES = 2  # hybrid cases run on 4 ranks as 2 (Ulysses) x 2 (ring)
 
 
 def _inputs(case: Case) -> dict[str, torch.Tensor]:
@@ -114,20 +123,30 @@ def _inner(case: Case):
     return ReferenceBackend() if case.inner == "reference-instance" else Attention(case.inner)
 
 
-def _run_case(case: Case, rank: int, size: int) -> dict[str, object]:
+def _run_case(case: Case, rank: int, size: int, hybrid: SequenceParallel | None = None) -> dict[str, object]:
     x = _inputs(case)
-    if case.packed:
-        split = split_packed(LENGTHS, size, rank, joint_lengths=JOINT_LENGTHS if case.joint is not None else None)
+    joint_lengths = JOINT_LENGTHS if case.joint is not None else None
+    if case.mode == "hybrid":
+        split = hybrid.split(LENGTHS if case.packed else case.seq_len, joint_lengths=joint_lengths)
+        wrapper = hybrid.attention(_inner(case))
     else:
-        split = split_dense(case.seq_len, size, rank)
-    wrapper = (UlyssesAttention if case.mode == "ulysses" else RingAttention)(_inner(case))
+        if case.packed:
+            split = split_packed(LENGTHS, size, rank, joint_lengths=joint_lengths)
+        else:
+            split = split_dense(case.seq_len, size, rank)
+        wrapper = (UlyssesAttention if case.mode == "ulysses" else RingAttention)(_inner(case))
     q, k, v = (split.shard(x[n]) for n in "qkv")
     arg = None if case.no_split else split
     if case.joint is None:
         local, joint = wrapper(q, k, v, arg), None
     else:
         joint, local = wrapper.forward_joint(x["jq"], x["jk"], x["jv"], q, k, v, arg)
-    return {"out": split.gather(local), "local": local, "joint": joint, "choices": wrapper.backends.choices}
+    out = hybrid.gather(split, local) if case.mode == "hybrid" else split.gather(local)
+    return {"out": out, "local": local, "joint": joint, "choices": wrapper.backends.choices}
+
+
+def _cases(size: int) -> list[Case]:
+    return [c for c in CASES if c.mode != "hybrid" or size == 2 * HYBRID_ULYSSES]
 
 
 def _run_errors(rank: int, size: int) -> dict[str, tuple[str, str]]:
@@ -162,9 +181,14 @@ def _worker(rank: int, size: int, store_path: str, out_dir: str) -> None:
     )
     try:
         results: dict[str, object] = {"cases": {}}
-        for case in CASES:  # an exception ends this rank; the spawner then stops the others and re-raises it
+        hybrid = None
+        if size == 2 * HYBRID_ULYSSES:  # the grid build_groups makes: neighbours share a Ulysses group
+            ulysses = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]
+            ring = [torch.distributed.new_group([0, 2]), torch.distributed.new_group([1, 3])]
+            hybrid = SequenceParallel.hybrid(ulysses[rank // 2], ring[rank % 2])
+        for case in _cases(size):  # an exception ends this rank; the spawner then stops the others and re-raises it
             start = time.perf_counter()
-            results["cases"][case.name] = _run_case(case, rank, size)
+            results["cases"][case.name] = _run_case(case, rank, size, hybrid)
             results["cases"][case.name]["seconds"] = time.perf_counter() - start
         results["errors"] = _run_errors(rank, size)
         results["agreement"] = _run_agreement(rank, size)
@@ -191,8 +215,7 @@ def _tol(case: Case) -> float:
     return 1e-10 if case.dtype == torch.float64 else 1e-5
 
 
-@pytest.mark.parametrize("size", [2, 4])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize(("case", "size"), [(c, n) for n in (2, 4) for c in _cases(n)], ids=lambda x: getattr(x, "name", x))
 def test_matches_float64_whole_sequence(runs, case: Case, size: int):
     """Every rank's gathered output (and joint output) equals attention over the whole sequence."""
     expected, expected_joint = _expected(case)
@@ -206,19 +229,23 @@ def test_matches_float64_whole_sequence(runs, case: Case, size: int):
             assert jerr <= _tol(case), f"rank {rank}: joint max error {jerr:.2e}"
 
 
-@pytest.mark.parametrize("size", [2, 4])
-@pytest.mark.parametrize("case", [c for c in CASES if c.joint is not None or c.name in ("ulysses_dense", "ring_packed")], ids=lambda c: c.name)
+@pytest.mark.parametrize(("case", "size"), [(c, n) for n in (2, 4) for c in _cases(n)
+                                           if c.joint is not None or c.name in ("ulysses_dense", "ring_packed", "hybrid_packed")],
+                         ids=lambda x: getattr(x, "name", x))
 def test_ranks_agree_and_padding_is_zero(runs, case: Case, size: int):
     """Joint outputs are the same bits on every rank; padded local rows are zero; the backend is agreed."""
     results = [r["cases"][case.name] for r in runs[(size, 0)]]
     for rank, got in enumerate(results):
-        split = split_packed(LENGTHS, size, rank) if case.packed else split_dense(case.seq_len, size, rank)
+        if case.mode == "hybrid":
+            split = hybrid_split(LENGTHS if case.packed else case.seq_len, (rank % 2, 2), (rank // 2, 2)).ulysses
+        else:
+            split = split_packed(LENGTHS, size, rank) if case.packed else split_dense(case.seq_len, size, rank)
         local = got["local"]
         assert torch.equal(split.zero_padding(local.clone()), local), f"rank {rank}: padded rows are not zero"
         assert got["choices"] == results[0]["choices"]
         if case.joint is not None:
             assert torch.equal(got["joint"], results[0]["joint"]), f"rank {rank}: joint output differs from rank 0's"
-    if case.mode == "ring":
+    if case.mode in ("ring", "hybrid"):
         assert results[0]["choices"] == ["reference"]  # auto takes a backend that returns the log-sum-exp
 
 
@@ -314,6 +341,20 @@ def test_splits_pad_the_last_chunks_and_round_trip():
         packed[0].check_inputs(local, local[1:], local)
     with pytest.raises(ValueError, match="at least one token"):
         split_packed([0, 0], 2, 0)
+
+
+def test_hybrid_split_shards_round_trip_through_both_levels():
+    """A 2 (Ulysses) x 2 (ring) split: each rank's shard, put back per ring chunk by the Ulysses split and
+    then by the ring split, is the whole sequence; ring padding stays inside the Ulysses pieces."""
+    dense = torch.arange(2 * 13 * 3, dtype=torch.float64).reshape(2, 13, 3)
+    packed = torch.arange(sum(LENGTHS) * 3, dtype=torch.float64).reshape(-1, 3)
+    for lengths, x in ((13, dense), (LENGTHS, packed)):
+        splits = {(u, r): hybrid_split(lengths, (u, 2), (r, 2)) for u in range(2) for r in range(2)}
+        assert all(isinstance(s, HybridSplit) and s.packed == (x is packed) for s in splits.values())
+        ring_chunks = [splits[0, r].ulysses.from_chunks(torch.stack([splits[u, r].shard(x) for u in range(2)]))
+                       for r in range(2)]
+        assert torch.equal(splits[0, 0].ring.from_chunks(torch.stack(ring_chunks)), x)
+        assert splits[1, 1].chunks == splits[1, 1].ulysses.chunks  # what a rank holds: its Ulysses piece
 
 
 def test_kv_head_replication_and_head_errors():

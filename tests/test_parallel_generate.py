@@ -1,9 +1,10 @@
 """Generation on several ranks (real processes, gloo on CPU): the same video as one process.
 
-Every rank runs `Pipeline.generate` on the same request (SPMD). Modes: Ulysses sequence
-parallelism inside the Wan DiT (2 ranks), CFG parallelism (cond and uncond on two ranks:
-`ditserve.engine.parallel.SampleParallel`), and both (2 x 2 on four ranks). Each rank's frames
-must equal the single-process frames (float32 rounding) and each other.
+Every rank runs `Pipeline.generate` on the same request (SPMD). Modes: Ulysses, ring, and
+Ulysses inside ring (2 x 2) sequence parallelism inside the DiT, CFG parallelism (cond and uncond
+on two ranks: `ditserve.engine.parallel.SampleParallel`), and CFG x Ulysses; for Wan and FLUX.1.
+The groups come from `ditserve.distributed.build_groups`, as the CLI and server make them. Each
+rank's frames must equal the single-process frames (float32 rounding) and each other.
 """
 
 from __future__ import annotations
@@ -30,28 +31,27 @@ FLUX_REQUEST = dict(prompt="a red ball on the grass", negative_prompt="blurry", 
 FLUX_MIXED = [dict(FLUX_REQUEST, seed=1), dict(FLUX_REQUEST, height=16, width=24, true_cfg_scale=1.0, seed=2),
               dict(FLUX_REQUEST, height=40, width=16, num_inference_steps=2, seed=4)]
 REQUESTS = {"wan": (REQUEST, MIXED), "flux": (FLUX_REQUEST, FLUX_MIXED)}
-# family, world, samples, sequence, ring; the tiny Wan DiT has 2 heads: 4 sequence ranks must use ring
-MODES = {"ulysses2": ("wan", 2, 1, 2, False), "cfg2": ("wan", 2, 2, 1, False), "cfg2xulysses2": ("wan", 4, 2, 2, False),
-         "ring2": ("wan", 2, 1, 2, True), "ring4": ("wan", 4, 1, 4, True), "flux-ulysses2": ("flux", 2, 1, 2, False),
-         "flux-cfg2": ("flux", 2, 2, 1, False)}
+# family, samples (CFG), Ulysses degree, ring degree; the tiny Wan DiT has 2 heads: 4 sequence ranks need ring
+MODES = {"ulysses2": ("wan", 1, 2, 1), "cfg2": ("wan", 2, 1, 1), "cfg2xulysses2": ("wan", 2, 2, 1),
+         "ring2": ("wan", 1, 1, 2), "ring4": ("wan", 1, 1, 4), "ulysses2xring2": ("wan", 1, 2, 2),
+         "flux-ulysses2": ("flux", 1, 2, 1), "flux-cfg2": ("flux", 2, 1, 1), "flux-ring2": ("flux", 1, 1, 2),
+         "flux-ulysses2xring2": ("flux", 1, 2, 2)}
 SPAWN_TIMEOUT_S = 120
 
 
-def _worker(rank: int, family: str, world: int, samples: int, sequence: int, ring: bool, model: str, store: str,
-            out: str) -> None:
+def _worker(rank: int, family: str, samples: int, ulysses: int, ring: int, model: str, store: str, out: str) -> None:
+    from ditserve.distributed import ParallelLayout, build_groups
+
+    layout = ParallelLayout(samples, ulysses, ring)
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=layout.world,
                                          timeout=timedelta(seconds=60))
     try:
         import ditserve
 
-        # rank = sample index * sequence + sequence index: sequence groups are neighbours
-        sequence_groups = [torch.distributed.new_group(list(range(s * sequence, (s + 1) * sequence)))
-                           for s in range(samples)]
-        sample_groups = [torch.distributed.new_group(list(range(q, world, sequence))) for q in range(sequence)]
+        sample_group, sequence = build_groups(layout, rank)
         pipe = ditserve.Pipeline.from_pretrained(model, device="cpu", dtype="fp32")
-        pipe.parallelize(sample_group=sample_groups[rank % sequence] if samples > 1 else None,
-                         sequence_group=sequence_groups[rank // sequence] if sequence > 1 else None, ring=ring)
+        pipe.parallelize(sample_group=sample_group, sequence=sequence)
         request, mixed = REQUESTS[family]
         frames = pipe.generate(**request).frames
         np.save(os.path.join(out, f"rank{rank}.npy"), frames)
@@ -62,9 +62,10 @@ def _worker(rank: int, family: str, world: int, samples: int, sequence: int, rin
 
 
 def _spawn(mode: str, model: Path, tmp: Path) -> list[list[np.ndarray]]:
-    family, world, samples, sequence, ring = MODES[mode]
+    family, samples, ulysses, ring = MODES[mode]
+    world = samples * ulysses * ring
     tmp.mkdir(parents=True)
-    run_ranks(_worker, world, (family, world, samples, sequence, ring, str(model), str(tmp / "store"), str(tmp)),
+    run_ranks(_worker, world, (family, samples, ulysses, ring, str(model), str(tmp / "store"), str(tmp)),
               SPAWN_TIMEOUT_S)
     return [[np.load(tmp / f"rank{r}.npy"), *(np.load(tmp / f"rank{r}-mixed{i}.npy") for i in range(len(MIXED)))]
             for r in range(world)]
@@ -131,9 +132,9 @@ def test_ditserve_generate_under_torchrun(tiny_wan_path: Path, tmp_path: Path,
     assert cli.main(["generate", *flags, "--num-gpus", "4", "--cfg-parallel", "3", "--output", str(tmp_path / "y.png")]) == 2
     assert "--cfg-parallel 3 x --ulysses-degree 1 x --ring-degree 1 = 3 does not divide --num-gpus 4" in \
         capsys.readouterr().err
-    assert cli.main(["generate", *flags, "--num-gpus", "4", "--ulysses-degree", "2", "--ring-degree", "2",
+    assert cli.main(["generate", *flags, "--num-gpus", "4", "--ulysses-degree", "2", "--ring-degree", "3",
                      "--output", str(tmp_path / "y.png")]) == 2
-    assert "--ulysses-degree and --ring-degree together (a hybrid) are not supported yet" in capsys.readouterr().err
+    assert "--ulysses-degree 2 x --ring-degree 3 = 6 does not divide --num-gpus 4" in capsys.readouterr().err
     assert cli.main(["generate", *flags, "--num-gpus", "4", "--ulysses-degree", "4", "--output",
                      str(tmp_path / "y.png")]) == 2  # the tiny DiT has 2 heads
     assert "2 attention heads do not divide by --ulysses-degree 4: use --ring-degree 4" in capsys.readouterr().err

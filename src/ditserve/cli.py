@@ -223,9 +223,9 @@ def _run_generate(args: argparse.Namespace) -> str:
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=backend, compile=args.compile)
     if layout.world > 1:
-        sample_group, sequence_group = build_groups(layout, rank)
+        sample_group, sequence = build_groups(layout, rank)
         try:
-            pipe.parallelize(sample_group=sample_group, sequence_group=sequence_group, ring=layout.ring > 1)
+            pipe.parallelize(sample_group=sample_group, sequence=sequence)
         except ValueError as e:
             raise _UsageError(str(e)) from None
     load_s = time.perf_counter() - start
@@ -291,8 +291,8 @@ def _add_parallel_flags(parser: argparse.ArgumentParser, *, serving: bool) -> No
                         help="ranks dividing each forward's tokens by an all-to-all over heads (the heads must "
                              "divide by it)")
     parser.add_argument("--ring-degree", type=int, default=1,
-                        help="ranks dividing each forward's tokens by passing K/V round them (any head count; not "
-                             "with --ulysses-degree)")
+                        help="ranks dividing each forward's tokens by passing K/V round them (any head count); "
+                             "with --ulysses-degree too, ring between groups of that many Ulysses ranks")
 
 
 def _add_generate(sub: argparse._SubParsersAction, spec: Any) -> None:

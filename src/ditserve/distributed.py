@@ -7,8 +7,11 @@ whole multi-rank path is tested on machines without GPUs.
 Under `torchrun --nproc_per_node N`, each process reads its rank from the environment, joins the
 default group (NCCL on CUDA, gloo on the CPU) and takes GPU `LOCAL_RANK`. The N ranks form a grid
 of `samples x sequence`: ranks `s * sequence ... (s + 1) * sequence - 1` share one sequence group
-(Ulysses or ring inside the DiT), and ranks with the same position in their sequence group share one
-sample group (CFG parallelism). Every rank runs the same generation; rank 0 writes the result.
+(Ulysses, ring, or both inside the DiT), and ranks with the same position in their sequence group
+share one sample group (CFG parallelism). With both, a sequence group is a grid of ring x Ulysses:
+neighbouring ranks form a Ulysses group (all-to-alls stay on the closest links) and the ranks at one
+position in each Ulysses group form a ring. Every rank runs the same generation; rank 0 writes the
+result.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from ditserve.attention.parallel import SequenceParallel
 
 __all__ = ["ParallelLayout", "build_groups", "default_layout", "init_from_environment", "launch"]
 
@@ -27,8 +33,8 @@ __all__ = ["ParallelLayout", "build_groups", "default_layout", "init_from_enviro
 @dataclass(frozen=True)
 class ParallelLayout:
     """How many ranks divide each step's samples (CFG parallelism) and each forward's tokens: Ulysses
-    (an all-to-all over heads; the heads must divide by its degree) or ring (K/V passed round the
-    ranks; any head count). One of the two sequence kinds at a time."""
+    (an all-to-all over heads; the heads must divide by its degree), ring (K/V passed round the
+    ranks; any head count), or both (Ulysses inside each group of `ulysses` ranks, ring between them)."""
 
     samples: int = 1
     ulysses: int = 1
@@ -39,8 +45,6 @@ class ParallelLayout:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{flag} must be an int >= 1, got {value!r}")
-        if self.ulysses > 1 and self.ring > 1:
-            raise ValueError("--ulysses-degree and --ring-degree together (a hybrid) are not supported yet; give one")
 
     @property
     def sequence(self) -> int:
@@ -76,14 +80,29 @@ def init_from_environment(layout: ParallelLayout, device_type: str) -> tuple[int
     return dist.get_rank(), device
 
 
-def build_groups(layout: ParallelLayout, rank: int) -> tuple[Any, Any]:
-    """(sample group, sequence group) of `rank`, each None when its degree is 1. Every rank must call
+def build_groups(layout: ParallelLayout, rank: int) -> tuple[Any, SequenceParallel | None]:
+    """(sample group, sequence layout) of `rank`, each None when its degree is 1. Every rank must call
     this, in the same order (creating a group is collective)."""
-    sequence_groups = [dist.new_group(list(range(s * layout.sequence, (s + 1) * layout.sequence)))
-                       for s in range(layout.samples)]
-    sample_groups = [dist.new_group(list(range(q, layout.world, layout.sequence))) for q in range(layout.sequence)]
-    return (sample_groups[rank % layout.sequence] if layout.samples > 1 else None,
-            sequence_groups[rank // layout.sequence] if layout.sequence > 1 else None)
+    from ditserve.attention.parallel import SequenceParallel
+
+    seq, world = layout.sequence, layout.world
+    sequence_groups = [dist.new_group(list(range(s * seq, (s + 1) * seq))) for s in range(layout.samples)]
+    sample_groups = [dist.new_group(list(range(q, world, seq))) for q in range(seq)]
+    sample_group = sample_groups[rank % seq] if layout.samples > 1 else None
+    group = sequence_groups[rank // seq]
+    if seq == 1:
+        return sample_group, None
+    if layout.ring == 1:
+        return sample_group, SequenceParallel.ulysses(group)
+    if layout.ulysses == 1:
+        return sample_group, SequenceParallel.ring(group)
+    u = layout.ulysses  # in sequence group s, rank s * seq + r * u + i is Ulysses rank i of ring rank r
+    ulysses_groups = [dist.new_group(list(range(s * seq + r * u, s * seq + (r + 1) * u)))
+                      for s in range(layout.samples) for r in range(layout.ring)]
+    ring_groups = [dist.new_group(list(range(s * seq + i, (s + 1) * seq, u)))
+                   for s in range(layout.samples) for i in range(u)]
+    s, q = divmod(rank, seq)
+    return sample_group, SequenceParallel.hybrid(ulysses_groups[s * layout.ring + q // u], ring_groups[s * u + q % u], group)
 
 
 def default_layout(num_gpus: int, samples: int | None, ulysses: int | None, ring: int | None,

@@ -26,8 +26,9 @@ in the packed layout each token picks its sample's row through a per-token index
 Sequence parallelism (`enable_sequence_parallel`, either layout): each sample's image tokens are
 split across the ranks of a group, its text tokens stay whole on every rank. The text is short
 and every image token attends to all of it, so replicating it costs little and needs no
-exchange; Ulysses' `forward_joint` computes the text queries once (a head slice per rank) and
-hands every rank the same text output, so the text stream stays identical on every rank. On a
+exchange; the wrappers' `forward_joint` (Ulysses, ring or both) compute the text queries once
+(a head slice or a K/V chunk per rank) and hand every rank the same text output, so the text
+stream stays identical on every rank. On a
 rank the joint sequence is then simply `cat([whole text, local image], dim=1)`, with rotary
 angles and conditioning rows laid out the same way; the image tokens are gathered before the
 output head and every rank returns the whole prediction.
@@ -46,8 +47,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ditserve.attention import Attention, AttentionMetadata, AttentionSelector, run_attention_eagerly
-from ditserve.attention.parallel import (SequenceSplit, UlyssesAttention, kv_head_replication, split_dense,
-                                         split_packed)
+from ditserve.attention.parallel import (
+    HybridAttention,
+    HybridSplit,
+    RingAttention,
+    SequenceParallel,
+    SequenceSplit,
+    UlyssesAttention,
+    as_sequence_parallel,
+)
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import rotate_pairs
 from ditserve.models.wan import MLP, FeedForward, linear_gelu_tanh, timestep_embedding
@@ -186,7 +194,7 @@ class TokenLayout:
     txt_rows: Tensor | None = None
     img_rows: Tensor | None = None
     joint_rows: Tensor | None = None
-    sequence_split: SequenceSplit | None = None
+    sequence_split: SequenceSplit | HybridSplit | None = None
     text_tokens: int = 0
 
     @classmethod
@@ -212,7 +220,7 @@ class TokenLayout:
         )
 
     @classmethod
-    def parallel(cls, split: SequenceSplit, text_tokens: int, txt_rows: Tensor | None,
+    def parallel(cls, split: SequenceSplit | HybridSplit, text_tokens: int, txt_rows: Tensor | None,
                  img_rows: Tensor | None) -> TokenLayout:
         """One rank's layout: the whole text (`text_tokens`, rows `txt_rows`), then its image
         slice (rows `img_rows`, already sharded); rows None (dense) broadcast per sample."""
@@ -330,7 +338,7 @@ class FluxAttention(nn.Module):
             self.norm_added_k = nn.RMSNorm(head_dim, eps=_EPS)
             self.to_add_out = nn.Linear(inner, dim)
         self.attention = Attention(selector=selector, scale=None)
-        self.sequence_parallel: UlyssesAttention | None = None  # set by the model's `enable_sequence_parallel`
+        self.sequence_parallel: UlyssesAttention | RingAttention | HybridAttention | None = None  # `enable_sequence_parallel`
 
     def _qkv(self, x: Tensor, added: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Heads-split q, k, v `[..., N, H, D]` of one stream, q and k normalised."""
@@ -353,7 +361,8 @@ class FluxAttention(nn.Module):
             out = self.attention(q, k, v, metadata)
         return out.flatten(-2).to(q.dtype)
 
-    def _attend_split(self, q: Tensor, k: Tensor, v: Tensor, split: SequenceSplit, text_tokens: int) -> Tensor:
+    def _attend_split(self, q: Tensor, k: Tensor, v: Tensor, split: SequenceSplit | HybridSplit,
+                      text_tokens: int) -> Tensor:
         """Sequence parallel: `[whole text; local image]` q/k/v `[1 or B, L + local, H, D]` -> the
         whole text's output (the same on every rank) and this rank's image output, joined alike."""
         if self.sequence_parallel is None:
@@ -489,8 +498,7 @@ class FluxTransformer2DModel(nn.Module):
         self.norm_out = AdaNorm(dim, 2)
         # as diffusers: patch_size only widens the output (Flux checkpoints have 1; latents come packed 2x2)
         self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * cfg.out_channels)
-        self._sequence_parallel = False  # set by `enable_sequence_parallel`, with its group
-        self._sequence_group: torch.distributed.ProcessGroup | None = None
+        self._sequence_parallel: SequenceParallel | None = None  # set by `enable_sequence_parallel`
 
     @classmethod
     def from_config(cls, config: dict[str, Any], attention_backend: str | None = None) -> FluxTransformer2DModel:
@@ -510,38 +518,33 @@ class FluxTransformer2DModel(nn.Module):
 
     # -- configuration of attention ------------------------------------------------------
 
-    def enable_sequence_parallel(self, group: torch.distributed.ProcessGroup | None = None, *,
+    def enable_sequence_parallel(self, layout: SequenceParallel | torch.distributed.ProcessGroup | None = None, *,
                                  ring: bool = False) -> None:
-        """Split each sample's image tokens across the ranks of `group` (None: the default group).
+        """Split each sample's image tokens across ranks.
 
-        Text tokens stay whole on every rank (the joint tokens of Ulysses' `forward_joint`), image
-        tokens, their rotary angles and conditioning rows are sharded, and the image is gathered
-        before the head. Every rank must run the same forward (dense or packed) on the same
-        inputs; each returns the whole output. Ulysses gives each rank a share of the heads, so
-        the head count must be divisible by the group size (checked here, before any forward).
+        Text tokens stay whole on every rank (the joint tokens of the wrappers' `forward_joint`),
+        image tokens, their rotary angles and conditioning rows are sharded, and the image is
+        gathered before the head. Every rank must run the same forward (dense or packed) on the
+        same inputs; each returns the whole output. `layout`: a `SequenceParallel` (Ulysses, ring,
+        or Ulysses inside ring), or a process group (None: the default group) for Ulysses over
+        it, ring with `ring`. Ulysses needs the heads to divide by its degree (checked here).
         """
-        if ring:
-            raise ValueError("ring attention is not wired into the Flux DiT yet: use --ulysses-degree")
-        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-            raise RuntimeError("enable_sequence_parallel needs torch.distributed initialised "
-                               "(torch.distributed.init_process_group) on every rank first")
-        kv_head_replication(self.config.num_attention_heads, self.config.num_attention_heads,
-                            torch.distributed.get_world_size(group))  # ValueError naming the degrees that work
-        self._sequence_parallel, self._sequence_group = True, group
+        layout = as_sequence_parallel(layout, ring)
+        layout.check_heads(self.config.num_attention_heads)  # ValueError naming the degrees that work
+        self._sequence_parallel = layout
         for module in self.modules():
             if isinstance(module, FluxAttention):
-                module.sequence_parallel = UlyssesAttention(module.attention, group)
+                module.sequence_parallel = layout.attention(module.attention)
 
-    def _sequence_split(self, img_lens: int | Sequence[int], txt_lens: Sequence[int] = ()) -> SequenceSplit | None:
+    def _sequence_split(self, img_lens: int | Sequence[int],
+                        txt_lens: Sequence[int] = ()) -> SequenceSplit | HybridSplit | None:
         """This forward's split of the image tokens: dense (one length, the text whole in front) or
         packed (one image and one text length per sample); None when not sequence parallel."""
-        if not self._sequence_parallel:
+        if self._sequence_parallel is None:
             return None
-        group = self._sequence_group
-        world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
         if isinstance(img_lens, int):
-            return split_dense(img_lens, world, rank)
-        return split_packed(list(img_lens), world, rank, device=self.device, joint_lengths=list(txt_lens))
+            return self._sequence_parallel.split(img_lens)
+        return self._sequence_parallel.split(list(img_lens), self.device, joint_lengths=list(txt_lens))
 
     def set_attention_backend(self, name: str | None) -> None:
         """Use a new selector ("auto", a backend name, or None) in every attention layer."""
@@ -594,7 +597,7 @@ class FluxTransformer2DModel(nn.Module):
             x = block(x, temb, rotary, layout)
         return layout.split(x, txt.shape[1])[1]
 
-    def _split_blocks(self, split: SequenceSplit, img: Tensor, txt: Tensor, temb: Tensor, rotary: Rotary,
+    def _split_blocks(self, split: SequenceSplit | HybridSplit, img: Tensor, txt: Tensor, temb: Tensor, rotary: Rotary,
                       txt_rows: Tensor | None, img_rows: Tensor | None,
                       interrupt: Callable[[], bool] | None) -> Tensor:
         """`_blocks` with the image tokens split across the sequence group; returns them whole.
@@ -612,8 +615,8 @@ class FluxTransformer2DModel(nn.Module):
         layout = TokenLayout.parallel(split, text, txt_rows, None if img_rows is None else shard(img_rows))
         img = self._blocks(shard(img), txt, temb, local_rotary, layout, interrupt)
         if split.packed:
-            return split.gather(img[0], self._sequence_group)[None]
-        return split.gather(img, self._sequence_group)
+            return self._sequence_parallel.gather(split, img[0])[None]
+        return self._sequence_parallel.gather(split, img)
 
     def _head(self, img: Tensor, temb: Tensor, rows: Tensor | None) -> Tensor:
         """Output AdaLN (scale before shift, as diffusers' `AdaLayerNormContinuous`) and projection."""

@@ -35,7 +35,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ditserve.attention import Attention, AttentionMetadata, AttentionSelector, run_attention_eagerly
-from ditserve.attention.parallel import RingAttention, SequenceSplit, UlyssesAttention, split_dense, split_packed
+from ditserve.attention.parallel import (
+    HybridAttention,
+    HybridSplit,
+    RingAttention,
+    SequenceParallel,
+    SequenceSplit,
+    UlyssesAttention,
+    as_sequence_parallel,
+)
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import qk_rms_norm_rotary
 
@@ -263,7 +271,7 @@ class WanAttention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps, elementwise_affine=True)
         self.norm_k = nn.RMSNorm(dim, eps=eps, elementwise_affine=True)
         self.attention = Attention(selector=selector, scale=None)
-        self.sequence_parallel: UlyssesAttention | RingAttention | None = None  # `enable_sequence_parallel`
+        self.sequence_parallel: UlyssesAttention | RingAttention | HybridAttention | None = None  # `enable_sequence_parallel`
         self._qkv: tuple[Tensor, Tensor] | None = None  # set by fuse_qkv
 
     def fuse_qkv(self) -> None:
@@ -317,7 +325,7 @@ class WanAttention(nn.Module):
             k = self.norm_k(self.to_k(kv_in)).unflatten(-1, (self.heads, -1))
             v = self.to_v(kv_in)
         v = v.unflatten(-1, (self.heads, -1))
-        if isinstance(metadata, SequenceSplit):  # this rank's slice of a sequence split across ranks
+        if isinstance(metadata, (SequenceSplit, HybridSplit)):  # this rank's slice of a sequence split across ranks
             if metadata.packed:
                 out = self.sequence_parallel(q[0], k[0], v[0], metadata).unsqueeze(0)
             else:
@@ -475,33 +483,30 @@ class WanTransformer3DModel(nn.Module):
 
     # -- configuration of attention ------------------------------------------------------
 
-    def enable_sequence_parallel(self, group: torch.distributed.ProcessGroup | None = None, *,
+    def enable_sequence_parallel(self, layout: SequenceParallel | torch.distributed.ProcessGroup | None = None, *,
                                  ring: bool = False) -> None:
-        """Split each forward's tokens across the ranks of `group` (cross-attention needs no exchange:
-        its text is whole on every rank). Every rank runs the same forward on the same inputs and
-        returns the whole output, dense or packed (each sample of a packed batch split across the
-        ranks). Self-attention: Ulysses (an all-to-all over heads, which must divide by the group's
-        size), or with `ring` K/V passed round the ranks (any head count; a backend that returns the
-        log-sum-exp)."""
-        ranks = torch.distributed.get_world_size(group)
-        heads = self.config.num_attention_heads
-        if not ring and heads % ranks:
-            raise ValueError(f"{heads} attention heads do not divide by {ranks} Ulysses ranks: use --ring-degree "
-                             f"{ranks}, or a Ulysses degree that divides {heads}")
-        self._sequence_group = group
-        for block in self.blocks:
-            block.attn1.sequence_parallel = (RingAttention(None, group) if ring
-                                             else UlyssesAttention(block.attn1.attention, group))
+        """Split each forward's tokens across ranks (cross-attention needs no exchange: its text is
+        whole on every rank). Every rank runs the same forward on the same inputs and returns the
+        whole output, dense or packed (each sample of a packed batch split across the ranks).
 
-    def _sequence_split(self, tokens: int | Sequence[int]) -> SequenceSplit | None:
-        """This forward's split across the sequence group: dense (one length) or packed (one per sample)."""
-        if getattr(self, "_sequence_group", False) is False:
+        `layout`: a `SequenceParallel` (Ulysses, ring, or Ulysses inside ring), or a process group
+        (None: the default group) for Ulysses over it, ring with `ring`. Ulysses needs the heads
+        to divide by its degree (checked here); ring takes any head count."""
+        layout = as_sequence_parallel(layout, ring)
+        try:
+            layout.check_heads(self.config.num_attention_heads)
+        except ValueError as e:
+            raise ValueError(f"{e} (--ulysses-degree / --ring-degree)") from None
+        self._sequence_parallel = layout
+        for block in self.blocks:
+            block.attn1.sequence_parallel = layout.attention(block.attn1.attention)
+
+    def _sequence_split(self, tokens: int | Sequence[int]) -> SequenceSplit | HybridSplit | None:
+        """This forward's split across the sequence ranks: dense (one length) or packed (one per sample)."""
+        layout = getattr(self, "_sequence_parallel", None)
+        if layout is None:
             return None
-        group = self._sequence_group
-        world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
-        if isinstance(tokens, int):
-            return split_dense(tokens, world, rank)
-        return split_packed(list(tokens), world, rank, device=self.device)
+        return layout.split(tokens if isinstance(tokens, int) else list(tokens), self.device)
 
     def set_attention_backend(self, name: str | None) -> None:
         """Use a new selector ("auto", a backend name, or None) in every attention layer."""
@@ -679,7 +684,7 @@ class WanTransformer3DModel(nn.Module):
             local_rotary = (split.shard(rotary[0][None])[0], split.shard(rotary[1][None])[0])
             local_rows = None if rows is None else split.shard(rows)
             x = self._blocks(split.shard(x), context, modulation, local_rotary, local_rows, split, None, interrupt)
-            x = split.gather(x, self._sequence_group)
+            x = self._sequence_parallel.gather(split, x)
         out = self._unpatchify(self._head(x, temb, rows), grid)
         return WanTransformerOutput(out) if return_dict else (out,)
 
@@ -781,6 +786,6 @@ class WanTransformer3DModel(nn.Module):
             local_rotary = (split.shard(rotary[0]), split.shard(rotary[1]))
             x = self._blocks(split.shard(x[0])[None], context, modulation, local_rotary, split.shard(rows)[None],
                              split, local_cross, interrupt)
-            x = split.gather(x[0], self._sequence_group)[None]
+            x = self._sequence_parallel.gather(split, x[0])[None]
         x = self._head(x, temb, rows[None])[0]
         return [self._unpatchify(part[None], grid)[0] for part, grid in zip(x.split(counts), grids)]

@@ -147,18 +147,18 @@ class Pipeline(ABC):
         for module in self.denoisers():
             module.compile_blocks()
 
-    def parallelize(self, *, sample_group: Any = None, sequence_group: Any = None, ring: bool = False) -> None:
+    def parallelize(self, *, sample_group: Any = None, sequence: Any = None) -> None:
         """Run on several ranks of torch.distributed, every rank calling `generate` with the same requests
         (SPMD): `sample_group` divides each step's samples (CFG parallelism: cond and uncond on two
-        ranks; `ditserve.engine.parallel`), `sequence_group` each forward's tokens inside the DiT
-        (Ulysses; `ring`: K/V passed round the ranks instead). Either may be None; their sizes
-        multiply to the ranks used."""
-        if sequence_group is not None:
+        ranks; `ditserve.engine.parallel`), `sequence` (a `ditserve.attention.parallel.SequenceParallel`:
+        Ulysses, ring or both) each forward's tokens inside the DiT. Either may be None; their
+        sizes multiply to the ranks used."""
+        if sequence is not None:
             for module in self.denoisers():
                 if not hasattr(module, "enable_sequence_parallel"):
                     raise PipelineConfigError(f"{type(module).__name__} cannot split its sequence across ranks "
                                               "(no enable_sequence_parallel); use sample (CFG) parallelism only")
-                module.enable_sequence_parallel(sequence_group, ring=ring)
+                module.enable_sequence_parallel(sequence)
         if sample_group is not None:
             from ditserve.engine.parallel import SampleParallel
 

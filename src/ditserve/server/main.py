@@ -68,10 +68,10 @@ def warm_up(pipeline: Any) -> float:
     return time.perf_counter() - start
 
 
-def _parallel_family(pipeline: Any, groups: tuple[Any, Any], ring: bool) -> Any:
+def _parallel_family(pipeline: Any, groups: tuple[Any, Any]) -> Any:
     """The pipeline split over the rank grid: what the engine steps (every rank the same way)."""
-    sample_group, sequence_group = groups
-    pipeline.parallelize(sample_group=sample_group, sequence_group=sequence_group, ring=ring)
+    sample_group, sequence = groups
+    pipeline.parallelize(sample_group=sample_group, sequence=sequence)
     if sample_group is None:
         return pipeline
     from ditserve.engine.parallel import SampleParallel
@@ -80,14 +80,14 @@ def _parallel_family(pipeline: Any, groups: tuple[Any, Any], ring: bool) -> Any:
 
 
 def _follow(model: str | os.PathLike[str], device: Any, dtype: Any, attention_backend: str | None, compile: bool,
-            groups: tuple[Any, Any], ring: bool) -> int:
+            groups: tuple[Any, Any]) -> int:
     """A rank other than 0: load the same model, then run every step rank 0's engine publishes."""
     from ditserve import Pipeline
     from ditserve.engine.coordination import Follower
 
     pipeline = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=attention_backend,
                                         compile=compile)
-    follower = Follower(_parallel_family(pipeline, groups, ring))
+    follower = Follower(_parallel_family(pipeline, groups))
     for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 shuts down and tells the followers: they end with it
         signal.signal(sig, signal.SIG_IGN)
     follower.run()
@@ -113,7 +113,7 @@ def serve(
     """Serve the model folder at `model`; return the exit status (0 after a requested shutdown, 1 if loading failed).
 
     `warm`: run `warm_up` after loading, before /health reports ready. `layout`: several ranks under
-    torchrun (CFG x Ulysses or ring): rank 0 serves and leads every step, the others follow it
+    torchrun (CFG x Ulysses x ring): rank 0 serves and leads every step, the others follow it
     (`ditserve.engine.coordination`) until it shuts down."""
     from ditserve.pipelines import read_request_spec
     from ditserve.pipelines.options import resolve_load_options
@@ -128,7 +128,7 @@ def serve(
         device = rank_device if rank_device is not None else device
         groups = build_groups(layout, rank)
         if rank != 0:
-            return _follow(model, device, dtype, attention_backend, compile, groups, layout.ring > 1)
+            return _follow(model, device, dtype, attention_backend, compile, groups)
         leader, warm = Leader(), False  # a warm-up would run on rank 0 alone: the followers would wait
     device, dtype, attention_backend = resolve_load_options(device, dtype, attention_backend)
 
@@ -138,7 +138,7 @@ def serve(
         pipeline = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=attention_backend,
                                             compile=compile)
         if groups is not None:
-            return _parallel_family(pipeline, groups, layout is not None and layout.ring > 1)
+            return _parallel_family(pipeline, groups)
         if warm:
             log.info("warm-up generation took %.1f s", warm_up(pipeline))
         return pipeline

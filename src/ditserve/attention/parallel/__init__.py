@@ -9,6 +9,11 @@ the output, exactly what one GPU would have computed for those tokens:
   backend on the whole sequence, all-to-all back. Any backend; needs heads divisible by P.
 - `RingAttention`: queries stay, K/V chunks go round the ring, partial outputs merged by
   their log-sum-exp. Any head count; needs a backend that returns the log-sum-exp.
+- `HybridAttention`: Ulysses inside each group of U ranks, ring between the R groups
+  (`HybridSplit`); heads divisible by U, a backend that returns the log-sum-exp.
+
+A model holds one `SequenceParallel` (which of the three, over which groups) and asks it for
+each forward's split, each layer's wrapper and the gathered output.
 
 Decisions, shared by both:
 - Uneven lengths: each sample is cut into P chunks of ceil(L / P) tokens, the last padded;
@@ -26,17 +31,24 @@ Decisions, shared by both:
 """
 
 from ditserve.attention.parallel.agreement import AgreedBackends, agree_on_choice, lse_backend_names
+from ditserve.attention.parallel.hybrid import HybridAttention, HybridSplit, hybrid_split
 from ditserve.attention.parallel.partials import merge_partials
+from ditserve.attention.parallel.plan import SequenceParallel, as_sequence_parallel
 from ditserve.attention.parallel.ring import RingAttention
 from ditserve.attention.parallel.split import SequenceSplit, split_dense, split_packed
 from ditserve.attention.parallel.ulysses import UlyssesAttention, kv_head_replication
 
 __all__ = [
     "AgreedBackends",
+    "HybridAttention",
+    "HybridSplit",
     "RingAttention",
+    "SequenceParallel",
     "SequenceSplit",
     "UlyssesAttention",
     "agree_on_choice",
+    "as_sequence_parallel",
+    "hybrid_split",
     "kv_head_replication",
     "lse_backend_names",
     "merge_partials",

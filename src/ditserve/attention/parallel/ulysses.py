@@ -28,7 +28,7 @@ from ditserve.attention.parallel.comm import all_gather_stacked, all_to_all_stac
 from ditserve.attention.parallel.split import SequenceSplit, resolve_split
 from ditserve.attention.parallel.wrapper import SequenceParallelAttention
 
-__all__ = ["UlyssesAttention", "kv_head_replication"]
+__all__ = ["UlyssesAttention", "joint_heads", "kv_head_replication"]
 
 
 def kv_head_replication(num_heads: int, num_kv_heads: int, degree: int) -> int:
@@ -65,15 +65,15 @@ class UlyssesAttention(SequenceParallelAttention):
         split = resolve_split(split, query, rank, size)
         split.check_inputs(query, key, value, joint)
         copies = kv_head_replication(query.shape[-2], key.shape[-2], size)
-        joint_heads = None if joint is None else _joint_heads(joint, copies, rank, size)
+        mine = None if joint is None else joint_heads(joint, copies, rank, size)
         if copies > 1:
             key, value = key.repeat_interleave(copies, dim=-2), value.repeat_interleave(copies, dim=-2)
-        q, k, v = (self._to_heads(x, split) for x in (query, key, value))
+        q, k, v = (self.to_heads(x, split) for x in (query, key, value))
         joint_len = 0
-        if joint_heads is None:
+        if mine is None:
             metadata = split.global_metadata
         else:
-            jq, jk, jv = joint_heads
+            jq, jk, jv = mine
             joint_len = jq.shape[1] if not split.packed else 0
             q, k, v = split.join(jq, q), split.join(jk, k), split.join(jv, v)
             metadata = split.joined_metadata
@@ -82,17 +82,17 @@ class UlyssesAttention(SequenceParallelAttention):
         backend = self.backends.backend_for(describe_call(q, k, v, metadata), q.device, (q, k, v, metadata, scale))
         out = backend.forward(q, k, v, metadata, scale)
         if joint is None:
-            return None, self._to_sequence(out, split)
+            return None, self.to_sequence(out, split)
         joint_out, out = split.unjoin(out, joint_len)
         gathered = all_gather_stacked(joint_out, self.group)  # [P, ..., H/P, dim]: rank p's heads
-        return gathered.movedim(0, -3).flatten(-3, -2), self._to_sequence(out, split)
+        return gathered.movedim(0, -3).flatten(-3, -2), self.to_sequence(out, split)
 
-    def _to_heads(self, x: torch.Tensor, split: SequenceSplit) -> torch.Tensor:
+    def to_heads(self, x: torch.Tensor, split: SequenceSplit) -> torch.Tensor:
         """Local slice, all heads -> whole sequence, this rank's heads."""
         size = split.world_size
         return split.from_chunks(all_to_all_stacked(x.unflatten(-2, (size, -1)).movedim(-3, 0), self.group))
 
-    def _to_sequence(self, out: torch.Tensor, split: SequenceSplit) -> torch.Tensor:
+    def to_sequence(self, out: torch.Tensor, split: SequenceSplit) -> torch.Tensor:
         """Whole sequence, this rank's heads -> local slice, all heads."""
         return all_to_all_stacked(split.to_chunks(out), self.group).movedim(0, -3).flatten(-3, -2)
 
@@ -100,7 +100,7 @@ class UlyssesAttention(SequenceParallelAttention):
         return f"backend={self.backends.name!r}, scale={self.scale}"
 
 
-def _joint_heads(joint: tuple[torch.Tensor, ...], copies: int, rank: int, size: int) -> tuple[torch.Tensor, ...]:
+def joint_heads(joint: tuple[torch.Tensor, ...], copies: int, rank: int, size: int) -> tuple[torch.Tensor, ...]:
     """This rank's heads of the replicated joint q/k/v (K/V replicated as the sequence's are)."""
     jq, jk, jv = joint
     if copies > 1:
