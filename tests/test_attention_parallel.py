@@ -54,6 +54,7 @@ class Case:
     seq_len: int = 13  # dense; 13 is uneven for 2 and 4 ranks
     batch: int = 2
     joint: int | None = None  # dense: joint tokens per sample; packed: any int means JOINT_LENGTHS
+    joint_queries: bool = True  # False: the joint tokens are keys only (`forward_joint_keys`, Cosmos3's text K/V)
     dtype: torch.dtype = torch.float64
     inner: str = "auto"  # "auto", a backend name, or "reference-instance"
     no_split: bool = False  # pass split=None (dense, evenly divisible)
@@ -81,6 +82,13 @@ CASES = [
     Case("hybrid_gqa_packed_one_kv_head", "hybrid", packed=True, heads=4, kv_heads=1),
     Case("hybrid_joint_dense", "hybrid", packed=False, joint=5),
     Case("hybrid_joint_packed", "hybrid", packed=True, joint=0),
+    # key-only joint tokens with grouped-query heads (2 K/V heads: replicated for 4 Ulysses ranks)
+    Case("ulysses_joint_keys_gqa_dense", "ulysses", packed=False, heads=8, kv_heads=2, joint=5, joint_queries=False),
+    Case("ulysses_joint_keys_gqa_packed", "ulysses", packed=True, heads=8, kv_heads=2, joint=0, joint_queries=False),
+    Case("ring_joint_keys_gqa_dense", "ring", packed=False, heads=8, kv_heads=2, joint=5, joint_queries=False),
+    Case("ring_joint_keys_gqa_packed", "ring", packed=True, heads=8, kv_heads=2, joint=0, joint_queries=False),
+    Case("hybrid_joint_keys_gqa_dense", "hybrid", packed=False, heads=4, kv_heads=1, joint=5, joint_queries=False),
+    Case("hybrid_joint_keys_gqa_packed", "hybrid", packed=True, heads=4, kv_heads=1, joint=0, joint_queries=False),
 ]
 HYBRID_ULYSSES = 2  # hybrid cases run on 4 ranks as 2 (Ulysses) x 2 (ring)
 
@@ -98,24 +106,34 @@ def _inputs(case: Case) -> dict[str, torch.Tensor]:
     return out
 
 
+def _has_joint_queries(case: Case) -> bool:
+    return case.joint is not None and case.joint_queries
+
+
 def _expected(case: Case) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """float64 attention over `[joint; sequence]` of each whole sample: (sequence output, joint output)."""
+    """float64 attention over `[joint; sequence]` of each whole sample: (sequence output, joint output);
+    key-only joint tokens: the sequence's queries over `[joint; sequence]` keys, no joint output."""
     x = {k: t.double() for k, t in _inputs(case).items()}
     scale = case.head_dim**-0.5
+    queries = "qkv" if case.joint_queries else "kv"  # which of q, k, v the joint tokens hold
     if not case.packed:
         if case.joint is None:
             return dense_attention_math(x["q"], x["k"], x["v"], scale), None
-        cat = {n: torch.cat([x["j" + n], x[n]], dim=1) for n in "qkv"}
+        cat = {n: torch.cat([x["j" + n], x[n]], dim=1) if n in queries else x[n] for n in "qkv"}
         full = dense_attention_math(cat["q"], cat["k"], cat["v"], scale)
+        if not case.joint_queries:
+            return full, None
         return full[:, case.joint :], full[:, : case.joint]
     seq_outs, joint_outs, s0, j0 = [], [], 0, 0
     for n, j in zip(LENGTHS, JOINT_LENGTHS if case.joint is not None else [0] * len(LENGTHS)):
-        cat = {name: torch.cat([x["j" + name][j0 : j0 + j] if j else x[name][:0], x[name][s0 : s0 + n]])[None] for name in "qkv"}
+        j_q = j if "q" in queries else 0
+        cat = {name: torch.cat([x["j" + name][j0 : j0 + j] if j and name in queries else x[name][:0],
+                                x[name][s0 : s0 + n]])[None] for name in "qkv"}
         full = dense_attention_math(cat["q"], cat["k"], cat["v"], scale)[0]
-        joint_outs.append(full[:j])
-        seq_outs.append(full[j:])
+        joint_outs.append(full[:j_q])
+        seq_outs.append(full[j_q:])
         s0, j0 = s0 + n, j0 + j
-    return torch.cat(seq_outs), (torch.cat(joint_outs) if case.joint is not None else None)
+    return torch.cat(seq_outs), (torch.cat(joint_outs) if _has_joint_queries(case) else None)
 
 
 # ---- what runs in each rank -------------------------------------------------------------------
@@ -139,6 +157,8 @@ def _run_case(case: Case, rank: int, size: int, hybrid: SequenceParallel | None 
     arg = None if case.no_split else split
     if case.joint is None:
         local, joint = wrapper(q, k, v, arg), None
+    elif not case.joint_queries:
+        local, joint = wrapper.forward_joint_keys(x["jk"], x["jv"], q, k, v, arg), None
     else:
         joint, local = wrapper.forward_joint(x["jq"], x["jk"], x["jv"], q, k, v, arg)
     out = hybrid.gather(split, local) if case.mode == "hybrid" else split.gather(local)
@@ -224,7 +244,8 @@ def test_matches_float64_whole_sequence(runs, case: Case, size: int):
         assert got["out"].dtype == case.dtype and got["out"].shape == expected.shape
         err = (got["out"].double() - expected).abs().max().item()
         assert err <= _tol(case), f"rank {rank}: max error {err:.2e}"
-        if case.joint is not None:
+        assert (got["joint"] is None) == (expected_joint is None)
+        if expected_joint is not None:
             jerr = (got["joint"].double() - expected_joint).abs().max().item()
             assert jerr <= _tol(case), f"rank {rank}: joint max error {jerr:.2e}"
 
@@ -243,7 +264,7 @@ def test_ranks_agree_and_padding_is_zero(runs, case: Case, size: int):
         local = got["local"]
         assert torch.equal(split.zero_padding(local.clone()), local), f"rank {rank}: padded rows are not zero"
         assert got["choices"] == results[0]["choices"]
-        if case.joint is not None:
+        if _has_joint_queries(case):
             assert torch.equal(got["joint"], results[0]["joint"]), f"rank {rank}: joint output differs from rank 0's"
     if case.mode in ("ring", "hybrid"):
         assert results[0]["choices"] == ["reference"]  # auto takes a backend that returns the log-sum-exp

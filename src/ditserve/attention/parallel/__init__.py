@@ -19,10 +19,13 @@ Decisions, shared by both:
 - Uneven lengths: each sample is cut into P chunks of ceil(L / P) tokens, the last padded;
   padded keys are never attended (dropped through metadata/row plans, the model unchanged)
   and padded output rows are zero. Packed batches split every sample across all ranks.
-- Joint tokens (Flux's, Cosmos3's text) are held whole on every rank and go in front of each
+- Joint tokens (Flux's text) are held whole on every rank and go in front of each
   sample's tokens (`forward_joint`); their queries are computed once (Ulysses: a head slice
   per rank; ring: against one rank's chunk each) and combined so that every rank returns the
-  same full joint output, bit for bit.
+  same full joint output, bit for bit. Key-only joint tokens (Cosmos3's prompt K/V, computed
+  once in `prepare`; a step runs no text query) go in front of each sample's keys only
+  (`forward_joint_keys`): Ulysses takes its heads of them with q and kv lengths of their own,
+  ring attends them as one more chunk.
 - The inner backend is chosen on group rank 0 and broadcast (`agree_on_choice`), once per call
   shape, so ranks never run different kernels.
 - Non-causal attention without dense masks (what DiTs use); causal or `attn_mask` calls go

@@ -15,6 +15,7 @@ in its output; Ulysses padding is dropped and re-added by the all-to-alls.
 
 Joint tokens (Flux's text) are handled by the ring part with this rank's heads of them; their
 output is all-gathered over the Ulysses group, so every rank ends with the same full joint output.
+Key-only joint tokens (Cosmos3's kept prompt K/V) are this rank's heads of one more ring chunk.
 The inner backend is agreed over the whole U x R group, so no two ranks run different kernels.
 """
 
@@ -31,7 +32,7 @@ from ditserve.attention.layer import Attention
 from ditserve.attention.parallel.agreement import AgreedBackends
 from ditserve.attention.parallel.comm import all_gather_stacked, group_rank_and_size
 from ditserve.attention.parallel.ring import RingAttention
-from ditserve.attention.parallel.split import SequenceSplit, split_dense, split_packed
+from ditserve.attention.parallel.split import Joint, SequenceSplit, split_dense, split_packed
 from ditserve.attention.parallel.ulysses import UlyssesAttention, joint_heads, kv_head_replication
 
 __all__ = ["HybridAttention", "HybridSplit", "hybrid_split"]
@@ -92,7 +93,8 @@ class HybridAttention(torch.nn.Module):
     `ring_group`, the backend agreed over `group` (the whole U x R sequence group; None: default).
 
     Inputs and outputs as `UlyssesAttention`'s: each rank's local piece and the split describing
-    it; `forward_joint` adds joint tokens held whole on every rank. Heads must divide by U; the
+    it; `forward_joint` adds joint tokens held whole on every rank, `forward_joint_keys` joint keys
+    and values without queries (as `UlyssesAttention`'s). Heads must divide by U; the
     backend must return the log-sum-exp (the ring part merges by it).
     """
 
@@ -127,8 +129,20 @@ class HybridAttention(torch.nn.Module):
         """(the whole joint output, identical on every rank; this rank's sequence output)."""
         return self._run((joint_query, joint_key, joint_value), query, key, value, split)
 
+    def forward_joint_keys(
+        self,
+        joint_key: torch.Tensor,
+        joint_value: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        split: HybridSplit,
+    ) -> torch.Tensor:
+        """This rank's sequence output over `[joint; sequence]` keys, the joint K/V whole on every rank."""
+        return self._run((None, joint_key, joint_value), query, key, value, split)[1]
+
     def _run(
-        self, joint: tuple[torch.Tensor, ...] | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        self, joint: Joint | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         split: HybridSplit,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         if not isinstance(split, HybridSplit):

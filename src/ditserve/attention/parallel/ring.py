@@ -10,11 +10,12 @@ can. No heads are split, so any head count and any grouped-query layout work as 
 Padded keys (uneven lengths) are dropped per chunk through the split's row plans; a sample
 whose keys in a chunk are all padding sits that chunk out.
 
-Joint tokens (Flux's and Cosmos3's text), replicated on every rank: they are one more K/V
+Joint tokens (Flux's text), replicated on every rank: they are one more K/V
 chunk every rank already holds, attended once by the local queries. The joint queries are not
 put round the ring: each rank attends them to its own chunk only; the P partials are
 all-gathered and every rank merges them, after the joint-to-joint part, in rank order. Each
-joint query is computed once per chunk, and every rank ends with the same bits.
+joint query is computed once per chunk, and every rank ends with the same bits. Key-only joint
+tokens (Cosmos3's kept prompt K/V) are that one more chunk and nothing else.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ditserve.attention.backends import AttentionBackend, describe_call
 from ditserve.attention.metadata import AttentionMetadata
 from ditserve.attention.parallel.comm import all_gather_stacked, group_rank_and_size, start_ring_pass
 from ditserve.attention.parallel.partials import BlockPlan, PartialSum, attend_block
-from ditserve.attention.parallel.split import SequenceSplit, resolve_split
+from ditserve.attention.parallel.split import Joint, SequenceSplit, resolve_split
 from ditserve.attention.parallel.wrapper import SequenceParallelAttention
 
 __all__ = ["RingAttention"]
@@ -43,7 +44,7 @@ class RingAttention(SequenceParallelAttention):
     needs_lse = True
 
     def _run(
-        self, joint: tuple[torch.Tensor, ...] | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: SequenceSplit | None
+        self, joint: Joint | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: SequenceSplit | None
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         rank, size = group_rank_and_size(self.group)
         split = resolve_split(split, query, rank, size)
@@ -56,13 +57,14 @@ class RingAttention(SequenceParallelAttention):
         acc = PartialSum(query.shape[:-1], value.shape[-1], query.dtype, query.device)
         if joint is not None:
             _add(acc, backend, query, joint[1], joint[2], split.joint_key_plan, scale)
+        joint_queries = joint is not None and joint[0] is not None
         joint_own = None
         held = (key.contiguous(), value.contiguous())
         for step in range(size):
             if step + 1 < size:
                 incoming, works = start_ring_pass(held, self.group)
             _add(acc, backend, query, held[0], held[1], split.ring_plans[(rank - step) % size], scale)
-            if step == 0 and joint is not None:
+            if step == 0 and joint_queries:
                 joint_own = PartialSum(joint[0].shape[:-1], value.shape[-1], query.dtype, query.device)
                 _add(joint_own, backend, joint[0], held[0], held[1], split.joint_query_plans[1], scale)
             if step + 1 < size:
@@ -70,12 +72,12 @@ class RingAttention(SequenceParallelAttention):
                     work.wait()
                 held = incoming
         out = split.zero_padding(acc.result(query.dtype))
-        if joint is None:
+        if not joint_queries:
             return None, out
         return self._joint_output(backend, joint, joint_own, split, scale), out
 
     def _joint_output(
-        self, backend: AttentionBackend, joint: tuple[torch.Tensor, ...], own: PartialSum, split: SequenceSplit, scale: float
+        self, backend: AttentionBackend, joint: Joint, own: PartialSum, split: SequenceSplit, scale: float
     ) -> torch.Tensor:
         """Joint queries over the joint keys and every rank's chunk, merged in rank order on every rank."""
         own_out, own_lse = own.totals()

@@ -20,7 +20,11 @@ from ditserve.attention.metadata import AttentionMetadata
 from ditserve.attention.parallel.comm import all_gather_stacked
 from ditserve.attention.parallel.partials import BlockPlan, dense_block_plan, packed_block_plan
 
-__all__ = ["SequenceSplit", "resolve_split", "split_dense", "split_packed"]
+__all__ = ["Joint", "SequenceSplit", "resolve_split", "split_dense", "split_packed"]
+
+# Joint tokens held whole on every rank: (query, key, value); query None for key-only joint
+# tokens (Cosmos3's prompt K/V, kept from `prepare`: attended to, with no query of their own).
+Joint = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,6 +89,15 @@ class SequenceSplit:
         if not self.packed or self.joint_lengths is None:
             return None
         return AttentionMetadata.from_lengths([j + n for j, n in zip(self.joint_lengths, self.lengths)], device=self.device)
+
+    @cached_property
+    def joint_keys_metadata(self) -> AttentionMetadata | None:
+        """Metadata of the whole packed batch whose joint tokens are keys only: queries the
+        sequence's tokens, keys each sample's joint tokens then its sequence tokens."""
+        if not self.packed or self.joint_lengths is None:
+            return None
+        kv_lengths = [j + n for j, n in zip(self.joint_lengths, self.lengths)]
+        return AttentionMetadata.from_lengths(self.lengths, kv_lengths, device=self.device)
 
     # ---- from the whole sequence to chunks and back -------------------------------------------
     @cached_property
@@ -202,17 +215,17 @@ class SequenceSplit:
         )
 
     # ---- checks -------------------------------------------------------------------------
-    def check_inputs(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, joint: tuple[torch.Tensor, ...] | None = None
-    ) -> None:
-        """Raise unless q/k/v are laid out as this split's local slice, and the joint q/k/v (if any)
-        as its replicated joint tokens with the sequence's batch, heads and head_dim."""
+    def check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, joint: Joint | None = None) -> None:
+        """Raise unless q/k/v are laid out as this split's local slice, and the joint q/k/v (if any;
+        the query may be None) as its replicated joint tokens with the sequence's batch, heads and head_dim."""
         local = (query, key, value)
         for name, x in zip(("query", "key", "value"), local):
             self._check_local(x, name)
         if joint is None:
             return
         for name, x, like in zip(("joint_query", "joint_key", "joint_value"), joint, local):
+            if x is None and name == "joint_query":
+                continue
             self._check_joint(x, name)
             if x.shape[-2:] != like.shape[-2:] or (not self.packed and x.shape[0] != like.shape[0]):
                 raise ValueError(

@@ -11,9 +11,12 @@ work (ring attention splits no heads). Grouped-query K/V with a head count P doe
 (fewer than P, say) are replicated up to lcm(H_kv, P) heads before the exchange, so each rank
 receives the K/V heads its query heads read.
 
-Joint tokens (Flux's and Cosmos3's text), replicated on every rank: each rank takes its heads
+Joint tokens (Flux's text), replicated on every rank: each rank takes its heads
 of them locally (no communication) and puts them in front of each sample's tokens; afterwards
 their output is all-gathered over heads, so every rank ends with the same full joint output.
+Key-only joint tokens (Cosmos3's kept prompt K/V, no query of their own) go in front of each
+sample's keys only: the queries are the sequence's alone, so q and kv have their own lengths
+(ragged cu_seqlens for each in the packed metadata), and there is no joint output to gather.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from ditserve.attention.backends import describe_call
 from ditserve.attention.metadata import AttentionMetadata
 from ditserve.attention.parallel.comm import all_gather_stacked, all_to_all_stacked, group_rank_and_size
-from ditserve.attention.parallel.split import SequenceSplit, resolve_split
+from ditserve.attention.parallel.split import Joint, SequenceSplit, resolve_split
 from ditserve.attention.parallel.wrapper import SequenceParallelAttention
 
 __all__ = ["UlyssesAttention", "joint_heads", "kv_head_replication"]
@@ -59,7 +62,7 @@ class UlyssesAttention(SequenceParallelAttention):
     """
 
     def _run(
-        self, joint: tuple[torch.Tensor, ...] | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: SequenceSplit | None
+        self, joint: Joint | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: SequenceSplit | None
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         rank, size = group_rank_and_size(self.group)
         split = resolve_split(split, query, rank, size)
@@ -69,19 +72,21 @@ class UlyssesAttention(SequenceParallelAttention):
         if copies > 1:
             key, value = key.repeat_interleave(copies, dim=-2), value.repeat_interleave(copies, dim=-2)
         q, k, v = (self.to_heads(x, split) for x in (query, key, value))
-        joint_len = 0
-        if mine is None:
-            metadata = split.global_metadata
-        else:
+        joint_len, metadata = 0, split.global_metadata
+        if mine is not None:
             jq, jk, jv = mine
-            joint_len = jq.shape[1] if not split.packed else 0
-            q, k, v = split.join(jq, q), split.join(jk, k), split.join(jv, v)
-            metadata = split.joined_metadata
+            k, v = split.join(jk, k), split.join(jv, v)
+            if jq is None:  # key-only joint tokens: queries the sequence's, keys [joint; sequence]
+                metadata = split.joint_keys_metadata
+            else:
+                joint_len = jq.shape[1] if not split.packed else 0
+                q = split.join(jq, q)
+                metadata = split.joined_metadata
         metadata = AttentionMetadata.dense_for(q, k) if metadata is None else metadata.filled(q, k)
         scale = self.scale if self.scale is not None else query.shape[-1] ** -0.5
         backend = self.backends.backend_for(describe_call(q, k, v, metadata), q.device, (q, k, v, metadata, scale))
         out = backend.forward(q, k, v, metadata, scale)
-        if joint is None:
+        if joint is None or joint[0] is None:
             return None, self.to_sequence(out, split)
         joint_out, out = split.unjoin(out, joint_len)
         gathered = all_gather_stacked(joint_out, self.group)  # [P, ..., H/P, dim]: rank p's heads
@@ -100,9 +105,13 @@ class UlyssesAttention(SequenceParallelAttention):
         return f"backend={self.backends.name!r}, scale={self.scale}"
 
 
-def joint_heads(joint: tuple[torch.Tensor, ...], copies: int, rank: int, size: int) -> tuple[torch.Tensor, ...]:
-    """This rank's heads of the replicated joint q/k/v (K/V replicated as the sequence's are)."""
+def joint_heads(joint: Joint, copies: int, rank: int, size: int) -> Joint:
+    """This rank's heads of the replicated joint q/k/v (K/V replicated as the sequence's are; no query stays None)."""
     jq, jk, jv = joint
     if copies > 1:
         jk, jv = jk.repeat_interleave(copies, dim=-2), jv.repeat_interleave(copies, dim=-2)
-    return tuple(x.unflatten(-2, (size, -1)).select(-3, rank) for x in (jq, jk, jv))
+
+    def mine(x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-2, (size, -1)).select(-3, rank)
+
+    return None if jq is None else mine(jq), mine(jk), mine(jv)

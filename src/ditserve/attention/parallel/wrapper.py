@@ -3,7 +3,9 @@
 Both wrap an inner attention (an `Attention`, a backend name, None for 'auto', or an
 `AttentionBackend`) whose backend is chosen on group rank 0 for every rank, and both take each
 rank's local slice of q/k/v with the `SequenceSplit` describing it; `forward_joint` adds tokens
-held whole on every rank. Each subclass implements `_run`, the exchange itself.
+held whole on every rank, `forward_joint_keys` keys held whole on every rank that have no query
+(a prompt's K/V computed once and kept, as Cosmos3's). Each subclass implements `_run`, the
+exchange itself, with the joint (query or None, key, value) or None.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch.distributed import ProcessGroup
 from ditserve.attention.backends import AttentionBackend
 from ditserve.attention.layer import Attention
 from ditserve.attention.parallel.agreement import AgreedBackends
-from ditserve.attention.parallel.split import SequenceSplit
+from ditserve.attention.parallel.split import Joint, SequenceSplit
 
 __all__ = ["SequenceParallelAttention"]
 
@@ -55,7 +57,24 @@ class SequenceParallelAttention(nn.Module):
         """
         return self._run((joint_query, joint_key, joint_value), query, key, value, split)
 
+    def forward_joint_keys(
+        self,
+        joint_key: torch.Tensor,
+        joint_value: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        split: SequenceSplit | None = None,
+    ) -> torch.Tensor:
+        """The sequence's queries over `[joint; sequence]` keys per sample, the joint K/V whole on every
+        rank and without queries of their own (a packed split needs `joint_lengths`).
+
+        Returns this rank's sequence output, padded rows zero.
+        """
+        return self._run((None, joint_key, joint_value), query, key, value, split)[1]
+
     def _run(
-        self, joint: tuple[torch.Tensor, ...] | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: SequenceSplit | None
+        self, joint: Joint | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: SequenceSplit | None
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the joint output, None without joint queries; this rank's sequence output)."""
         raise NotImplementedError
