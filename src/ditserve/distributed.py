@@ -131,8 +131,13 @@ def default_layout(num_gpus: int, samples: int | None, ulysses: int | None, ring
 
 
 def launch(argv: list[str], layout: ParallelLayout, device_type: str) -> int:
-    """Run `ditserve <argv>` on `layout.world` ranks (torchrun: a rank that dies stops the others) and wait;
-    the exit status. NVLink multicast stays off: on shared hosts it can take GPUs out of service."""
+    """Run `ditserve <argv>` on `layout.world` ranks and wait; the exit status. NVLink multicast stays off: on
+    shared hosts it can take GPUs out of service.
+
+    torchrun (`ditserve.torchrun`) watches the ranks: one that dies has the others stopped at once (SIGTERM;
+    a server on rank 0 then fails its unfinished jobs, answers 503 and exits 1), and the run ends with one
+    line naming the dead rank and status 1. SIGTERM / SIGINT here go to rank 0 only: it shuts down cleanly
+    and the others end with it."""
     import socket
     import subprocess
     import sys
@@ -145,8 +150,8 @@ def launch(argv: list[str], layout: ParallelLayout, device_type: str) -> int:
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
     if device_type == "cpu":
         env.setdefault("OMP_NUM_THREADS", "1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(layout.world),
-               "--master_port", str(port), "-m", "ditserve", *argv, *layout.flags()]
+    command = [sys.executable, "-m", "ditserve.torchrun", f"ditserve {argv[0]}", "--nproc_per_node",
+               str(layout.world), "--master_port", str(port), "-m", "ditserve", *argv, *layout.flags()]
     ranks = subprocess.Popen(command, env=env)
 
     def stop(signum: int, frame: Any) -> None:  # rank 0 shuts down cleanly and the others end with it

@@ -7,7 +7,12 @@ step), with its step `policy`, token `budget` and VAE `decoder`. This package im
 pipeline and no model: families build on it, not the other way round.
 """
 
-from ditserve.engine.errors import EngineClosed, GenerationCancelled, InvalidRequest
+from ditserve.engine.errors import (
+    EngineClosed,
+    GenerationCancelled,
+    InvalidRequest,
+    RanksLost,
+)
 from ditserve.engine.request import MAX_SEED, GenerationRequest, Param, RequestSpec
 from ditserve.engine.result import GenerationOutput
 
@@ -19,5 +24,6 @@ __all__ = [
     "GenerationRequest",
     "InvalidRequest",
     "Param",
+    "RanksLost",
     "RequestSpec",
 ]

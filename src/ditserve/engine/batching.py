@@ -35,7 +35,9 @@ estimate per token.
 Failures stay per request where they can: a cancel, preparing, a callback or the decode
 end only their own request (a failed batched decode, the requests in it); an error in the
 step's forward itself (e.g. out of memory) fails the requests in that step, since it cannot
-be pinned on one of them; requests the policy paused that step go on.
+be pinned on one of them; requests the policy paused that step go on. On several ranks, a
+rank that died (`RanksLost`, from the leader) ends everything: every queued and admitted
+request fails with it and the engine closes, since no step can run again.
 """
 
 from __future__ import annotations
@@ -55,7 +57,12 @@ from torch import Tensor
 
 from ditserve.engine.coordination import Leader, advance
 from ditserve.engine.decoder import Decoder
-from ditserve.engine.errors import EngineClosed, GenerationCancelled, StepInterrupted
+from ditserve.engine.errors import (
+    EngineClosed,
+    GenerationCancelled,
+    RanksLost,
+    StepInterrupted,
+)
 from ditserve.engine.family import CancelToken, Family, Prepared, StepCallback
 from ditserve.engine.policy import DEFAULT_FILL_TOKENS, DEFAULT_MAX_SKIPPED, Candidate, select_step
 from ditserve.engine.request import GenerationRequest
@@ -292,7 +299,8 @@ class BatchingEngine:
         """One step boundary and one batched forward; True while requests remain.
 
         An unexpected error here (a bug, not a request's failure) fails the active requests
-        and is raised; queued requests stay queued.
+        and is raised; queued requests stay queued. Lost ranks (`RanksLost`) fail every request
+        and close the engine.
         """
         with self._stepping, torch.no_grad():
             try:
@@ -301,6 +309,8 @@ class BatchingEngine:
                 if self._active:
                     self._forward()
                     self._retire()
+            except RanksLost as e:
+                self._abandon(e)
             except BaseException as e:
                 self._fail_active(e)
                 raise
@@ -329,7 +339,10 @@ class BatchingEngine:
                 if not idle and self._closed and not (self._queue or self._active):
                     break
             if idle:
-                self._leader.publish({}, [])  # type: ignore[union-attr]
+                try:
+                    self._leader.publish({}, [])  # type: ignore[union-attr]
+                except RanksLost as e:
+                    self._abandon(e)
                 continue
             try:
                 self.step()
@@ -427,6 +440,8 @@ class BatchingEngine:
                 _fail_cancelled(state.queued, state.step, state.total)
             return
         except Exception as e:  # cannot tell whose fault: the requests in this step fail, the paused ones go on
+            if self._leader is not None and isinstance(lost := self._leader.explain(e), RanksLost):
+                raise lost from e  # a rank died mid-step: `step` ends everything
             self._fail(batch, e)
             return
         failed: list[_Active] = []
@@ -488,6 +503,22 @@ class BatchingEngine:
             self._completed += 1
         state.queued.future.set_result(GenerationOutput(frames=frames, seed=state.queued.request.seed,
                                                         timings=timings))
+
+    def _abandon(self, error: RanksLost) -> None:
+        """The ranks are lost: take no new requests and end every queued and admitted one with `error`
+        (a request already decoding finishes: the VAE runs on this rank alone)."""
+        with self._cond:
+            self._closed = True
+            queued, active = list(self._queue), list(self._active)
+            self._queue.clear()
+            self._active.clear()
+            self._cond.notify_all()
+        for q in queued:
+            if q.future.set_running_or_notify_cancel():
+                q.future.set_exception(error)
+        for state in active:
+            if not state.queued.future.done():
+                state.queued.future.set_exception(error)
 
     def _fail_active(self, error: BaseException) -> None:
         """End every active request with `error` (an engine bug outside a step's forward)."""

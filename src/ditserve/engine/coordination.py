@@ -9,6 +9,12 @@ gives the same noise, text and scheduler), drops what the plan no longer lists, 
 step (`advance`), so the collectives inside the model (Ulysses) and the family (CFG parallelism)
 meet. Only rank 0 decodes. Steps are never interrupted between blocks here: ranks must leave a
 step together.
+
+A rank that dies ends it all: every step needs every rank. When a collective fails, the leader asks
+torchrun's worker processes whether a rank has died (`ditserve.ranks`); if one has, it is lost
+(`RanksLost`): it runs no collective again (one with a dead rank would fail or, on NCCL, hang), the
+engine fails its requests with that error, and `on_lost` tells the server. The server also calls
+`abandon` itself when torchrun's SIGTERM finds a rank dead before any collective failed.
 """
 
 from __future__ import annotations
@@ -21,13 +27,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ditserve.engine.errors import StepInterrupted
+from ditserve.engine.errors import RanksLost, StepInterrupted
 from ditserve.engine.family import Family, Prepared, Sample
 from ditserve.engine.request import GenerationRequest
+from ditserve.ranks import dead_ranks
 
 __all__ = ["Follower", "Leader", "StepPlan", "advance"]
 
 log = logging.getLogger("ditserve.engine")
+
+# How long a failed collective waits for torchrun's workers to show a dead rank (the failure can come the
+# moment a dying peer's sockets close, a moment before it has exited)
+DEATH_GRACE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -64,20 +75,59 @@ def _source(group: dist.ProcessGroup | None) -> int:
 
 
 class Leader:
-    """Rank 0's side: the engine hands it each step's plan, which it broadcasts."""
+    """Rank 0's side: the engine hands it each step's plan, which it broadcasts. `lost`: set once a rank
+    died (see the module docstring); `on_lost(error)` is called once then, from the thread that found out."""
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
         self._published: set[int] = set()
+        self.lost: RanksLost | None = None
+        self.on_lost: Callable[[RanksLost], None] | None = None
 
     def publish(self, active: dict[int, GenerationRequest], advancing: Sequence[int]) -> None:
+        """Broadcast the step's plan. Raises `RanksLost` if the ranks are lost or the broadcast fails (the
+        ranks can no longer agree on a step, whichever rank is at fault)."""
         joining = {key: request for key, request in active.items() if key not in self._published}
         self._published = set(active)
-        dist.broadcast_object_list([StepPlan(tuple(active), joining, tuple(advancing))], src=_source(self.group),
-                                   group=self.group)
+        self._broadcast(StepPlan(tuple(active), joining, tuple(advancing)))
 
     def stop(self) -> None:
-        dist.broadcast_object_list([StepPlan(stop=True)], src=_source(self.group), group=self.group)
+        """Tell the followers to end (nothing to tell once the ranks are lost)."""
+        if self.lost is not None:
+            return
+        try:
+            self._broadcast(StepPlan(stop=True))
+        except RanksLost as e:
+            log.warning("the followers were not told to stop: %s", e)
+
+    def explain(self, error: BaseException) -> BaseException:
+        """What a failed step's `error` means: `RanksLost` if a rank has died (the leader is then lost),
+        else `error` itself (a failure of the step's own requests)."""
+        if self.lost is None:
+            ranks = dead_ranks(DEATH_GRACE_S)
+            if ranks:
+                self.abandon(RanksLost(ranks))
+        return self.lost or error
+
+    def abandon(self, error: RanksLost) -> None:
+        """The ranks are lost: run no collective again, and tell `on_lost` (once)."""
+        if self.lost is not None:
+            return
+        self.lost = error
+        log.error("%s: no step can run on the ranks any more", error)
+        if self.on_lost is not None:
+            self.on_lost(error)
+
+    def _broadcast(self, plan: StepPlan) -> None:
+        if self.lost is not None:
+            raise self.lost
+        try:
+            dist.broadcast_object_list([plan], src=_source(self.group), group=self.group)
+        except Exception as e:
+            lost = self.explain(e)
+            if not isinstance(lost, RanksLost):
+                self.abandon(lost := RanksLost((), f"{type(e).__name__}: {e}"))
+            raise lost from e
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["EngineClosed", "GenerationCancelled", "InvalidRequest", "StepInterrupted"]
+from collections.abc import Sequence
+
+__all__ = ["EngineClosed", "GenerationCancelled", "InvalidRequest", "RanksLost", "StepInterrupted"]
 
 
 class InvalidRequest(ValueError):
@@ -35,3 +37,16 @@ class StepInterrupted(Exception):
         super().__init__(f"step interrupted before block {block + 1} of {blocks}")
         self.block = block
         self.blocks = blocks
+
+
+class RanksLost(RuntimeError):
+    """A rank of an engine on several ranks died (`ranks`), or the ranks stopped answering each other
+    (`ranks` empty): every step needs every rank, so no request can advance any more, on any rank."""
+
+    def __init__(self, ranks: Sequence[int], detail: str = "") -> None:
+        self.ranks = tuple(ranks)
+        if self.ranks:
+            message = f"rank {', '.join(map(str, self.ranks))} died"
+        else:
+            message = f"the ranks stopped answering each other ({detail or 'a collective failed'})"
+        super().__init__(message)

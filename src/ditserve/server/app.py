@@ -32,6 +32,7 @@ def create_app(
     spec: RequestSpec | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
     leader: Any = None,
+    on_ranks_lost: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     """An app serving `pipeline` (a loaded pipeline, or a no-argument factory run in the background at start).
 
@@ -42,14 +43,16 @@ def create_app(
     With `settings.api_keys`, every route but /health needs a key (`ditserve.server.auth`);
     /openapi.json exists only with `settings.docs`, and there are no interactive docs pages
     (they load scripts from a CDN). `leader`: on rank 0 of several, the `engine.coordination.Leader`
-    whose followers run each step with this server's engine.
+    whose followers run each step with this server's engine; on_ranks_lost(error) runs (on the event loop)
+    once a rank has died (`ServerState.ranks_lost`); `serve` exits 1 then.
     """
     if spec is None:
         spec = getattr(pipeline, "request_spec", None)
         if spec is None:
             raise TypeError("create_app needs spec= when given a factory instead of a loaded pipeline")
     settings = settings or ServerSettings()
-    return build_app(ServerState(pipeline, settings, served_spec(spec, settings), on_load_failure, leader))
+    return build_app(ServerState(pipeline, settings, served_spec(spec, settings), on_load_failure, leader,
+                                 on_ranks_lost))
 
 
 def served_spec(spec: RequestSpec, settings: ServerSettings) -> RequestSpec:

@@ -16,7 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ditserve.engine import GenerationCancelled, GenerationOutput, InvalidRequest
+from ditserve.engine import (
+    GenerationCancelled,
+    GenerationOutput,
+    InvalidRequest,
+    RanksLost,
+)
 from ditserve.server.jobs import Job
 from ditserve.server.metrics import Metrics
 from ditserve.server.output_check import IncompleteOutput, check_output
@@ -32,6 +37,8 @@ FAILURES = {  # code -> the message a client sees
     "write_failed": "the output file could not be written whole, so nothing is served; the server's log has the "
                     "details under this job's id",
     "invalid_output": "the model produced NaN or infinite values; nothing was written",
+    "rank_failed": "a rank of this server died (its GPUs run every step together), so this job cannot finish; the "
+                   "server is stopping: submit the job again once it is back",
 }
 
 
@@ -59,6 +66,10 @@ def record_failure(job: Job, error: BaseException) -> None:
         job.mark_cancelled(str(error))
     elif isinstance(error, InvalidRequest):  # admission validated already; a pipeline rule we did not know
         job.fail("invalid_request", f"{error.field}: {error}")
+    elif isinstance(error, RanksLost):  # the server's failure, not the job's: no traceback per job
+        if not job.status.finished:
+            log.info("job %s failed: %s", job.id, error)
+        job.fail("rank_failed", FAILURES["rank_failed"])
     else:
         log.error("job %s failed", job.id, exc_info=error)
         code = "out_of_memory" if _is_out_of_memory(error) else "generation_failed"

@@ -6,6 +6,11 @@ cancel rather than finish them: a Wan step can take seconds and a whole video mi
 than orchestrators wait), uvicorn stops accepting connections and finishes in-flight
 responses, the engine is stopped, files of jobs that had already finished denoising are
 written (atomically), and temporary files are removed. Finished files stay in --output-dir.
+
+On several ranks, torchrun sends the same SIGTERM when a rank died: rank 0 then checks whether
+one has (`ditserve.ranks`) and, if so, fails its unfinished jobs with `rank_failed`, answers 503
+meanwhile, and exits 1 at once (`ServerState.ranks_lost`); the other ranks exit 1 too
+(`ditserve.server.follow`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import uvicorn
 
 from ditserve.distributed import ParallelLayout, build_groups, init_from_environment
 from ditserve.engine.coordination import Leader
+from ditserve.engine.errors import RanksLost
+from ditserve.ranks import dead_ranks
 from ditserve.server.app import create_app
 from ditserve.server.settings import ServerSettings
 from ditserve.server.state import ServerState
@@ -39,14 +46,28 @@ class _Server(uvicorn.Server):
     """uvicorn's server, draining our jobs first on a signal, and exiting 0 after a clean shutdown.
 
     (uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process would
-    die of the signal; a server that shut down as asked has succeeded.)
+    die of the signal; a server that shut down as asked has succeeded.) `ranked`: rank 0 of
+    several, where a signal may be torchrun's after a rank died (`lost` then says which).
     """
 
-    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState, ranked: bool = False) -> None:
         super().__init__(config)
         self._state = state
+        self._ranked = ranked
+        self.lost: RanksLost | None = None
+
+    def ranks_lost(self, error: RanksLost) -> None:
+        """A rank died: stop now (the state has failed the unfinished jobs); `serve` exits 1."""
+        self.lost = error
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        ranks = dead_ranks() if self._ranked else []
+        if ranks:  # torchrun stopping the survivors of a dead rank, not a shutdown asked for
+            self.lost = self.lost or RanksLost(ranks)
+            self._state.request_ranks_lost(self.lost)
+            self.should_exit = True
+            return
         self._state.request_shutdown()
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True  # a second Ctrl-C: stop waiting for connections
@@ -84,15 +105,11 @@ def _follow(model: str | os.PathLike[str], device: Any, dtype: Any, attention_ba
     """A rank other than 0: load the same model, then run every step rank 0's engine publishes."""
     from ditserve import Pipeline
     from ditserve.engine.coordination import Follower
+    from ditserve.server.follow import follow
 
     pipeline = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=attention_backend,
                                         compile=compile)
-    follower = Follower(_parallel_family(pipeline, groups))
-    for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 shuts down and tells the followers: they end with it
-        signal.signal(sig, signal.SIG_IGN)
-    follower.run()
-    log.info("rank %d: followed %d steps; rank 0 has shut down", torch.distributed.get_rank(), follower.steps)
-    return 0
+    return follow(Follower(_parallel_family(pipeline, groups)), torch.distributed.get_rank())
 
 
 def serve(
@@ -110,7 +127,8 @@ def serve(
     warm: bool = True,
     layout: ParallelLayout | None = None,
 ) -> int:
-    """Serve the model folder at `model`; return the exit status (0 after a requested shutdown, 1 if loading failed).
+    """Serve the model folder at `model`; return the exit status (0 after a requested shutdown, 1 if loading failed;
+    on several ranks, a rank that died exits the process with 1 at once).
 
     `warm`: run `warm_up` after loading, before /health reports ready. `layout`: several ranks under
     torchrun (CFG x Ulysses x ring): rank 0 serves and leads every step, the others follow it
@@ -158,10 +176,20 @@ def serve(
     elif host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no API keys on %s: anyone who can reach this port can generate, list and delete jobs "
                     "(see --api-key-file)", host)
-    app = create_app(load, settings, spec=spec, on_load_failure=on_load_failure, leader=leader)
+
+    def on_ranks_lost(error: RanksLost) -> None:
+        if server is not None:
+            server.ranks_lost(error)
+
+    app = create_app(load, settings, spec=spec, on_load_failure=on_load_failure, leader=leader,
+                     on_ranks_lost=on_ranks_lost)
     config = uvicorn_config(app, settings, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_timeout_s)),
                             access_log=log_level == "debug")
-    server = _Server(config, app.state.ditserve)
+    server = _Server(config, app.state.ditserve, ranked=leader is not None)
     server.run(sockets=[sock] if sock is not None else None)
+    if server.lost is not None:  # the engine's thread may be blocked for good in a collective with the dead rank
+        log.error("exiting: %s", server.lost)
+        logging.shutdown()
+        os._exit(1)
     return 1 if failed or not server.started else 0

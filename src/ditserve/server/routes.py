@@ -231,6 +231,9 @@ def build_router(video_body: type[BaseModel], image_body: type[BaseModel]) -> AP
             error = snap.error
             if error is not None and error.code == "invalid_request":  # a limit only the loaded model knows
                 raise ApiError(400, error.message, param=error.message.partition(":")[0], code="invalid_value")
+            if error is not None and error.code == "rank_failed":  # the server's failure, not this request's
+                raise ApiError(503, f"the image was not made: {error.message}", type="server_error",
+                               code=error.code)
             raise ApiError(500, f"generation failed: {error.message if error else 'unknown error'}",
                            type="server_error", code=error.code if error else "generation_failed")
         seed = snap.request.seed
@@ -256,12 +259,16 @@ def build_router(video_body: type[BaseModel], image_body: type[BaseModel]) -> AP
 
     @router.get("/health", tags=["service"])
     async def health(state: State) -> AsciiJSONResponse:
-        """200 when a request can be generated; 503 while loading, after a failed load, or shutting down."""
+        """200 when a request can be generated; 503 while loading, after a failed load, after a rank died, or
+        shutting down."""
         if state.ready:
             stats = state.stats()
             return AsciiJSONResponse({"status": "ok", "model": state.settings.model_name, "queued": stats.queued,
                                  "running": stats.running})
-        if state.draining:
+        failure = getattr(state, "failure", None)  # a rank died (a server on several ranks)
+        if failure is not None:
+            status = {"status": "failed", "error": f"{failure}: the server is stopping", "code": "rank_failed"}
+        elif state.draining:
             status = {"status": "shutting_down"}
         elif state.load_error is not None:
             status = {"status": "failed", "error": state.load_error}

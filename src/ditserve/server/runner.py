@@ -17,7 +17,8 @@ job at a time. Around the engine this module keeps what the server promises:
 - outputs: finished frames are checked and written atomically on a writer thread, so encoding
   an MP4 never holds up the batch.
 
-The HTTP layer only calls `submit`, `cancel`, `stats`, `close` and `join`.
+The HTTP layer only calls `submit`, `cancel`, `stats`, `close` and `join`; the server state calls
+`abandon` when a rank of a multi-rank engine died.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ditserve.engine import GenerationOutput, InvalidRequest
+from ditserve.engine import EngineClosed, GenerationOutput, InvalidRequest, RanksLost
 from ditserve.server.execute import record_failure, write_output
 from ditserve.server.jobs import Job, JobStatus
 from ditserve.server.metrics import Metrics
@@ -128,9 +129,12 @@ class JobRunner:
                 raise RequestTooLarge(tokens, self._engine.max_batch_tokens)
             if len(self._jobs) >= self._capacity:
                 raise QueueFull(self._capacity, self._retry_after_locked())
-            future = self._engine.submit(job.request, cancel=job.cancel_event,
-                                         callback=lambda i, total: job.set_progress(i + 1, total),
-                                         on_start=lambda: self._admitted(job))
+            try:
+                future = self._engine.submit(job.request, cancel=job.cancel_event,
+                                             callback=lambda i, total: job.set_progress(i + 1, total),
+                                             on_start=lambda: self._admitted(job))
+            except EngineClosed:  # it closed itself: its ranks were lost, and the state will know in a moment
+                raise RunnerClosed("the server is stopping and takes no new jobs") from None
             self._jobs[job.id] = (job, future)
         job.on_finish(self._forget)
         future.add_done_callback(lambda f: self._generated(job, f))
@@ -183,6 +187,23 @@ class JobRunner:
             if job.status is JobStatus.QUEUED:
                 job.mark_cancelled(reason)
                 future.cancel()
+        if engine is not None:
+            engine.close(cancel=True)
+
+    def abandon(self, error: RanksLost) -> None:
+        """A rank died: refuse new jobs and fail every job not generated yet with `error`, now. The engine may
+        be blocked in a collective with the dead rank that never returns (NCCL), so nothing here waits on it;
+        a job already generated still has its file written."""
+        with self._lock:
+            self._closed = True
+            entries = list(self._jobs.values())
+            engine = self._engine
+        for job, future in entries:
+            if future.done():
+                continue
+            job.cancel_event.set()
+            record_failure(job, error)  # before cancelling the future: a finished job stays as it is
+            future.cancel()
         if engine is not None:
             engine.close(cancel=True)
 

@@ -2,6 +2,11 @@
 
 Created per app by `create_app`, never at import: two apps in one process (tests) share
 nothing. Starting and stopping are explicit (`start` / `stop`, called by the app's lifespan).
+
+On rank 0 of several, a rank that dies ends the server (`ranks_lost`): every request gets 503
+(`rank_failed`), jobs not yet generated fail with that code (recorded in the job store), and
+`on_ranks_lost` (serve: stop, exit 1) is told, without waiting on the engine, which may be
+blocked in a collective with the dead rank.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
-from ditserve.engine import RequestSpec
+from ditserve.engine import RanksLost, RequestSpec
 from ditserve.server.errors import ApiError
 from ditserve.server.jobdb import JobDatabaseError
 from ditserve.server.jobs import Job, JobSnapshot
@@ -38,14 +43,21 @@ if TYPE_CHECKING:  # torch is imported only once the model loads
 PipelineSource = Union["Family", Callable[[], "Family"]]
 
 SHUTDOWN_REASON = "cancelled: the server is shutting down"
+# After a rank died, how long `stop` waits for the engine's thread (it may never return from a collective)
+LOST_JOIN_S = 5.0
 
 
 class ServerState:
     """Everything the routes share; lives in `app.state.ditserve`."""
 
     def __init__(self, source: PipelineSource, settings: ServerSettings, spec: RequestSpec,
-                 on_load_failure: Callable[[BaseException], None] | None = None, leader: Leader | None = None) -> None:
+                 on_load_failure: Callable[[BaseException], None] | None = None, leader: Leader | None = None,
+                 on_ranks_lost: Callable[[RanksLost], None] | None = None) -> None:
         self._leader = leader  # rank 0 of several: its engine leads the others (`engine.coordination`)
+        if leader is not None:
+            leader.on_lost = self.request_ranks_lost
+        self._on_ranks_lost = on_ranks_lost
+        self.failure: RanksLost | None = None  # a rank died: this server can generate nothing any more
         self.settings = settings
         self.spec = spec
         self.metrics = Metrics()
@@ -124,11 +136,31 @@ class ServerState:
 
         Starts the `shutdown_timeout_s` clock that `stop` keeps to."""
         if not self.draining:
-            log.info("shutting down: no new jobs; cancelling queued and running jobs")
+            if self.failure is None:
+                log.info("shutting down: no new jobs; cancelling queued and running jobs")
             self._shutdown_deadline = time.monotonic() + self.settings.shutdown_timeout_s
         self.draining = True
         if self._runner is not None:
             self._runner.close(SHUTDOWN_REASON)
+
+    def ranks_lost(self, error: RanksLost) -> None:
+        """A rank died (torchrun's SIGTERM found it, or a collective failed): answer 503 from now on, fail the
+        jobs not generated yet, and tell `on_ranks_lost`. Runs on the event loop; once."""
+        if self.failure is not None:
+            return
+        self.failure = error
+        log.error("%s: failing the unfinished jobs and stopping (every step needs every rank)", error)
+        if self._leader is not None:
+            self._leader.abandon(error)
+        if self._runner is not None:
+            self._runner.abandon(error)
+        if self._on_ranks_lost is not None:
+            self._on_ranks_lost(error)
+
+    def request_ranks_lost(self, error: RanksLost) -> None:
+        """`ranks_lost` from another thread or a signal handler: runs it on the event loop."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.ranks_lost, error)
 
     def request_shutdown(self) -> None:
         """`begin_shutdown` from a signal handler or another thread: runs it on the event loop."""
@@ -141,6 +173,8 @@ class ServerState:
         self.begin_shutdown()
         if self._runner is not None:
             left = max(0.0, (self._shutdown_deadline or time.monotonic()) - time.monotonic())
+            if self.failure is not None:
+                left = min(left, LOST_JOIN_S)
             stopped = await asyncio.to_thread(self._runner.join, left)
             if not stopped:
                 log.warning("the running jobs did not stop within --shutdown-timeout %g s; exiting anyway (they "
@@ -156,10 +190,13 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self._pipeline is not None and not self.draining
+        return self._pipeline is not None and not self.draining and self.failure is None
 
     def pipeline(self) -> Family:
         """The loaded pipeline, or a 503 saying why there is none."""
+        if self.failure is not None:
+            raise ApiError(503, f"{self.failure} (a rank of this server): it can generate nothing more and is "
+                                "stopping", type="server_error", code="rank_failed")
         if self.draining:
             raise ApiError(503, "the server is shutting down and takes no new jobs", type="server_error",
                            code="shutting_down")
@@ -228,6 +265,8 @@ class ServerState:
         except RunnerClosed as e:
             self.store.discard(job)
             self.metrics.jobs_rejected.labels("shutting_down").inc()
+            if self.failure is not None:
+                self.pipeline()  # 503 rank_failed
             raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
         self.metrics.jobs_submitted.labels(job.kind).inc()
         job.on_finish(lambda j: self.metrics.jobs_finished.labels(j.status.value).inc())
