@@ -416,9 +416,9 @@ def ray_app(args: dict[str, str]) -> Any:
         raise ValueError("serve run needs --output-dir in cli=\"...\" (a folder every node sees)")
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     options = ray_options(parsed, parsed.device)
-    _, token = start_hub(settings, options)
+    _, token = start_hub(settings, options, parsed.log_level)
     return build_application(model, settings, options, served_spec(read_request_spec(model), settings), token,
-                             load=_load_options(parsed), warm=not parsed.no_warm_up)
+                             load=_load_options(parsed), warm=not parsed.no_warm_up, log_level=parsed.log_level)
 
 
 def _serve_ray(args: argparse.Namespace) -> int:

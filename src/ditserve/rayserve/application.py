@@ -30,7 +30,7 @@ HEALTH_CHECK_S = 5.0
 HEAD_NODE = "node:__internal_head__"  # a resource only Ray's head node has
 
 
-def start_hub(settings: ServerSettings, options: RayOptions) -> tuple[Any, str]:
+def start_hub(settings: ServerSettings, options: RayOptions, log_level: str = "info") -> tuple[Any, str]:
     """The application's job hub (`options.hub_name`): created on the head node (the cluster's one stable node,
     where the job database lives), detached so that it outlives a `serve run` driver; an existing one is reused.
     Returns the hub and the token its output-folder marker holds."""
@@ -42,15 +42,17 @@ def start_hub(settings: ServerSettings, options: RayOptions) -> tuple[Any, str]:
         name=options.hub_name, namespace=HUB_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
         max_restarts=-1, max_concurrency=10_000, resources={HEAD_NODE: 0.001},
     ).remote(str(settings.output_dir), settings.keep_jobs, settings.max_queue * options.max_replicas,
-             options.max_attempts, options.app_name, token)
+             options.max_attempts, options.app_name, token, log_level=log_level)
     return hub, ray.get(hub.token.remote())
 
 
 def build_application(model: str, settings: ServerSettings, options: RayOptions, spec: RequestSpec, token: str, *,
-                      load: dict[str, Any], warm: bool = True) -> Any:
+                      load: dict[str, Any], warm: bool = True, log_level: str = "info") -> Any:
     """The bound Serve application. `spec`: the model's request spec under the server's limits; `load`: the
-    replicas' `Pipeline.from_pretrained` options; `token`: the hub's output-folder marker."""
+    replicas' `Pipeline.from_pretrained` options; `token`: the hub's output-folder marker; `log_level`: the
+    replicas' (a line per request, Serve's access log, only at debug, as `ditserve serve` logs)."""
     _, serve = require_ray()
+    logging_config = {"log_level": log_level.upper(), "enable_access_log": log_level == "debug"}
     scaling: dict[str, Any]
     if options.autoscaling:
         scaling = {"autoscaling_config": {
@@ -63,12 +65,14 @@ def build_application(model: str, settings: ServerSettings, options: RayOptions,
     generator = serve.deployment(GeneratorReplica, name=GENERATOR).options(
         ray_actor_options={"num_cpus": options.cpus, "num_gpus": options.gpus},
         max_ongoing_requests=settings.max_queue, graceful_shutdown_timeout_s=options.drain_timeout_s,
-        health_check_period_s=HEALTH_CHECK_S, max_constructor_retry_count=CONSTRUCTOR_RETRIES, **scaling)
+        health_check_period_s=HEALTH_CHECK_S, max_constructor_retry_count=CONSTRUCTOR_RETRIES,
+        logging_config=logging_config, **scaling)
     ingress = serve.deployment(serve.ingress()(_Ingress), name=INGRESS).options(
         num_replicas=options.ingress_replicas, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=settings.max_queue * options.max_replicas + 1024,
-        max_constructor_retry_count=CONSTRUCTOR_RETRIES)
-    generators = generator.bind(model, load, settings, options.hub_name, token, options.torch_threads, warm)
+        max_constructor_retry_count=CONSTRUCTOR_RETRIES, logging_config=logging_config)
+    generators = generator.bind(model, load, settings, options.hub_name, token, options.torch_threads, warm,
+                                log_level)
     return ingress.bind(settings, spec, options.hub_name, token, options.min_replicas, generators)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,8 @@ class JobHub:
     """
 
     def __init__(self, output_dir: str, keep_jobs: int, capacity: int, max_attempts: int, app_name: str,
-                 token: str, deployment: str = GENERATOR) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                 token: str, deployment: str = GENERATOR, log_level: str = "info") -> None:
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._folder = Path(output_dir)
         self._store = JobStore(self._folder, keep_jobs)
         recovery = self._store.open()
@@ -147,8 +148,8 @@ class JobHub:
 
     async def report(self, report: ReplicaReport) -> None:
         """A replica's heartbeat: it is alive; its running jobs' progress; its metric observations."""
-        self._replicas[report.replica_id] = (time.monotonic(), report)
         replay(self.metrics, report.observations)
+        self._replicas[report.replica_id] = (time.monotonic(), replace(report, observations=()))
         for progress in report.progress:
             running = self._running.get(progress.job_id)
             job = self._store.get(progress.job_id)

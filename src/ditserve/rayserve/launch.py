@@ -60,8 +60,9 @@ def serve_on_ray(model: str, settings: ServerSettings, options: RayOptions, *, h
     hub = None
     try:
         serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": settings.keep_alive_timeout_s})
-        hub, token = start_hub(settings, options)
-        app = build_application(model, settings, options, spec, token, load=load or {}, warm=warm)
+        hub, token = start_hub(settings, options, log_level)
+        app = build_application(model, settings, options, spec, token, load=load or {}, warm=warm,
+                                log_level=log_level)
         serve.run(app, name=options.app_name, route_prefix="/")
         log.info("serving %s on http://%s:%d: %s generator replica(s)%s, jobs and files in %s", settings.model_name,
                  host, port, options.initial_replicas,

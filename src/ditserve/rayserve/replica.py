@@ -45,10 +45,10 @@ class GeneratorReplica:
     """model: the pipeline folder (the same path on every node); load: `Pipeline.from_pretrained` options
     (device, dtype, attention_backend, compile); settings: the server's (output folder, batching limits,
     --max-queue per replica); hub_name / token: the job hub and the output folder's marker; threads:
-    torch intra-op threads; warm: one warm-up generation before the replica reports ready."""
+    torch intra-op threads; warm: one warm-up generation before the replica reports ready; log_level: ditserve's."""
 
     def __init__(self, model: str, load: dict[str, Any], settings: ServerSettings, hub_name: str, token: str,
-                 threads: int, warm: bool = True) -> None:
+                 threads: int, warm: bool = True, log_level: str = "info") -> None:
         import ray
         import torch
         from ray import serve
@@ -57,7 +57,7 @@ class GeneratorReplica:
         from ditserve.server.main import warm_up
         from ditserve.server.output_check import check_writer
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         torch.set_num_threads(threads)
         if settings.output_dir is None:
             raise ValueError("a generator replica needs the shared output folder (settings.output_dir)")
