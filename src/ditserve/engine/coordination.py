@@ -138,7 +138,8 @@ class _State:
 
 
 class Follower:
-    """Another rank's side: receive each plan and run the same step, until the leader stops."""
+    """Another rank's side: receive each plan and run the same step, until the leader stops. `run` raises
+    `RanksLost` when a step failed because a rank died, and what a failed broadcast of the plan raised."""
 
     def __init__(self, family: Family, group: dist.ProcessGroup | None = None) -> None:
         self.family = family
@@ -170,7 +171,10 @@ class Follower:
             stepped = advance(self.family, steps)
         except StepInterrupted:  # never asked here; kept for symmetry with the leader
             return
-        except Exception:  # the leader's forward failed the same way; its requests are gone there too
+        except Exception as e:  # the leader's forward failed the same way; its requests are gone there too
+            ranks = dead_ranks(DEATH_GRACE_S)
+            if ranks:  # unless a rank died under the step: then no step can run again
+                raise RanksLost(ranks) from e
             log.exception("a followed step failed; dropping its requests")
             for key in plan.advancing:
                 self.states.pop(key, None)
