@@ -30,6 +30,7 @@ from ditserve.rayserve.options import RayOptions
 pytestmark = pytest.mark.ray
 
 SMALL = {"size": "32x32", "num_frames": 5, "steps": 4}
+KEY, OTHER_KEY = "ray-test-key-0123456789", "ray-test-key-abcdefghij"
 LONG = {"size": "32x32", "num_frames": 5, "steps": 120}  # seconds per batch on one core: time to kill mid-run
 
 
@@ -42,7 +43,8 @@ def cluster() -> Iterator[str]:
 @pytest.fixture(scope="class")
 def two_replicas(cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
     options = RayOptions.fixed(2, threads=1, ingress_replicas=2, app_name="two")
-    with deployed(cluster, tmp_path_factory.mktemp("two"), options) as app:
+    with deployed(cluster, tmp_path_factory.mktemp("two"), options, headers={"Authorization": f"Bearer {KEY}"},
+                  api_keys=(KEY, OTHER_KEY)) as app:
         wait_for(lambda: app.view().live_replicas == 2, 60, "both replicas to report")
         yield app
 
@@ -87,6 +89,12 @@ class TestTwoReplicas:
         image = http.post("/v1/images/generations", json={"prompt": "a red circle", "size": "32x32", "steps": 2})
         assert image.status_code == 200 and image.json()["data"][0]["b64_json"]
         assert http.get("/health").json()["status"] == "ok"
+        job_id = submit(http, 1, **SMALL)[0]  # keys: each sees only its own jobs, through any replica
+        other = {"Authorization": f"Bearer {OTHER_KEY}"}
+        assert http.get(f"/v1/videos/{job_id}", headers={"Authorization": ""}).status_code == 401
+        assert http.get(f"/v1/videos/{job_id}", headers=other).status_code == 404
+        assert http.get("/v1/videos", headers=other).json()["data"] == []
+        assert http.get(f"/v1/videos/{job_id}").status_code == 200
         metrics = http.get("/metrics").text
         assert "ditserve_replicas 2.0" in metrics and 'ditserve_jobs{status="completed"}' in metrics
 

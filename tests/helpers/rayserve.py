@@ -73,8 +73,10 @@ class Deployed:
 
 
 @contextmanager
-def deployed(url: str, output_dir: Path, options: RayOptions, **settings: Any) -> Iterator[Deployed]:
-    """The application on the embedded tiny model (no warm-up), with `settings` for `ServerSettings`."""
+def deployed(url: str, output_dir: Path, options: RayOptions, *, headers: dict[str, str] | None = None,
+             **settings: Any) -> Iterator[Deployed]:
+    """The application on the embedded tiny model (no warm-up), with `settings` for `ServerSettings`; the
+    client sends `headers` (an API key) with every request."""
     from ray import serve
 
     from ditserve.pipelines import read_request_spec
@@ -89,7 +91,7 @@ def deployed(url: str, output_dir: Path, options: RayOptions, **settings: Any) -
                             token, load={}, warm=False)
     try:
         serve.run(app, name=options.app_name, route_prefix="/")
-        with httpx.Client(base_url=url, timeout=60) as http:
+        with httpx.Client(base_url=url, timeout=60, headers=headers) as http:
             yield Deployed(http, hub, options, output_dir)
     finally:
         stop_application(options.app_name, hub, 10.0)
