@@ -2,7 +2,8 @@
 
 Every rank runs `Pipeline.generate` on the same request (SPMD). Modes: Ulysses, ring, and
 Ulysses inside ring (2 x 2) sequence parallelism inside the DiT, CFG parallelism (cond and uncond
-on two ranks: `ditserve.engine.parallel.SampleParallel`), and CFG x Ulysses; for Wan and FLUX.1.
+on two ranks: `ditserve.engine.parallel.SampleParallel`), and CFG x Ulysses; for Wan, FLUX.1 and
+Cosmos3 (its prompt K/V whole on every rank: the wrappers' key-only joint tokens).
 The groups come from `ditserve.distributed.build_groups`, as the CLI and server make them. Each
 rank's frames must equal the single-process frames (float32 rounding) and each other.
 """
@@ -30,12 +31,21 @@ FLUX_REQUEST = dict(prompt="a red ball on the grass", negative_prompt="blurry", 
                     num_inference_steps=3, true_cfg_scale=2.0, seed=3)
 FLUX_MIXED = [dict(FLUX_REQUEST, seed=1), dict(FLUX_REQUEST, height=16, width=24, true_cfg_scale=1.0, seed=2),
               dict(FLUX_REQUEST, height=40, width=16, num_inference_steps=2, seed=4)]
-REQUESTS = {"wan": (REQUEST, MIXED), "flux": (FLUX_REQUEST, FLUX_MIXED)}
+# Cosmos3 (4 query heads, 2 K/V heads): 18 vision tokens unguided (one sample: the dense layout), then a packed
+# batch of 18 (guided: cond and uncond prompts of different lengths), 3 and 6 tokens
+COSMOS3_REQUEST = dict(prompt="a red ball rolling on the street", negative_prompt="blurry", height=64, width=96,
+                       num_frames=9, num_inference_steps=2, guidance_scale=1.0, fps=16.0, seed=3)
+COSMOS3_MIXED = [dict(COSMOS3_REQUEST, guidance_scale=5.0, seed=1),
+                 dict(COSMOS3_REQUEST, height=32, width=32, seed=2),
+                 dict(COSMOS3_REQUEST, height=48, width=80, num_frames=1, guidance_scale=5.0, seed=4)]
+REQUESTS = {"wan": (REQUEST, MIXED), "flux": (FLUX_REQUEST, FLUX_MIXED), "cosmos3": (COSMOS3_REQUEST, COSMOS3_MIXED)}
 # family, samples (CFG), Ulysses degree, ring degree; the tiny Wan DiT has 2 heads: 4 sequence ranks need ring
 MODES = {"ulysses2": ("wan", 1, 2, 1), "cfg2": ("wan", 2, 1, 1), "cfg2xulysses2": ("wan", 2, 2, 1),
          "ring2": ("wan", 1, 1, 2), "ring4": ("wan", 1, 1, 4), "ulysses2xring2": ("wan", 1, 2, 2),
          "flux-ulysses2": ("flux", 1, 2, 1), "flux-cfg2": ("flux", 2, 1, 1), "flux-ring2": ("flux", 1, 1, 2),
-         "flux-ulysses2xring2": ("flux", 1, 2, 2)}
+         "flux-ulysses2xring2": ("flux", 1, 2, 2), "cosmos3-ulysses2": ("cosmos3", 1, 2, 1),
+         "cosmos3-ring2": ("cosmos3", 1, 1, 2), "cosmos3-cfg2": ("cosmos3", 2, 1, 1),
+         "cosmos3-ulysses2xring2": ("cosmos3", 1, 2, 2)}
 SPAWN_TIMEOUT_S = 120
 
 
@@ -67,7 +77,8 @@ def _spawn(mode: str, model: Path, tmp: Path) -> list[list[np.ndarray]]:
     tmp.mkdir(parents=True)
     run_ranks(_worker, world, (family, samples, ulysses, ring, str(model), str(tmp / "store"), str(tmp)),
               SPAWN_TIMEOUT_S)
-    return [[np.load(tmp / f"rank{r}.npy"), *(np.load(tmp / f"rank{r}-mixed{i}.npy") for i in range(len(MIXED)))]
+    mixed = len(REQUESTS[family][1])
+    return [[np.load(tmp / f"rank{r}.npy"), *(np.load(tmp / f"rank{r}-mixed{i}.npy") for i in range(mixed))]
             for r in range(world)]
 
 
@@ -76,8 +87,10 @@ def models(tiny_wan_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     """Per family: its tiny folder and the single-process frames (the request, then each mixed one alone)."""
     import ditserve
     from helpers.checkpoints import build_tiny_flux_pipeline
+    from helpers.cosmos3_checkpoints import build_tiny_cosmos3_pipeline
 
-    folders = {"wan": tiny_wan_path, "flux": build_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "pipeline")}
+    folders = {"wan": tiny_wan_path, "flux": build_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "pipeline"),
+               "cosmos3": build_tiny_cosmos3_pipeline(tmp_path_factory.mktemp("cosmos3") / "pipeline")}
     out = {}
     for family, folder in folders.items():
         pipe = ditserve.Pipeline.from_pretrained(folder, device="cpu", dtype="fp32")

@@ -22,6 +22,14 @@ metadata built once per forward:
           tokens), keys `[sum(L_i + S_i), Hkv, D]` (each sample's text then vision K/V), ragged
           cu_seqlens for q and for kv, so a sample sees only its own text and vision tokens.
 
+Sequence parallelism (`enable_sequence_parallel`: Ulysses, ring or Ulysses inside ring): each
+sample's vision tokens are split across the ranks of a group, with their mRoPE angles; the
+prompt's K/V, whole on every rank, are the wrappers' key-only joint tokens
+(`forward_joint_keys`: no text query runs in a step). The time embedding is added before the
+split, so no per-token row follows the tokens. The tokens are gathered after the output head (a
+per-token norm and projection: `patch_latent_dim` features to exchange instead of `hidden_size`),
+and every rank returns the whole prediction.
+
 Positions are 3D mRoPE (time, height, width) interleaved over the rotary frequencies, with the
 time axis scaled by the video's fps (`vision_position_ids`); the rotary is rotate-half, applied
 after a per-head RMSNorm of q and k. That norm + rotary is a natural fused kernel (one token's
@@ -46,6 +54,15 @@ from ditserve.attention import (
     AttentionMetadata,
     AttentionSelector,
     run_attention_eagerly,
+)
+from ditserve.attention.parallel import (
+    HybridAttention,
+    HybridSplit,
+    RingAttention,
+    SequenceParallel,
+    SequenceSplit,
+    UlyssesAttention,
+    as_sequence_parallel,
 )
 from ditserve.engine.errors import StepInterrupted
 from ditserve.models.wan import MLP, timestep_embedding
@@ -304,6 +321,7 @@ class MoTAttention(nn.Module):
         self.norm_added_q = RMSNorm(d, eps, nemotron)
         self.norm_added_k = RMSNorm(d, eps, nemotron)
         self.attention = Attention(selector=selector)
+        self.sequence_parallel: UlyssesAttention | RingAttention | HybridAttention | None = None  # `enable_sequence_parallel`
 
     def split_heads(self, x: Tensor, kv: bool) -> Tensor:
         return x.unflatten(-1, (self.kv_heads if kv else self.heads, self.head_dim))
@@ -355,7 +373,13 @@ class DecoderLayer(nn.Module):
         q = _rotate(attn.norm_added_q(attn.split_heads(attn.add_q_proj(h), kv=False)), rotary)
         k = _rotate(attn.norm_added_k(attn.split_heads(attn.add_k_proj(h), kv=True)), rotary)
         v = attn.split_heads(attn.add_v_proj(h), kv=True)
-        out = attn.attention(q, layout.join(text_k, k), layout.join(text_v, v), layout.metadata)
+        if layout.split is not None:  # this rank's vision tokens; the text K/V whole, keys only
+            if attn.sequence_parallel is None:
+                raise RuntimeError("a sequence-split forward reached a layer without sequence parallelism; call "
+                                   "Cosmos3OmniTransformer.enable_sequence_parallel(layout) on the model")
+            out = attn.sequence_parallel.forward_joint_keys(text_k, text_v, q, k, v, layout.split)
+        else:
+            out = attn.attention(q, layout.join(text_k, k), layout.join(text_v, v), layout.metadata)
         x = x + attn.to_add_out(out.flatten(-2))
         return x + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(x))
 
@@ -363,12 +387,15 @@ class DecoderLayer(nn.Module):
 @dataclass(frozen=True)
 class KVLayout:
     """How a forward's keys are laid out: dense (every field None: `cat([text, vision], dim=1)`) or
-    packed (each sample's text then vision K/V; `metadata` has ragged cu_seqlens for q and kv)."""
+    packed (each sample's text then vision K/V; `metadata` has ragged cu_seqlens for q and kv).
+    With `split` (sequence parallel) the vision tokens are this rank's slice of it, and the
+    wrapper lays out the keys itself."""
 
     metadata: AttentionMetadata | None = None
     text_slots: Tensor | None = None  # where each text token goes in the packed keys
     vision_slots: Tensor | None = None
     total: int = 0
+    split: SequenceSplit | HybridSplit | None = None
 
     @classmethod
     def packed(cls, text_lens: Sequence[int], vision_lens: Sequence[int], device: torch.device) -> KVLayout:
@@ -438,6 +465,7 @@ class Cosmos3OmniTransformer(nn.Module):
             self.audio_proj_in = nn.Linear(cfg.sound_dim, dim)
             self.audio_proj_out = nn.Linear(dim, cfg.sound_dim)
             self.audio_modality_embed = nn.Parameter(torch.zeros(dim))
+        self._sequence_parallel: SequenceParallel | None = None  # set by `enable_sequence_parallel`
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], attention_backend: str | None = None) -> Cosmos3OmniTransformer:
@@ -459,6 +487,35 @@ class Cosmos3OmniTransformer(nn.Module):
                      "audio_proj_out", "audio_modality_embed"):
             if hasattr(self, name):
                 delattr(self, name)
+
+    def enable_sequence_parallel(self, layout: SequenceParallel | torch.distributed.ProcessGroup | None = None, *,
+                                 ring: bool = False) -> None:
+        """Split each sample's vision tokens across ranks (the prompt's K/V stay whole on every rank).
+
+        Every rank must run the same forward (dense or packed) on the same inputs; each returns the
+        whole output. `layout`: a `SequenceParallel` (Ulysses, ring, or Ulysses inside ring), or a
+        process group (None: the default group) for Ulysses over it, ring with `ring`. Ulysses
+        needs the query heads to divide by its degree (checked here; K/V heads fewer than the
+        degree are replicated); ring takes any head count. The text tower (`encode_text`) is not
+        split: it runs once per prompt, whole, on every rank."""
+        layout = as_sequence_parallel(layout, ring)
+        try:
+            layout.check_heads(self.config.num_attention_heads, self.config.num_key_value_heads)
+        except ValueError as e:
+            raise ValueError(f"{e} (--ulysses-degree / --ring-degree)") from None
+        self._sequence_parallel = layout
+        for layer in self.layers:
+            layer.self_attn.sequence_parallel = layout.attention(layer.self_attn.attention)
+
+    def _split_layout(self, vision_lens: int | Sequence[int], text_lens: Sequence[int] = ()) -> KVLayout | None:
+        """This forward's `KVLayout` with the vision tokens split across the sequence ranks: dense (one
+        vision length) or packed (a vision and a text length per sample); None when not sequence parallel."""
+        layout = self._sequence_parallel
+        if layout is None:
+            return None
+        if isinstance(vision_lens, int):
+            return KVLayout(split=layout.split(vision_lens))
+        return KVLayout(split=layout.split(list(vision_lens), self.device, joint_lengths=list(text_lens)))
 
     def set_attention_backend(self, name: str | None) -> None:
         """Use a new selector ("auto", a backend name, or None) in every attention layer."""
@@ -559,12 +616,21 @@ class Cosmos3OmniTransformer(nn.Module):
     def _generate(self, x: Tensor, rotary: Rotary, keys: Tensor, values: Tensor, layout: KVLayout,
                   interrupt: Callable[[], bool] | None) -> Tensor:
         """The vision tower over every layer, then its output norm and projection to patches.
-        `interrupt()` is asked between layers; True stops the forward with `StepInterrupted`."""
+        `interrupt()` is asked between layers; True stops the forward with `StepInterrupted`.
+
+        x `[B, S, dim]` (dense) or `[T, dim]` (packed) and rotary `[S or T, D]`, whole; with
+        `layout.split` this rank runs its slice of them (padding zero) and the output is gathered
+        after the head (per token: the fewest features to exchange), whole on every rank."""
+        split = layout.split
+        if split is not None:
+            x = split.shard(x)
+            rotary = tuple(split.shard(r) if split.packed else split.shard(r[None])[0] for r in rotary)
         for index, layer in enumerate(self.layers):
             if interrupt is not None and index and interrupt():
                 raise StepInterrupted(index, len(self.layers))
             x = layer(x, rotary, keys[index], values[index], layout)
-        return self.proj_out(self.norm_moe_gen(x))
+        out = self.proj_out(self.norm_moe_gen(x))
+        return out if split is None else self._sequence_parallel.gather(split, out)
 
     # -- dense: diffusers' signature, one video ------------------------------------------
 
@@ -626,7 +692,8 @@ class Cosmos3OmniTransformer(nn.Module):
         values, rows = torch.unique(vision_timesteps.reshape(-1), return_inverse=True)
         x = x + self._time_embedding(values)[rows]
         rotary = self._rotary(position_ids[:, und_len:].to(x.device), x.dtype)
-        out = self._generate(x[None], rotary, text.keys[:, None], text.values[:, None], KVLayout(), interrupt)
+        layout = self._split_layout(tokens) or KVLayout()
+        out = self._generate(x[None], rotary, text.keys[:, None], text.values[:, None], layout, interrupt)
         preds = [self._unpatchify(out[0], latents.shape)[None]]
         return Cosmos3Output(preds) if return_dict else (preds, None, None)
 
@@ -683,7 +750,8 @@ class Cosmos3OmniTransformer(nn.Module):
             rotary = self._rotary(samples[0].positions.to(device), x.dtype)
             keys = torch.stack([s.text.keys for s in samples], dim=1)  # [layers, B, L, Hkv, D]
             values = torch.stack([s.text.values for s in samples], dim=1)
-            out = self._generate(x, rotary, keys, values, KVLayout(), interrupt)
+            layout = self._split_layout(x.shape[1]) or KVLayout()
+            out = self._generate(x, rotary, keys, values, layout, interrupt)
             return [self._unpatchify(o, s.latents.shape) for o, s in zip(out, samples)]
 
         vision_lens = [s.positions.shape[1] for s in samples]
@@ -694,6 +762,7 @@ class Cosmos3OmniTransformer(nn.Module):
         rotary = self._rotary(torch.cat([s.positions.to(device) for s in samples], dim=1), x.dtype)
         keys = torch.cat([s.text.keys for s in samples], dim=1)  # [layers, sum L, Hkv, D]
         values = torch.cat([s.text.values for s in samples], dim=1)
-        layout = KVLayout.packed([s.text.length for s in samples], vision_lens, device)
+        text_lens = [s.text.length for s in samples]
+        layout = self._split_layout(vision_lens, text_lens) or KVLayout.packed(text_lens, vision_lens, device)
         out = self._generate(x, rotary, keys, values, layout, interrupt)
         return [self._unpatchify(o, s.latents.shape) for o, s in zip(out.split(vision_lens), samples)]
