@@ -166,12 +166,14 @@ def launch(argv: list[str], layout: ParallelLayout, device_type: str) -> int:
 
 
 def _signal_rank_zero(launcher_pid: int, signum: int) -> None:
-    """Send `signum` to the rank-0 worker of a torchrun (its children carry RANK in their environment)."""
-    import psutil  # a dependency of accelerate, which ditserve needs
+    """Send `signum` to the rank-0 worker of a torchrun (its children carry their rank in their environment)."""
+    import psutil
 
-    for child in psutil.Process(launcher_pid).children():
+    from ditserve.ranks import workers
+
+    rank_zero = workers(launcher_pid).get(0)
+    if rank_zero is not None:
         try:
-            if child.environ().get("RANK") == "0":
-                child.send_signal(signum)
+            rank_zero.send_signal(signum)
         except psutil.Error:
-            continue
+            pass  # it has just exited

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
-__all__ = ["dead_ranks"]
+if TYPE_CHECKING:
+    import psutil
+
+__all__ = ["dead_ranks", "workers"]
 
 POLL_S = 0.05
 
@@ -32,22 +36,29 @@ def dead_ranks(grace_s: float = 0.0) -> list[int]:
         time.sleep(POLL_S)
 
 
-def _dead_now() -> list[int]:
+def workers(agent_pid: int) -> dict[int, psutil.Process]:
+    """The live (not exited) worker processes of the torchrun agent `agent_pid`, by local rank (none if the
+    agent is gone)."""
     import psutil  # a dependency of accelerate, which ditserve needs
 
+    try:
+        children = psutil.Process(agent_pid).children()
+    except psutil.Error:
+        return {}
+    found = {}
+    for child in children:
+        try:
+            if child.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                found[int(child.environ()["LOCAL_RANK"])] = child
+        except (psutil.Error, KeyError, ValueError):
+            continue  # gone meanwhile, or not a worker
+    return found
+
+
+def _dead_now() -> list[int]:
     env = os.environ
     if "TORCHELASTIC_RUN_ID" not in env or "LOCAL_WORLD_SIZE" not in env or os.getppid() == 1:
         return []  # not a torchrun worker, or its agent is gone: nothing to compare with
     local_rank, first = int(env["LOCAL_RANK"]), int(env["RANK"]) - int(env["LOCAL_RANK"])
-    alive = {local_rank}
-    try:
-        siblings = psutil.Process(os.getppid()).children()
-    except psutil.Error:
-        return []
-    for sibling in siblings:
-        try:
-            if sibling.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
-                alive.add(int(sibling.environ()["LOCAL_RANK"]))
-        except (psutil.Error, KeyError, ValueError):
-            continue  # gone meanwhile, or not a worker
+    alive = {local_rank, *workers(os.getppid())}
     return [first + r for r in range(int(env["LOCAL_WORLD_SIZE"])) if r not in alive]
