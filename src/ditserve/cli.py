@@ -157,6 +157,16 @@ def _model_path(args: argparse.Namespace) -> str:
     return model
 
 
+def _check_cache_flag(value: str | None) -> None:
+    """A bad --cache is a usage error, before anything loads."""
+    from ditserve.engine.step_cache import parse_step_cache
+
+    try:
+        parse_step_cache(value)
+    except ValueError as e:
+        raise _UsageError(f"argument --cache: {str(e).removeprefix('cache: ')}") from None
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the input is wrong": reported as one line, exit 2."""
     from ditserve.engine import InvalidRequest
@@ -199,6 +209,7 @@ def _run_generate(args: argparse.Namespace) -> str:
         request = spec.validate(_request_fields(args, spec), image=getattr(args, "image", None))
     except InvalidRequest as e:
         raise _flag_error(e, spec) from None
+    _check_cache_flag(args.cache)
 
     from ditserve.pipelines import Pipeline
     from ditserve.pipelines.options import resolve_load_options
@@ -221,7 +232,8 @@ def _run_generate(args: argparse.Namespace) -> str:
 
     _silence_loading_bars()
     start = time.perf_counter()
-    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=backend, compile=args.compile)
+    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=backend, compile=args.compile,
+                                    cache=args.cache)
     if layout.world > 1:
         sample_group, sequence = build_groups(layout, rank)
         try:
@@ -278,6 +290,13 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+CACHE_HELP = (
+    "step caching, off by default: a threshold such as 0.1 (a request reuses its previous predictions, extrapolated, "
+    "while their estimated change stays under it), 'uniform:N' (compute every N-th step) or 'off'; trades quality "
+    "for time (docs/performance.md measures it)"
+)
+
+
 def _add_parallel_flags(parser: argparse.ArgumentParser, *, serving: bool) -> None:
     """--num-gpus and the degrees that split it, for generate and serve alike."""
     parser.add_argument("--num-gpus", type=int, default=1,
@@ -316,6 +335,7 @@ def _add_generate(sub: argparse._SubParsersAction, spec: Any) -> None:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the DiT blocks: ~1.3x faster steps on an H100 after a one-off compile (~1 min)")
+    gen.add_argument("--cache", default=None, metavar="THRESHOLD", help=CACHE_HELP)
     gen.set_defaults(func=_generate)
 
 
@@ -393,7 +413,7 @@ def _server_settings(args: argparse.Namespace) -> tuple[str, ServerSettings]:
 
 def _load_options(args: argparse.Namespace) -> dict[str, object]:
     return {"device": args.device, "dtype": args.dtype, "attention_backend": args.attention_backend,
-            "compile": args.compile}
+            "compile": args.compile, "cache": args.cache}
 
 
 def ray_app(args: dict[str, str]) -> Any:
@@ -431,6 +451,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
             raise _UsageError("--num-gpus with --ray (several GPUs per replica) is not supported yet; give each "
                               "replica one GPU (--replica-gpus 1) and more --replicas")
         model, settings = _server_settings(args)
+        _check_cache_flag(args.cache)
         options = ray_options(args, args.device)
         from ditserve.rayserve.launch import serve_on_ray
     except (ValueError, _UsageError, RayNotInstalled) as e:
@@ -452,6 +473,7 @@ def _serve(args: argparse.Namespace) -> int:
         return _serve_ray(args)
     try:
         model, settings = _server_settings(args)
+        _check_cache_flag(args.cache)
         from ditserve.distributed import ParallelLayout
 
         layout = ParallelLayout(samples=args.cfg_parallel, ulysses=args.ulysses_degree, ring=args.ring_degree)
@@ -460,8 +482,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         return serve(model, settings, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-                     attention_backend=args.attention_backend, compile=args.compile, log_level=args.log_level,
-                     warm=not args.no_warm_up, layout=layout)
+                     attention_backend=args.attention_backend, compile=args.compile, cache=args.cache,
+                     log_level=args.log_level, warm=not args.no_warm_up, layout=layout)
     except (*_user_errors(), ValueError) as e:
         print(f"ditserve serve: error: {e}", file=sys.stderr)
         return 2
@@ -526,6 +548,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--attention-backend", default=None,
                      help="attention backend name or 'auto' (default: $DITSERVE_ATTENTION_BACKEND, else auto)")
     srv.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks at load")
+    srv.add_argument("--cache", default=None, metavar="THRESHOLD", help=CACHE_HELP)
     srv.add_argument("--no-warm-up", action="store_true",
                      help="report ready right after loading, without the one-frame, one-step warm-up generation "
                           "that pays kernel compilation and the attention selector's trials before the first request")
@@ -613,13 +636,14 @@ def _eval_tiny(args: argparse.Namespace) -> int:
         model = _model_path(args)
         if args.limit is not None and args.limit < 1:
             raise _UsageError(f"argument --limit: must be >= 1, got {args.limit}")
+        _check_cache_flag(args.cache)
         from ditserve.tiny.evaluate import eval_tiny
 
         _silence_loading_bars()
         return eval_tiny(model, prompt_set=args.prompts, limit=args.limit, guidance_scale=args.guidance_scale,
                          steps=args.steps, seed=args.seed, device=args.device, runner=args.runner,
                          min_adherence=args.min_adherence, vae_ceiling=args.vae_ceiling, json_path=args.json,
-                         progress=not args.quiet)
+                         progress=not args.quiet, cache=args.cache)
     except _user_errors() as e:
         print(f"ditserve eval-tiny: error: {e}", file=sys.stderr)
         return 2
@@ -639,6 +663,7 @@ def _add_eval_tiny(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--guidance-scale", type=float, default=None,
                     help="the guidance compared with 1.0 (default: the tiny model's, 3.0)")
     ev.add_argument("--steps", type=int, default=None, help="denoising steps (default: the tiny model's, 20)")
+    ev.add_argument("--cache", default=None, metavar="THRESHOLD", help=CACHE_HELP)
     ev.add_argument("--seed", type=int, default=0, help="the i-th prompt's clip uses seed + i (default: 0)")
     ev.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     ev.add_argument("--runner", choices=["ditserve", "diffusers"], default="ditserve",

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ditserve.engine.coordination import Leader, advance
+from ditserve.engine.coordination import Leader
 from ditserve.engine.decoder import Decoder
 from ditserve.engine.errors import (
     EngineClosed,
@@ -67,6 +67,7 @@ from ditserve.engine.family import CancelToken, Family, Prepared, StepCallback
 from ditserve.engine.policy import DEFAULT_FILL_TOKENS, DEFAULT_MAX_SKIPPED, Candidate, select_step
 from ditserve.engine.request import GenerationRequest
 from ditserve.engine.result import GenerationOutput
+from ditserve.engine.step import advance
 from ditserve.engine.timing import StepTimer
 
 __all__ = ["BatchingEngine", "EngineClosed", "EngineStats", "StepStats"]

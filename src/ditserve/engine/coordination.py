@@ -28,11 +28,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ditserve.engine.errors import RanksLost, StepInterrupted
-from ditserve.engine.family import Family, Prepared, Sample
+from ditserve.engine.family import Family, Prepared
 from ditserve.engine.request import GenerationRequest
+from ditserve.engine.step import advance
 from ditserve.ranks import dead_ranks
 
-__all__ = ["Follower", "Leader", "StepPlan", "advance"]
+__all__ = ["Follower", "Leader", "StepPlan"]
 
 log = logging.getLogger("ditserve.engine")
 
@@ -49,25 +50,6 @@ class StepPlan:
     joining: dict[int, GenerationRequest] = field(default_factory=dict)
     advancing: tuple[int, ...] = ()
     stop: bool = False
-
-
-def advance(family: Family, steps: Sequence[tuple[Prepared, Tensor, int]],
-            interrupt: Callable[[], bool] | None = None) -> list[Tensor]:
-    """One step of several requests `(prepared, latents, step index)`: all their samples through the
-    family, each request's predictions combined by its guidance plan, then its own scheduler step.
-    Returns the new latents, in order. Raises what `predict` raises (e.g. `StepInterrupted`)."""
-    samples = [Sample(latents, prepared.timesteps[step], step, condition, prepared)
-               for prepared, latents, step in steps for condition in prepared.conditions]
-    preds = family.predict(samples, interrupt)
-    if len(preds) != len(samples):
-        raise RuntimeError(f"the family returned {len(preds)} predictions for {len(samples)} samples")
-    stepped, index = [], 0
-    for prepared, latents, step in steps:
-        plan = prepared.guidance
-        pred = plan.combine(preds[index:index + plan.samples], step)
-        index += plan.samples
-        stepped.append(prepared.scheduler.step(pred, prepared.timesteps[step], latents, return_dict=False)[0])
-    return stepped
 
 
 def _source(group: dist.ProcessGroup | None) -> int:

@@ -75,7 +75,8 @@ class Prepared:
     latents: the seeded starting noise `[1, C, ...]` (float32); scheduler: a fresh diffusers
     scheduler, started; timesteps: its timesteps; conditions: one per sample (the family's own
     conditioning, e.g. text embeddings for cond and uncond), `len == guidance.samples`;
-    state: anything else the family keeps per request (e.g. an image's latents).
+    state: anything else the family keeps per request (e.g. an image's latents). cache: the
+    engine's step cache of this request (`ditserve.engine.step_cache`), made on its first step.
     """
 
     latents: Tensor
@@ -84,6 +85,7 @@ class Prepared:
     conditions: tuple[Any, ...]
     guidance: GuidancePlan
     state: Any = None
+    cache: Any = None
 
     def __post_init__(self) -> None:
         if len(self.conditions) != self.guidance.samples:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ditserve.engine.family import Family, Prepared, Sample
 from ditserve.engine.request import GenerationRequest, RequestSpec
+from ditserve.engine.step_cache import StepCachePolicy
 
 __all__ = ["SampleParallel"]
 
@@ -47,6 +48,10 @@ class SampleParallel:
     @property
     def request_spec(self) -> RequestSpec:
         return self.family.request_spec
+
+    @property
+    def step_cache(self) -> StepCachePolicy | None:
+        return getattr(self.family, "step_cache", None)
 
     def tokens_per_step(self, request: GenerationRequest) -> int:
         return self.family.tokens_per_step(request)

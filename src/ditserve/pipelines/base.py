@@ -31,6 +31,7 @@ from torch import Tensor
 from ditserve.engine import GenerationOutput, GenerationRequest, InvalidRequest, RequestSpec
 from ditserve.engine.batching import BatchingEngine
 from ditserve.engine.family import CancelToken, Prepared, Sample
+from ditserve.engine.step_cache import StepCachePolicy, parse_step_cache
 from ditserve.loading import UnknownModelError, read_model_index
 from ditserve.pipelines.errors import PipelineConfigError
 from ditserve.pipelines.registry import family_class_for, folder_request_defaults
@@ -51,6 +52,7 @@ class Pipeline(ABC):
     device: torch.device
     dtype: torch.dtype
     request_spec: RequestSpec
+    step_cache: StepCachePolicy | None = None  # off: every step runs the DiT (`ditserve.engine.step_cache`)
 
     @classmethod
     def from_pretrained(
@@ -60,6 +62,7 @@ class Pipeline(ABC):
         dtype: str | torch.dtype | None = None,
         attention_backend: str | None = None,
         compile: bool = False,
+        cache: str | float | StepCachePolicy | None = None,
     ) -> P:
         """Load a diffusers-format folder with the ditserve class its model_index.json names.
 
@@ -67,8 +70,11 @@ class Pipeline(ABC):
         CPU; "bf16"/"bfloat16"/"fp16"/"float16"/"fp32"/"float32" or a torch.dtype.
         attention_backend: a backend name, "auto", or None ($DITSERVE_ATTENTION_BACKEND, else auto).
         compile: torch.compile the DiT's blocks (faster steps after a one-off compile; see README).
+        cache: step caching, off by default: a threshold (e.g. 0.1), "uniform:N" or a
+        `StepCachePolicy` (`ditserve.engine.step_cache`); trades measured quality for time.
         Called on a family class (e.g. `WanPipeline.from_pretrained`), the folder must hold that family.
         """
+        policy = cache if isinstance(cache, StepCachePolicy) else parse_step_cache(cache)  # bad values fail first
         root = Path(path)
         index = read_model_index(root)
         target = family_class_for(index, root / "model_index.json")
@@ -77,6 +83,7 @@ class Pipeline(ABC):
         spec = target.folder_request_spec(root, index)
         pipe = target._from_folder(root, index, device=device, dtype=dtype, attention_backend=attention_backend)
         pipe.request_spec = spec
+        pipe.step_cache = policy
         if compile:
             pipe.compile()
         return pipe

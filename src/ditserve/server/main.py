@@ -100,15 +100,14 @@ def _parallel_family(pipeline: Any, groups: tuple[Any, Any]) -> Any:
     return SampleParallel(pipeline, sample_group)
 
 
-def _follow(model: str | os.PathLike[str], device: Any, dtype: Any, attention_backend: str | None, compile: bool,
-            groups: tuple[Any, Any]) -> int:
-    """A rank other than 0: load the same model, then run every step rank 0's engine publishes."""
+def _follow(model: str | os.PathLike[str], load: dict[str, Any], groups: tuple[Any, Any]) -> int:
+    """A rank other than 0: load the same model (`load`: `from_pretrained`'s options), then run every step
+    rank 0's engine publishes."""
     from ditserve import Pipeline
     from ditserve.engine.coordination import Follower
     from ditserve.server.follow import follow
 
-    pipeline = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=attention_backend,
-                                        compile=compile)
+    pipeline = Pipeline.from_pretrained(model, **load)
     return follow(Follower(_parallel_family(pipeline, groups)), torch.distributed.get_rank())
 
 
@@ -122,6 +121,7 @@ def serve(
     dtype: str | torch.dtype | None = None,
     attention_backend: str | None = None,
     compile: bool = False,
+    cache: str | None = None,
     log_level: str = "info",
     sock: socket.socket | None = None,
     warm: bool = True,
@@ -130,7 +130,8 @@ def serve(
     """Serve the model folder at `model`; return the exit status (0 after a requested shutdown, 1 if loading failed;
     on several ranks, a rank that died exits the process with 1 at once).
 
-    `warm`: run `warm_up` after loading, before /health reports ready. `layout`: several ranks under
+    `cache`: step caching (`ditserve.engine.step_cache`; None: off). `warm`: run `warm_up` after
+    loading, before /health reports ready. `layout`: several ranks under
     torchrun (CFG x Ulysses x ring): rank 0 serves and leads every step, the others follow it
     (`ditserve.engine.coordination`) until it shuts down."""
     from ditserve.pipelines import read_request_spec
@@ -146,7 +147,8 @@ def serve(
         device = rank_device if rank_device is not None else device
         groups = build_groups(layout, rank)
         if rank != 0:
-            return _follow(model, device, dtype, attention_backend, compile, groups)
+            return _follow(model, dict(device=device, dtype=dtype, attention_backend=attention_backend,
+                                       compile=compile, cache=cache), groups)
         leader, warm = Leader(), False  # a warm-up would run on rank 0 alone: the followers would wait
     device, dtype, attention_backend = resolve_load_options(device, dtype, attention_backend)
 
@@ -154,7 +156,7 @@ def serve(
         from ditserve import Pipeline
 
         pipeline = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=attention_backend,
-                                            compile=compile)
+                                            compile=compile, cache=cache)
         if groups is not None:
             return _parallel_family(pipeline, groups)
         if warm:
