@@ -176,7 +176,10 @@ class ServerState:
             if self.failure is not None:
                 left = min(left, LOST_JOIN_S)
             stopped = await asyncio.to_thread(self._runner.join, left)
-            if not stopped:
+            if not stopped and self.failure is not None:
+                log.warning("the engine did not stop within %g s (a collective with the dead rank may never "
+                            "return); exiting anyway", left)
+            elif not stopped:
                 log.warning("the running jobs did not stop within --shutdown-timeout %g s; exiting anyway (they "
                             "will show as failed, server_restarted, after a restart)", self.settings.shutdown_timeout_s)
         if self._store is not None:
@@ -195,7 +198,7 @@ class ServerState:
     def pipeline(self) -> Family:
         """The loaded pipeline, or a 503 saying why there is none."""
         if self.failure is not None:
-            raise ApiError(503, f"{self.failure} (a rank of this server): it can generate nothing more and is "
+            raise ApiError(503, f"this server lost a rank ({self.failure}): it can generate nothing more and is "
                                 "stopping", type="server_error", code="rank_failed")
         if self.draining:
             raise ApiError(503, "the server is shutting down and takes no new jobs", type="server_error",
