@@ -42,7 +42,7 @@ def test_different_backends_are_close_not_identical(sdpa_vs_reference: ABReport)
         assert result.deterministic and len(result.runs) == 2
         assert result.backends_used == [backend]
         assert result.load_options == {"attention_backend": backend, "device": "cpu", "dtype": "float32",
-                                       "compile": False}
+                                       "compile": False, "cache": "off"}
         assert result.peak_memory_bytes is None  # CPU
         assert result.step_s.min <= result.step_s.median <= result.step_s.max
         assert len(result.runs[0].timings["per_step_s"]) == 2
@@ -83,6 +83,7 @@ def test_sha256_is_of_documented_uint8_conversion(tiny_wan_path: Path, sdpa_vs_r
         ("compile", "'compile' is not key=value; accepted: "),
         ("=sdpa", "'=sdpa' is not key=value"),
         ("dtype=fp32,dtype=bf16", "'dtype' given twice"),
+        ("cache=uniform:1", "cache='uniform:1' is not a step cache setting; cache accepts off|<threshold>|uniform:N"),
     ],
 )
 def test_bad_config_strings(text: str, message: str) -> None:
@@ -95,6 +96,16 @@ def test_config_parsing() -> None:
     assert parse_config("") == {}
     assert parse_config(" attention_backend=auto , compile=TRUE,dtype=BF16,device=cuda:1 ") == {
         "attention_backend": "auto", "compile": True, "dtype": "bf16", "device": "cuda:1"}
+    assert parse_config("cache=0.1") == {"cache": "0.1"} and parse_config("cache=Uniform:3") == {"cache": "uniform:3"}
+
+
+def test_step_cache_against_the_exact_path(tiny_wan_path: Path) -> None:
+    """`cache=uniform:2` vs the exact path: fewer DiT calls, close but not identical frames."""
+    report = run_ab(tiny_wan_path, "", "cache=uniform:2", dict(REQUEST, num_inference_steps=8), runs=1, warmup=0,
+                    defaults=CPU)
+    cmp = report.comparison
+    assert report.candidate.load_options["cache"] == "uniform:2" and report.baseline.load_options["cache"] == "off"
+    assert not cmp.bit_identical and 20 < cmp.psnr_db < math.inf
 
 
 def test_bad_configs_fail_before_loading(tiny_wan_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,8 @@
 """A/B harness: is a change safe? Same request, same seed, two loading configurations.
 
 A configuration is a set of loading options (`attention_backend`, `compile`, `dtype`,
-`device`), written on the command line as `"attention_backend=sdpa,compile=true"`. Both
+`device`, `cache`), written on the command line as `"attention_backend=sdpa,compile=true"`
+(or `"cache=0.1"`: step caching against the exact path). Both
 pipelines are loaded once, side by side, then each runs `warmup` untimed generations
 (compilation, autotuning, the `auto` selector's trials) and `runs` timed ones, alternating
 baseline / candidate within each round so drift (clocks, thermals) hits both alike.
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 from ditserve.attention import BACKEND_FACTORIES, resolve_backend_name
+from ditserve.engine.step_cache import parse_step_cache
 from ditserve.output import to_uint8
 from ditserve.pipelines.errors import PipelineConfigError
 from ditserve.pipelines.options import DTYPE_NAMES, resolve_device, resolve_dtype
@@ -104,12 +106,20 @@ def _parse_device(value: Any) -> str:
         raise ValueError("not a torch device") from None
 
 
+def _parse_cache(value: Any) -> str:
+    try:
+        return "off" if parse_step_cache(value) is None else str(value).strip().lower()
+    except ValueError:
+        raise ValueError("not a step cache setting") from None
+
+
 # Keys are `Pipeline.from_pretrained` arguments; add a key here (and there) to A/B a new option.
 CONFIG_OPTIONS: Mapping[str, ConfigOption] = {
     "attention_backend": ConfigOption("auto|" + "|".join(BACKEND_FACTORIES), _parse_backend),
     "compile": ConfigOption("true|false", _parse_bool),
     "dtype": ConfigOption("|".join(DTYPE_NAMES), _parse_dtype),
     "device": ConfigOption("cpu|cuda|cuda:N", _parse_device),
+    "cache": ConfigOption("off|<threshold>|uniform:N", _parse_cache),
 }
 
 
@@ -160,6 +170,7 @@ def _load_kwargs(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dic
     except ValueError as e:
         raise ABConfigError(str(e)) from None
     kwargs["compile"] = bool(kwargs.get("compile", False))
+    kwargs["cache"] = kwargs.get("cache", "off")
     return kwargs
 
 
@@ -479,7 +490,8 @@ def format_report(report: ABReport) -> str:
     def loaded(x: ConfigResult) -> str:
         o = x.load_options
         attn = "+".join(x.backends_used) or o["attention_backend"]
-        return f"{o['device']} {o['dtype']} {attn}" + (" compiled" if o["compile"] else "")
+        cache = f" step cache {o['cache']}" if o.get("cache", "off") != "off" else ""
+        return f"{o['device']} {o['dtype']} {attn}" + (" compiled" if o["compile"] else "") + cache
 
     rows = [
         ("", "baseline", "candidate", "base/cand"),
