@@ -8,6 +8,9 @@ encoder and VAE objects; ditserve's DiT holds the same weights as diffusers'. Pe
 time per step (median and spread over the steps), total, peak GPU memory above what was
 resident before the run, and PSNR of the frames against diffusers'.
 
+Variant `ditserve:cache=SETTING` runs with step caching (`--cache`; write `uniform;N` for
+`uniform:N`): its step median then mixes computed and reused steps, so compare totals.
+
 Variant `dense-loop` is the denoising loop `Pipeline.generate` ran before it became the
 batching engine with one request (one dense batch-2 forward per step, same components): the
 reference for "a single request through the shared engine path costs nothing".
@@ -122,6 +125,7 @@ def main() -> int:
         return 2
     import diffusers
 
+    from ditserve.engine.step_cache import parse_step_cache
     from ditserve.loading import instantiate_on_meta
     from ditserve.models.wan import WanTransformer3DModel as OurDiT
     from ditserve.pipelines.wan import WanPipeline as OurPipeline
@@ -173,7 +177,10 @@ def main() -> int:
             if variant.startswith("dense-loop"):
                 out, total, steps = dense_loop(ours, request)
             else:
+                cache = next((part[len("cache="):] for part in variant.split(":") if part.startswith("cache=")), None)
+                ours.step_cache = parse_step_cache(cache and cache.replace(";", ":"))  # ditserve:cache=uniform;3
                 result = ours.generate(**request, seed=0)
+                ours.step_cache = None
                 out, total, steps = result.frames, result.timings["total_s"], result.timings["per_step_s"]
         frames[variant] = out
         row = {

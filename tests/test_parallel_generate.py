@@ -38,13 +38,19 @@ COSMOS3_REQUEST = dict(prompt="a red ball rolling on the street", negative_promp
 COSMOS3_MIXED = [dict(COSMOS3_REQUEST, guidance_scale=5.0, seed=1),
                  dict(COSMOS3_REQUEST, height=32, width=32, seed=2),
                  dict(COSMOS3_REQUEST, height=48, width=80, num_frames=1, guidance_scale=5.0, seed=4)]
-REQUESTS = {"wan": (REQUEST, MIXED), "flux": (FLUX_REQUEST, FLUX_MIXED), "cosmos3": (COSMOS3_REQUEST, COSMOS3_MIXED)}
-# family, samples (CFG), Ulysses degree, ring degree; the tiny Wan DiT has 2 heads: 4 sequence ranks need ring
+# Wan2.2: A14B's two experts (a step on each), TI2V-5B's per-token timesteps and 32-pixel sizes
+TI2V_REQUEST = dict(REQUEST, height=32, width=64)
+TI2V_MIXED = [dict(TI2V_REQUEST, seed=1), dict(TI2V_REQUEST, height=64, width=32, num_frames=5, guidance_scale=1.0, seed=2),
+              dict(TI2V_REQUEST, width=32, num_frames=1, num_inference_steps=2, seed=4)]
+REQUESTS = {"wan": (REQUEST, MIXED), "flux": (FLUX_REQUEST, FLUX_MIXED), "cosmos3": (COSMOS3_REQUEST, COSMOS3_MIXED),
+            "a14b": (REQUEST, MIXED), "ti2v": (TI2V_REQUEST, TI2V_MIXED)}
+# family, samples (CFG), Ulysses degree, ring degree. CFG parallelism is the engine's, the same for every
+# family (tested on Wan); each family's DiT is tested with each sequence layout. The tiny Wan DiT has 2 heads.
 MODES = {"ulysses2": ("wan", 1, 2, 1), "cfg2": ("wan", 2, 1, 1), "cfg2xulysses2": ("wan", 2, 2, 1),
-         "ring2": ("wan", 1, 1, 2), "ring4": ("wan", 1, 1, 4), "ulysses2xring2": ("wan", 1, 2, 2),
-         "flux-ulysses2": ("flux", 1, 2, 1), "flux-cfg2": ("flux", 2, 1, 1), "flux-ring2": ("flux", 1, 1, 2),
-         "flux-ulysses2xring2": ("flux", 1, 2, 2), "cosmos3-ulysses2": ("cosmos3", 1, 2, 1),
-         "cosmos3-ring2": ("cosmos3", 1, 1, 2), "cosmos3-cfg2": ("cosmos3", 2, 1, 1),
+         "ring2": ("wan", 1, 1, 2), "ulysses2xring2": ("wan", 1, 2, 2),
+         "a14b-ulysses2": ("a14b", 1, 2, 1), "ti2v-ring2": ("ti2v", 1, 1, 2),
+         "flux-ulysses2": ("flux", 1, 2, 1), "flux-ring2": ("flux", 1, 1, 2), "flux-ulysses2xring2": ("flux", 1, 2, 2),
+         "cosmos3-ulysses2": ("cosmos3", 1, 2, 1), "cosmos3-ring2": ("cosmos3", 1, 1, 2),
          "cosmos3-ulysses2xring2": ("cosmos3", 1, 2, 2)}
 SPAWN_TIMEOUT_S = 120
 
@@ -86,11 +92,13 @@ def _spawn(mode: str, model: Path, tmp: Path) -> list[list[np.ndarray]]:
 def models(tiny_wan_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[np.ndarray]]]:
     """Per family: its tiny folder and the single-process frames (the request, then each mixed one alone)."""
     import ditserve
-    from helpers.checkpoints import build_tiny_flux_pipeline
+    from helpers.checkpoints import build_tiny_flux_pipeline, build_tiny_wan22_a14b_pipeline, build_tiny_wan22_ti2v_pipeline
     from helpers.cosmos3_checkpoints import build_tiny_cosmos3_pipeline
 
     folders = {"wan": tiny_wan_path, "flux": build_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "pipeline"),
-               "cosmos3": build_tiny_cosmos3_pipeline(tmp_path_factory.mktemp("cosmos3") / "pipeline")}
+               "cosmos3": build_tiny_cosmos3_pipeline(tmp_path_factory.mktemp("cosmos3") / "pipeline"),
+               "a14b": build_tiny_wan22_a14b_pipeline(tmp_path_factory.mktemp("a14b") / "pipeline"),
+               "ti2v": build_tiny_wan22_ti2v_pipeline(tmp_path_factory.mktemp("ti2v") / "pipeline")}
     out = {}
     for family, folder in folders.items():
         pipe = ditserve.Pipeline.from_pretrained(folder, device="cpu", dtype="fp32")
