@@ -4,7 +4,8 @@ For each replica count it starts a real `ditserve serve --ray --replicas N` (a l
 one torch thread and one CPU per replica, the embedded tiny model unless --model), waits until
 every replica reports, pays one-off costs with a small warm-up burst, then sends `--jobs` video
 jobs at once from 8 client threads and times the burst from the first POST until the last job is
-finished (polling the job list), `--rounds` times. Reports jobs/s per replica count (median of the
+finished, `--rounds` times. All servers run at once and the bursts alternate between them, so
+that load from other work on the machine falls on every replica count alike. Reports jobs/s per replica count (median of the
 rounds) and the speed-up over one replica; every job must complete.
 
     python bench/ray_replicas.py                            # CPU: 1 vs 2 replicas of the tiny model
@@ -121,26 +122,36 @@ def main() -> int:
     parser.add_argument("--json")
     args = parser.parse_args()
     body = {"size": args.size, "num_frames": args.frames, "steps": args.steps}
-    rows = []
+    counts = [int(r) for r in args.replicas.split(",")]
+    times: dict[int, list[float]] = {n: [] for n in counts}
+    spread: dict[int, dict[str, int]] = {}
+    servers: dict[int, tuple[subprocess.Popen, str]] = {}
     with tempfile.TemporaryDirectory(prefix="ditserve-bench-ray-") as scratch:
-        for replicas in (int(r) for r in args.replicas.split(",")):
-            proc, url = start(replicas, args, Path(scratch) / str(replicas))
-            try:
-                with httpx.Client(base_url=url, timeout=60) as http:
-                    burst(http, 4 * replicas, body, seed=10_000)  # warm-up: first calls, first MP4s
-                    times, spread = [], {}
-                    for r in range(args.rounds):
-                        elapsed, spread = burst(http, args.jobs, body, seed=r * args.jobs)
-                        times.append(elapsed)
-                        print(f"{replicas} replica(s), round {r + 1}: {args.jobs} jobs in {elapsed:.2f} s "
-                              f"({args.jobs / elapsed:.2f} jobs/s), per replica {sorted(spread.values())}",
-                              file=sys.stderr)
-            finally:
+        try:
+            for n in counts:  # every server up before any timing: rounds alternate between them, so that load
+                servers[n] = start(n, args, Path(scratch) / str(n))  # from elsewhere falls on all counts alike
+            clients = {n: httpx.Client(base_url=url, timeout=60) for n, (_, url) in servers.items()}
+            for n in counts:
+                burst(clients[n], 4 * n, body, seed=10_000)  # warm-up: first calls, first MP4s
+            for r in range(args.rounds):
+                for n in counts:
+                    elapsed, spread[n] = burst(clients[n], args.jobs, body, seed=r * args.jobs)
+                    times[n].append(elapsed)
+                    print(f"{n} replica(s), round {r + 1}: {args.jobs} jobs in {elapsed:.2f} s "
+                          f"({args.jobs / elapsed:.2f} jobs/s), per replica {sorted(spread[n].values())}",
+                          file=sys.stderr)
+            for client in clients.values():
+                client.close()
+        finally:
+            for proc, _ in servers.values():
                 proc.send_signal(signal.SIGTERM)
+            for proc, _ in servers.values():
                 proc.wait(120)
-            median = statistics.median(times)
-            rows.append({"replicas": replicas, "seconds": times, "median_s": median, "jobs_per_s": args.jobs / median,
-                         "last_spread": sorted(spread.values())})
+    rows = []
+    for n in counts:
+        median = statistics.median(times[n])
+        rows.append({"replicas": n, "seconds": times[n], "median_s": median, "jobs_per_s": args.jobs / median,
+                     "last_spread": sorted(spread[n].values())})
     base = rows[0]["jobs_per_s"]
     lines = [
         (f"#### Ray Serve replicas: a burst of {args.jobs} small jobs — {datetime.date.today()}, "
@@ -150,7 +161,8 @@ def main() -> int:
          f"--replicas N` per row (local Ray cluster, {args.replica_cpus:g} CPU and {args.replica_threads} torch "
          f"thread(s) per replica, {'the embedded tiny model' if not args.model else args.model}); each job "
          f"{args.size}, {args.frames} frames, {args.steps} steps; {args.jobs} jobs posted at once from 8 client "
-         f"threads, timed from the first POST until all are completed; median of {args.rounds} bursts after a warm-up."),
+         f"threads, timed from the first POST until all are completed; median of {args.rounds} bursts after a warm-up; "
+         f"all servers up at once, bursts alternating between them."),
         "",
         "| replicas | burst (s), median | jobs/s | vs 1 replica | jobs per replica (last burst) |",
         "|---|---|---|---|---|",
