@@ -103,8 +103,10 @@ class TestTwoReplicas:
         ids = submit(http, 12, **LONG)
         view = wait_for(lambda: (v := two_replicas.view()) and all(r.progress for r in v.replicas.values())
                         and len(v.replicas) == 2 and v, 60, "both replicas to be running jobs", period=0.05)
-        victim_id, victim = next(iter(sorted(view.replicas.items())))
-        cut_short = {p.job_id for p in victim.progress}
+        # the replica whose jobs are least advanced (none can finish between its last heartbeat and the kill)
+        victim_id, victim = min(view.replicas.items(), key=lambda item: max(p.step / p.total for p in item[1].progress))
+        cut_short = {p.job_id for p in victim.progress if p.step < p.total // 2}
+        assert cut_short, victim.progress
         os.kill(victim.pid, signal.SIGKILL)
 
         jobs = wait_finished(http, ids, timeout=120)
