@@ -3,7 +3,8 @@
 The embedded model is the one trained model here, so it is where a quality cost can be read as
 more than PSNR: each held-out prompt's clip is scored for colour, background and motion
 (`ditserve.tiny.score`), exactly as `ditserve eval-tiny` does. Every setting generates the same
-prompts with the same seeds; PSNR is against the uncached clip of the same prompt.
+prompts with the same seeds, the settings alternating prompt by prompt; PSNR is against the
+uncached clip of the same prompt; time is the median seconds per clip.
 
     python bench/step_cache.py --settings off,0.1,0.2,uniform:2,uniform:3 --steps 50 --markdown docs/performance.md
 """
@@ -53,20 +54,25 @@ def main() -> int:
     request = dict(negative_prompt=g.negative_prompt, height=g.height, width=g.width, num_frames=g.num_frames,
                    num_inference_steps=args.steps, guidance_scale=g.guidance_scale)
     pipe.generate(prompts[0], **dict(request, num_inference_steps=2), seed=0)  # warm-up
-    rows, reference = [], None
-    for setting in args.settings.split(","):
-        pipe.step_cache = parse_step_cache(setting)
-        clips, seconds, forwards = [], [], []
-        for i, prompt in enumerate(prompts):
+    settings = args.settings.split(",")
+    clips = {s: [] for s in settings}
+    seconds = {s: [] for s in settings}
+    forwards = {s: [] for s in settings}
+    for i, prompt in enumerate(prompts):  # settings alternate per prompt: a shared machine's load falls on all alike
+        for setting in settings:
+            pipe.step_cache = parse_step_cache(setting)
             calls.clear()
             start = time.perf_counter()
-            clips.append(pipe.generate(prompt, **request, seed=i).frames)
-            seconds.append(time.perf_counter() - start)
-            forwards.append(len(calls))
-        reference = reference or clips
-        scores = [score_clip(p, c) for p, c in zip(prompts, clips)]
-        row = {"setting": setting, "dit_calls": statistics.mean(forwards), "seconds_per_clip": statistics.mean(seconds),
-               "psnr_db": statistics.mean(psnr(c, r) for c, r in zip(clips, reference)),
+            clips[setting].append(pipe.generate(prompt, **request, seed=i).frames)
+            seconds[setting].append(time.perf_counter() - start)
+            forwards[setting].append(len(calls))
+    reference = clips[settings[0]]
+    rows = []
+    for setting in settings:
+        scores = [score_clip(p, c) for p, c in zip(prompts, clips[setting])]
+        row = {"setting": setting, "dit_calls": statistics.mean(forwards[setting]),
+               "seconds_per_clip": statistics.median(seconds[setting]),
+               "psnr_db": statistics.mean(psnr(c, r) for c, r in zip(clips[setting], reference)),
                "adherence": sum(s.adherent for s in scores) / len(scores)}
         rows.append(row)
         print(json.dumps(row), flush=True)
