@@ -150,6 +150,19 @@ def test_ditserve_generate_under_torchrun(tiny_wan_path: Path, tmp_path: Path,
     assert done.returncode == 0, done.stderr[-3000:]
     three = np.asarray(Image.open(tmp_path / "three.png"), dtype=np.int16)
     assert np.abs(one - three).max() <= 1
+    # step caching decides from each request's predictions: two CFG ranks decide alike, so they match one process
+    # (on the embedded model, whose predictions change enough that a reused step shows in the frames)
+    six = [*flags[2:], "--steps", "6"]  # flags without --model: the embedded model
+    assert cli.main(["generate", *six, "--output", str(tmp_path / "exact6.png")]) == 0
+    assert cli.main(["generate", *six, "--cache", "0.5", "--output", str(tmp_path / "cached6.png")]) == 0
+    done = subprocess.run([sys.executable, "-m", "ditserve", "generate", *six, "--cache", "0.5", "--num-gpus", "2",
+                           "--cfg-parallel", "2", "--output", str(tmp_path / "cached6x2.png")],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    exact6, cached6, cached6x2 = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16)
+                                  for n in ("exact6", "cached6", "cached6x2"))
+    assert np.abs(exact6 - cached6).max() > 1  # some steps were reused
+    assert np.abs(cached6 - cached6x2).max() <= 1
     assert cli.main(["generate", *flags, "--num-gpus", "4", "--cfg-parallel", "3", "--output", str(tmp_path / "y.png")]) == 2
     assert "--cfg-parallel 3 x --ulysses-degree 1 x --ring-degree 1 = 3 does not divide --num-gpus 4" in \
         capsys.readouterr().err
