@@ -1,8 +1,8 @@
 """A/B harness: is a change safe? Same request, same seed, two loading configurations.
 
 A configuration is a set of loading options (`attention_backend`, `compile`, `dtype`,
-`device`, `cache`), written on the command line as `"attention_backend=sdpa,compile=true"`
-(or `"cache=0.1"`: step caching against the exact path). Both
+`device`, `cache`, `vae_dtype`), written on the command line as `"attention_backend=sdpa,compile=true"`
+(or `"cache=0.1"`: step caching against the exact path; `"vae_dtype=bf16"`: the opt-in bf16 decode). Both
 pipelines are loaded once, side by side, then each runs `warmup` untimed generations
 (compilation, autotuning, the `auto` selector's trials) and `runs` timed ones, alternating
 baseline / candidate within each round so drift (clocks, thermals) hits both alike.
@@ -120,6 +120,7 @@ CONFIG_OPTIONS: Mapping[str, ConfigOption] = {
     "dtype": ConfigOption("|".join(DTYPE_NAMES), _parse_dtype),
     "device": ConfigOption("cpu|cuda|cuda:N", _parse_device),
     "cache": ConfigOption("off|<threshold>|uniform:N", _parse_cache),
+    "vae_dtype": ConfigOption("bf16|fp32", _parse_dtype),
 }
 
 
@@ -491,6 +492,7 @@ def format_report(report: ABReport) -> str:
         o = x.load_options
         attn = "+".join(x.backends_used) or o["attention_backend"]
         cache = f" step cache {o['cache']}" if o.get("cache", "off") != "off" else ""
+        cache += f" VAE {o['vae_dtype']}" if o.get("vae_dtype") else ""
         return f"{o['device']} {o['dtype']} {attn}" + (" compiled" if o["compile"] else "") + cache
 
     rows = [

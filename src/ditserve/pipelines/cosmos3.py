@@ -324,7 +324,8 @@ class Cosmos3Pipeline(Pipeline):
         A decode that runs out of device memory (a long 720p video) is retried once in spatial
         tiles (diffusers' `enable_tiling`); outputs then differ slightly at the tile seams.
         """
-        latents = latents.to(self.device, VAE_DTYPE) / self._latents_inv_std + self._latents_mean
+        latents = latents.to(self.device, self.vae.dtype)  # float32 unless `vae_dtype` chose otherwise
+        latents = latents / self._latents_inv_std.to(latents.dtype) + self._latents_mean.to(latents.dtype)
         try:
             video = self.vae.decode(latents, return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
         except torch.OutOfMemoryError:

@@ -395,7 +395,7 @@ class WanPipeline(Pipeline):
             self._image_processor = VideoProcessor(vae_scale_factor=self.vae_spatial)
         pixels = self._image_processor.preprocess(Image.fromarray(request.image), height=request.height,
                                                   width=request.width).to(self.device, torch.float32)
-        encoded = self.vae.encode(pixels.unsqueeze(2).to(VAE_DTYPE)).latent_dist.mode()
+        encoded = self.vae.encode(pixels.unsqueeze(2).to(self.vae.dtype)).latent_dist.mode()
         first = ((encoded.to(torch.float32) - self._latents_mean.float()) * self._latents_inv_std.float())
         keep = torch.ones(1, 1, *shape[2:], dtype=torch.float32, device=self.device)
         keep[:, :, 0] = 0
@@ -450,8 +450,8 @@ class WanPipeline(Pipeline):
         retried once in spatial tiles (diffusers' `enable_tiling`: overlapping tiles blended
         at the seams, a fraction of the memory); outputs differ slightly only at tile seams.
         """
-        latents = latents.to(self.device, VAE_DTYPE)
-        latents = latents / self._latents_inv_std + self._latents_mean
+        latents = latents.to(self.device, self.vae.dtype)  # float32 unless `vae_dtype` chose otherwise
+        latents = latents / self._latents_inv_std.to(latents.dtype) + self._latents_mean.to(latents.dtype)
         try:
             video = self.vae.decode(latents, return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
         except torch.OutOfMemoryError:

@@ -122,6 +122,7 @@ def serve(
     attention_backend: str | None = None,
     compile: bool = False,
     cache: str | None = None,
+    vae_dtype: str | None = None,
     log_level: str = "info",
     sock: socket.socket | None = None,
     warm: bool = True,
@@ -130,7 +131,8 @@ def serve(
     """Serve the model folder at `model`; return the exit status (0 after a requested shutdown, 1 if loading failed;
     on several ranks, a rank that died exits the process with 1 at once).
 
-    `cache`: step caching (`ditserve.engine.step_cache`; None: off). `warm`: run `warm_up` after
+    `cache`: step caching (`ditserve.engine.step_cache`; None: off). `vae_dtype`: None -> the family's.
+    `warm`: run `warm_up` after
     loading, before /health reports ready. `layout`: several ranks under
     torchrun (CFG x Ulysses x ring): rank 0 serves and leads every step, the others follow it
     (`ditserve.engine.coordination`) until it shuts down."""
@@ -148,7 +150,7 @@ def serve(
         groups = build_groups(layout, rank)
         if rank != 0:
             return _follow(model, dict(device=device, dtype=dtype, attention_backend=attention_backend,
-                                       compile=compile, cache=cache), groups)
+                                       compile=compile, cache=cache, vae_dtype=vae_dtype), groups)
         leader, warm = Leader(), False  # a warm-up would run on rank 0 alone: the followers would wait
     device, dtype, attention_backend = resolve_load_options(device, dtype, attention_backend)
 
@@ -156,7 +158,7 @@ def serve(
         from ditserve import Pipeline
 
         pipeline = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=attention_backend,
-                                            compile=compile, cache=cache)
+                                            compile=compile, cache=cache, vae_dtype=vae_dtype)
         if groups is not None:
             return _parallel_family(pipeline, groups)
         if warm:
