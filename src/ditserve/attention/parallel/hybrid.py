@@ -34,6 +34,7 @@ from ditserve.attention.parallel.comm import all_gather_stacked, group_rank_and_
 from ditserve.attention.parallel.ring import RingAttention
 from ditserve.attention.parallel.split import Joint, SequenceSplit, split_dense, split_packed
 from ditserve.attention.parallel.ulysses import UlyssesAttention, joint_heads, kv_head_replication
+from ditserve.attention.parallel.wrapper import ParallelAttentionCalls
 
 __all__ = ["HybridAttention", "HybridSplit", "hybrid_split"]
 
@@ -88,13 +89,13 @@ def hybrid_split(
     return HybridSplit(ring_split, split_packed(ring_split.chunks, u_size, u, device))
 
 
-class HybridAttention(torch.nn.Module):
+class HybridAttention(ParallelAttentionCalls):
     """Attention over a sequence split by `HybridSplit`: Ulysses over `ulysses_group`, ring over
     `ring_group`, the backend agreed over `group` (the whole U x R sequence group; None: default).
 
-    Inputs and outputs as `UlyssesAttention`'s: each rank's local piece and the split describing
-    it; `forward_joint` adds joint tokens held whole on every rank, `forward_joint_keys` joint keys
-    and values without queries (as `UlyssesAttention`'s). Heads must divide by U; the
+    Called as `UlyssesAttention` is (`ParallelAttentionCalls`), with a `HybridSplit`: each rank's
+    local piece; `forward_joint` adds joint tokens held whole on every rank, `forward_joint_keys`
+    joint keys and values without queries. Heads must divide by U; the
     backend must return the log-sum-exp (the ring part merges by it).
     """
 
@@ -112,34 +113,6 @@ class HybridAttention(torch.nn.Module):
         self.ring = RingAttention(inner, ring_group, scale=scale)
         self.ring.backends = AgreedBackends(inner, group, needs_lse=True)  # one choice for all U x R ranks
         self.backends = self.ring.backends
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: HybridSplit) -> torch.Tensor:
-        return self._run(None, query, key, value, split)[1]
-
-    def forward_joint(
-        self,
-        joint_query: torch.Tensor,
-        joint_key: torch.Tensor,
-        joint_value: torch.Tensor,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        split: HybridSplit,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the whole joint output, identical on every rank; this rank's sequence output)."""
-        return self._run((joint_query, joint_key, joint_value), query, key, value, split)
-
-    def forward_joint_keys(
-        self,
-        joint_key: torch.Tensor,
-        joint_value: torch.Tensor,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        split: HybridSplit,
-    ) -> torch.Tensor:
-        """This rank's sequence output over `[joint; sequence]` keys, the joint K/V whole on every rank."""
-        return self._run((None, joint_key, joint_value), query, key, value, split)[1]
 
     def _run(
         self, joint: Joint | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

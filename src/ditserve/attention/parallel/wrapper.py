@@ -1,4 +1,5 @@
-"""What Ulysses and ring attention share: how they are built and called.
+"""What the sequence-parallel wrappers share: how they are called (`ParallelAttentionCalls`, also the
+Ulysses-inside-ring hybrid's) and, for Ulysses and ring, how they are built.
 
 Both wrap an inner attention (an `Attention`, a backend name, None for 'auto', or an
 `AttentionBackend`) whose backend is chosen on group rank 0 for every rank, and both take each
@@ -19,22 +20,12 @@ from ditserve.attention.layer import Attention
 from ditserve.attention.parallel.agreement import AgreedBackends
 from ditserve.attention.parallel.split import Joint, SequenceSplit
 
-__all__ = ["SequenceParallelAttention"]
+__all__ = ["ParallelAttentionCalls", "SequenceParallelAttention"]
 
 
-class SequenceParallelAttention(nn.Module):
-    """A sequence-parallel attention wrapper; `needs_lse`: its backend must return the log-sum-exp."""
-
-    needs_lse = False
-
-    def __init__(
-        self, inner: Attention | AttentionBackend | str | None = None, group: ProcessGroup | None = None, *, scale: float | None = None
-    ) -> None:
-        super().__init__()
-        self.inner = inner if isinstance(inner, Attention) else None
-        self.group = group
-        self.scale = scale if scale is not None or not isinstance(inner, Attention) else inner.scale
-        self.backends = AgreedBackends(inner, group, needs_lse=self.needs_lse)
+class ParallelAttentionCalls(nn.Module):
+    """The calls every sequence-parallel wrapper takes; a subclass implements `_run`. `split`: a
+    `SequenceSplit` for Ulysses and ring, a `HybridSplit` for the hybrid (which checks it)."""
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: SequenceSplit | None = None
@@ -78,3 +69,18 @@ class SequenceParallelAttention(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(the joint output, None without joint queries; this rank's sequence output)."""
         raise NotImplementedError
+
+
+class SequenceParallelAttention(ParallelAttentionCalls):
+    """A wrapper over one group (Ulysses or ring); `needs_lse`: its backend must return the log-sum-exp."""
+
+    needs_lse = False
+
+    def __init__(
+        self, inner: Attention | AttentionBackend | str | None = None, group: ProcessGroup | None = None, *, scale: float | None = None
+    ) -> None:
+        super().__init__()
+        self.inner = inner if isinstance(inner, Attention) else None
+        self.group = group
+        self.scale = scale if scale is not None or not isinstance(inner, Attention) else inner.scale
+        self.backends = AgreedBackends(inner, group, needs_lse=self.needs_lse)
