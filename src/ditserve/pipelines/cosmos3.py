@@ -21,7 +21,6 @@ is an `InvalidRequest` naming what is supported (`RequestSpec.modes`).
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -54,10 +53,9 @@ from ditserve.pipelines.errors import PipelineConfigError
 from ditserve.pipelines.latents import seeded_noise, video_latent_shape
 from ditserve.pipelines.options import resolve_load_options
 from ditserve.pipelines.schedulers import scheduler_factory
+from ditserve.pipelines.wan_vae import decode_videos, latent_stats
 
 __all__ = ["Cosmos3Pipeline"]
-
-log = logging.getLogger("ditserve.pipelines")
 
 VAE_DTYPE = torch.float32
 MAX_SIDE = 4096  # pixels per side: mRoPE has no table; the step budget bounds the rest
@@ -183,9 +181,7 @@ class Cosmos3Pipeline(Pipeline):
                 or tokenizer.eos_token_id is None:
             raise PipelineConfigError(f"the text tokenizer needs an eos token and {VISION_START} (Cosmos3 ends every "
                                       "prompt with them)")
-        shape = (1, z_dim, 1, 1, 1)  # diffusers: latents / (1 / std) + mean, in the VAE's dtype
-        self._latents_mean = torch.tensor(vae_config.latents_mean).view(shape).to(device, vae.dtype)
-        self._latents_inv_std = 1.0 / torch.tensor(vae_config.latents_std).view(shape).to(device, vae.dtype)
+        self._latents_mean, self._latents_inv_std = latent_stats(vae, z_dim, device)
         scheduler_config = new_scheduler().config
         self._num_train_timesteps = int(scheduler_config.num_train_timesteps)
         self.request_spec = _request_spec(self.vae_spatial, self.vae_temporal, self._num_train_timesteps)
@@ -317,27 +313,7 @@ class Cosmos3Pipeline(Pipeline):
 
     # -- decoding ------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def decode_batch(self, latents: Tensor) -> list[np.ndarray]:
-        """Latents `[B, C, F, H, W]` of one shape -> B frame arrays `(frames, H, W, 3)` in [0, 1].
-
-        A decode that runs out of device memory (a long 720p video) is retried once in spatial
-        tiles (diffusers' `enable_tiling`); outputs then differ slightly at the tile seams.
-        """
-        latents = latents.to(self.device, self.vae.dtype)  # float32 unless `vae_dtype` chose otherwise
-        latents = latents / self._latents_inv_std.to(latents.dtype) + self._latents_mean.to(latents.dtype)
-        try:
-            video = self.vae.decode(latents, return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
-        except torch.OutOfMemoryError:
-            if getattr(self.vae, "use_tiling", True):
-                raise
-            log.warning("VAE decode of latents %s ran out of device memory; retrying in tiles", tuple(latents.shape))
-            if latents.is_cuda:
-                torch.cuda.empty_cache()
-            self.vae.enable_tiling()
-            try:
-                video = self.vae.decode(latents, return_dict=False)[0]
-            finally:
-                self.vae.disable_tiling()
-        video = (video * 0.5 + 0.5).clamp(0, 1)
-        return list(video.permute(0, 2, 3, 4, 1).float().cpu().numpy())
+        """Latents `[B, C, F, H, W]` of one shape -> B frame arrays `(frames, H, W, 3)` in [0, 1], in one
+        VAE call (`wan_vae.decode_videos`: retried in tiles if the device runs out of memory)."""
+        return decode_videos(self.vae, latents, self._latents_mean, self._latents_inv_std, self.device)

@@ -46,6 +46,7 @@ from ditserve.pipelines.latents import seeded_noise, video_latent_shape
 from ditserve.pipelines.options import resolve_load_options, transformers_dtype_kwargs
 from ditserve.pipelines.schedulers import scheduler_factory
 from ditserve.pipelines.text import encode_prompts
+from ditserve.pipelines.wan_vae import decode_videos, latent_stats
 
 __all__ = ["WanPipeline"]
 
@@ -239,10 +240,7 @@ class WanPipeline(Pipeline):
             raise PipelineConfigError(
                 f"text encoder d_model={d_model} does not match the transformer's text_dim={first.text_dim}"
             )
-        # diffusers: latents / (1 / std) + mean, computed in the VAE's dtype on its device
-        shape = (1, z_dim, 1, 1, 1)
-        self._latents_mean = torch.tensor(vae_config.latents_mean).view(shape).to(device, vae.dtype)
-        self._latents_inv_std = 1.0 / torch.tensor(vae_config.latents_std).view(shape).to(device, vae.dtype)
+        self._latents_mean, self._latents_inv_std = latent_stats(vae, z_dim, device)
         self._image_processor: Any = None
         # from the components' configs; `from_pretrained` replaces it with the folder's (its defaults file)
         self.request_spec = _request_spec(
@@ -442,28 +440,7 @@ class WanPipeline(Pipeline):
 
     # -- decoding ----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def decode_batch(self, latents: Tensor) -> list[np.ndarray]:
-        """Latents `[B, C, F, H, W]` of one shape -> B frame arrays, in one VAE call.
-
-        If the VAE runs out of device memory (a large video on a small GPU), the decode is
-        retried once in spatial tiles (diffusers' `enable_tiling`: overlapping tiles blended
-        at the seams, a fraction of the memory); outputs differ slightly only at tile seams.
-        """
-        latents = latents.to(self.device, self.vae.dtype)  # float32 unless `vae_dtype` chose otherwise
-        latents = latents / self._latents_inv_std.to(latents.dtype) + self._latents_mean.to(latents.dtype)
-        try:
-            video = self.vae.decode(latents, return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
-        except torch.OutOfMemoryError:
-            if getattr(self.vae, "use_tiling", True):
-                raise
-            log.warning("VAE decode of latents %s ran out of device memory; retrying in tiles", tuple(latents.shape))
-            if latents.is_cuda:
-                torch.cuda.empty_cache()
-            self.vae.enable_tiling()
-            try:
-                video = self.vae.decode(latents, return_dict=False)[0]
-            finally:
-                self.vae.disable_tiling()
-        video = (video * 0.5 + 0.5).clamp(0, 1)
-        return list(video.permute(0, 2, 3, 4, 1).float().cpu().numpy())
+        """Latents `[B, C, F, H, W]` of one shape -> B frame arrays `(frames, H, W, 3)` in [0, 1], in one
+        VAE call (`wan_vae.decode_videos`: retried in tiles if the device runs out of memory)."""
+        return decode_videos(self.vae, latents, self._latents_mean, self._latents_inv_std, self.device)
