@@ -49,12 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ditserve.attention import (
-    Attention,
-    AttentionMetadata,
-    AttentionSelector,
-    run_attention_eagerly,
-)
+from ditserve.attention import Attention, AttentionMetadata, AttentionSelector
 from ditserve.attention.parallel import (
     HybridAttention,
     HybridSplit,
@@ -65,6 +60,7 @@ from ditserve.attention.parallel import (
     as_sequence_parallel,
 )
 from ditserve.engine.errors import StepInterrupted
+from ditserve.models.compiling import compile_blocks
 from ditserve.models.wan import MLP, timestep_embedding
 
 __all__ = ["Cosmos3OmniTransformer", "Cosmos3Output", "Cosmos3Sample", "Cosmos3TransformerConfig", "TextKV",
@@ -525,14 +521,9 @@ class Cosmos3OmniTransformer(nn.Module):
                 module.selector = self.attention_selector
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
-        """torch.compile each layer's vision step (one graph shared by all layers); the text tower runs
-        once per prompt and stays eager, and so does attention (`run_attention_eagerly`). Inductor's
-        coordinate-descent tuning is on unless `options` say otherwise, as for Wan."""
-        if compile_kwargs.get("backend", "inductor") == "inductor":
-            compile_kwargs["options"] = {"coordinate_descent_tuning": True, **compile_kwargs.get("options", {})}
-        run_attention_eagerly(self)
-        for layer in self.layers:
-            layer.compile(**compile_kwargs)
+        """torch.compile each layer's vision step (`models.compiling.compile_blocks`); the text tower
+        runs once per prompt and stays eager."""
+        compile_blocks(self, self.layers, **compile_kwargs)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ditserve.attention import Attention, AttentionMetadata, AttentionSelector, run_attention_eagerly
+from ditserve.attention import Attention, AttentionMetadata, AttentionSelector
 from ditserve.attention.parallel import (
     HybridAttention,
     HybridSplit,
@@ -58,6 +58,7 @@ from ditserve.attention.parallel import (
 )
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import rotate_pairs
+from ditserve.models.compiling import compile_blocks
 from ditserve.models.wan import MLP, FeedForward, linear_gelu_tanh, timestep_embedding
 
 __all__ = ["FluxSample", "FluxTransformer2DModel", "FluxTransformerConfig", "FluxTransformerOutput", "TokenLayout",
@@ -554,18 +555,9 @@ class FluxTransformer2DModel(nn.Module):
                 module.selector = self.attention_selector
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
-        """torch.compile each block (double- and single-stream; one graph per kind shared by its blocks).
-
-        Fuses the elementwise work around the matrix products (norms, modulation, rotary,
-        gating, residuals); attention itself stays eager (see `run_attention_eagerly`). With
-        inductor (the default backend) coordinate-descent tuning is on unless `options` say
-        otherwise, as for Wan.
-        """
-        if compile_kwargs.get("backend", "inductor") == "inductor":
-            compile_kwargs["options"] = {"coordinate_descent_tuning": True, **compile_kwargs.get("options", {})}
-        run_attention_eagerly(self)
-        for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
-            block.compile(**compile_kwargs)
+        """torch.compile each block, double- and single-stream (`models.compiling.compile_blocks`):
+        fuses the elementwise work around the matrix products (norms, modulation, rotary, gating)."""
+        compile_blocks(self, [*self.transformer_blocks, *self.single_transformer_blocks], **compile_kwargs)
 
     @property
     def dtype(self) -> torch.dtype:

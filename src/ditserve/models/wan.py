@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ditserve.attention import Attention, AttentionMetadata, AttentionSelector, run_attention_eagerly
+from ditserve.attention import Attention, AttentionMetadata, AttentionSelector
 from ditserve.attention.parallel import (
     HybridAttention,
     HybridSplit,
@@ -46,6 +46,7 @@ from ditserve.attention.parallel import (
 )
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import qk_rms_norm_rotary
+from ditserve.models.compiling import compile_blocks
 
 __all__ = ["WanTransformer3DModel", "WanTransformerConfig", "WanTransformerOutput"]
 
@@ -521,19 +522,9 @@ class WanTransformer3DModel(nn.Module):
             block.attn1.fuse_qkv()
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
-        """torch.compile each transformer block (one compiled graph shared by all blocks).
-
-        Fuses the elementwise work around the matrix products (layer norms, modulation,
-        gating, residuals); attention itself stays eager (see `run_attention_eagerly`).
-        With inductor (the default backend), its coordinate-descent tuning of the fused kernels'
-        block sizes is on unless `options` say otherwise: it makes compiling slower and the 1.3B
-        forward 2-3% faster (bench/profile_wan.py).
-        """
-        if compile_kwargs.get("backend", "inductor") == "inductor":
-            compile_kwargs["options"] = {"coordinate_descent_tuning": True, **compile_kwargs.get("options", {})}
-        run_attention_eagerly(self)
-        for block in self.blocks:
-            block.compile(**compile_kwargs)
+        """torch.compile each transformer block (`models.compiling.compile_blocks`): fuses the
+        elementwise work around the matrix products (layer norms, modulation, gating, residuals)."""
+        compile_blocks(self, self.blocks, **compile_kwargs)
 
     @property
     def dtype(self) -> torch.dtype:
