@@ -60,7 +60,7 @@ from ditserve.attention.parallel import (
     as_sequence_parallel,
 )
 from ditserve.engine.errors import StepInterrupted
-from ditserve.models.compiling import compile_blocks
+from ditserve.models.common import DiTModel, compile_blocks
 from ditserve.models.wan import MLP, timestep_embedding
 
 __all__ = ["Cosmos3OmniTransformer", "Cosmos3Output", "Cosmos3Sample", "Cosmos3TransformerConfig", "TextKV",
@@ -427,7 +427,7 @@ class _DomainLinear(nn.Module):
 # ----------------------------------------------------------------------------- the model
 
 
-class Cosmos3OmniTransformer(nn.Module):
+class Cosmos3OmniTransformer(DiTModel):
     """Cosmos3's transformer with diffusers' parameter names, for text-to-video and text-to-image.
 
     Construct from plain config arguments (like diffusers) or `from_config(config_json_dict)`.
@@ -513,25 +513,10 @@ class Cosmos3OmniTransformer(nn.Module):
             return KVLayout(split=layout.split(vision_lens))
         return KVLayout(split=layout.split(list(vision_lens), self.device, joint_lengths=list(text_lens)))
 
-    def set_attention_backend(self, name: str | None) -> None:
-        """Use a new selector ("auto", a backend name, or None) in every attention layer."""
-        self.attention_selector = AttentionSelector(name)
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.selector = self.attention_selector
-
     def compile_blocks(self, **compile_kwargs: Any) -> None:
-        """torch.compile each layer's vision step (`models.compiling.compile_blocks`); the text tower
+        """torch.compile each layer's vision step (`models.common.compile_blocks`); the text tower
         runs once per prompt and stays eager."""
         compile_blocks(self, self.layers, **compile_kwargs)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.proj_out.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.proj_out.weight.device
 
     # -- text: once per prompt ------------------------------------------------------------
 

@@ -58,7 +58,7 @@ from ditserve.attention.parallel import (
 )
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import rotate_pairs
-from ditserve.models.compiling import compile_blocks
+from ditserve.models.common import DiTModel, compile_blocks
 from ditserve.models.wan import MLP, FeedForward, linear_gelu_tanh, timestep_embedding
 
 __all__ = ["FluxSample", "FluxTransformer2DModel", "FluxTransformerConfig", "FluxTransformerOutput", "TokenLayout",
@@ -448,7 +448,7 @@ class FluxSingleTransformerBlock(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
-class FluxTransformer2DModel(nn.Module):
+class FluxTransformer2DModel(DiTModel):
     """Flux.1 DiT (dev with `guidance_embeds`, schnell without) with diffusers' parameter names.
 
     Construct from plain config arguments (like diffusers) or `from_config(config_json_dict)`.
@@ -547,25 +547,10 @@ class FluxTransformer2DModel(nn.Module):
             return self._sequence_parallel.split(img_lens)
         return self._sequence_parallel.split(list(img_lens), self.device, joint_lengths=list(txt_lens))
 
-    def set_attention_backend(self, name: str | None) -> None:
-        """Use a new selector ("auto", a backend name, or None) in every attention layer."""
-        self.attention_selector = AttentionSelector(name)
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.selector = self.attention_selector
-
     def compile_blocks(self, **compile_kwargs: Any) -> None:
-        """torch.compile each block, double- and single-stream (`models.compiling.compile_blocks`):
+        """torch.compile each block, double- and single-stream (`models.common.compile_blocks`):
         fuses the elementwise work around the matrix products (norms, modulation, rotary, gating)."""
         compile_blocks(self, [*self.transformer_blocks, *self.single_transformer_blocks], **compile_kwargs)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.proj_out.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.proj_out.weight.device
 
     # -- shared pieces of both layouts ---------------------------------------------------
 

@@ -46,7 +46,7 @@ from ditserve.attention.parallel import (
 )
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import qk_rms_norm_rotary
-from ditserve.models.compiling import compile_blocks
+from ditserve.models.common import DiTModel, compile_blocks
 
 __all__ = ["WanTransformer3DModel", "WanTransformerConfig", "WanTransformerOutput"]
 
@@ -407,7 +407,7 @@ class WanTransformerBlock(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
-class WanTransformer3DModel(nn.Module):
+class WanTransformer3DModel(DiTModel):
     """Wan2.1 text-to-video DiT with diffusers' parameter names.
 
     Construct from plain config arguments (like diffusers) or `from_config(config_json_dict)`.
@@ -509,30 +509,15 @@ class WanTransformer3DModel(nn.Module):
             return None
         return layout.split(tokens if isinstance(tokens, int) else list(tokens), self.device)
 
-    def set_attention_backend(self, name: str | None) -> None:
-        """Use a new selector ("auto", a backend name, or None) in every attention layer."""
-        self.attention_selector = AttentionSelector(name)
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.selector = self.attention_selector
-
     def fuse_qkv_projections(self) -> None:
         """`WanAttention.fuse_qkv` in every block's self-attention (after loading weights)."""
         for block in self.blocks:
             block.attn1.fuse_qkv()
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
-        """torch.compile each transformer block (`models.compiling.compile_blocks`): fuses the
+        """torch.compile each transformer block (`models.common.compile_blocks`): fuses the
         elementwise work around the matrix products (layer norms, modulation, gating, residuals)."""
         compile_blocks(self, self.blocks, **compile_kwargs)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.proj_out.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.proj_out.weight.device
 
     # -- shared pieces of both layouts ---------------------------------------------------
 

@@ -1,0 +1,49 @@
+"""What every ditserve DiT shares: how it compiles (each repeated block on its own, attention left
+eager), how its attention backend is switched, and where its dtype and device are read."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ditserve.attention import Attention, AttentionSelector, run_attention_eagerly
+
+__all__ = ["DiTModel", "compile_blocks"]
+
+
+def compile_blocks(model: nn.Module, blocks: Iterable[nn.Module], **compile_kwargs: Any) -> None:
+    """torch.compile each of `blocks` in place (blocks of one class share a graph) and make every
+    `Attention` in `model` a graph break (`run_attention_eagerly`). With inductor (the default
+    backend) coordinate-descent tuning of the fused kernels' block sizes is on unless `options`
+    say otherwise: it makes compiling slower and the Wan2.1-1.3B forward 2-3% faster."""
+    if compile_kwargs.get("backend", "inductor") == "inductor":
+        compile_kwargs["options"] = {"coordinate_descent_tuning": True, **compile_kwargs.get("options", {})}
+    run_attention_eagerly(model)
+    for block in blocks:
+        block.compile(**compile_kwargs)
+
+
+class DiTModel(nn.Module):
+    """Base of the DiTs: each has `proj_out` (its output head) and one `attention_selector` that
+    every `Attention` inside it shares."""
+
+    attention_selector: AttentionSelector
+    proj_out: nn.Linear
+
+    def set_attention_backend(self, name: str | None) -> None:
+        """Use a new selector ("auto", a backend name, or None) in every attention layer."""
+        self.attention_selector = AttentionSelector(name)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.selector = self.attention_selector
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.proj_out.weight.device
