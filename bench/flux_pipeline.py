@@ -16,7 +16,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import statistics
 import sys
 import time
@@ -25,14 +24,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from report import publish, shown_args  # noqa: E402  (bench/report.py)
+from report import psnr, publish, shown_args  # noqa: E402  (bench/report.py)
 
 PROMPT = "a red fox in the snow at dawn, photograph"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def run_diffusers(folder: str, request: dict) -> tuple[np.ndarray, float, list[float]]:
@@ -59,7 +53,6 @@ def run_diffusers(folder: str, request: dict) -> tuple[np.ndarray, float, list[f
     image = call(request["num_inference_steps"], on_step)
     torch.cuda.synchronize()
     total = time.perf_counter() - start
-    del pipe
     return image, total, list(np.diff(marks))  # step 0 (with text encoding) left out
 
 

@@ -31,7 +31,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests"), str(HERE.parent / "src")]
-from report import publish, shown_args  # noqa: E402  (bench/report.py)
+from report import psnr, publish, shown_args  # noqa: E402  (bench/report.py)
 from wan import COMMON, SIZES, WAN_CONFIGS  # noqa: E402  (bench/wan.py)
 
 SMALL_UMT5 = dict(d_model=4096, d_kv=64, num_heads=64, d_ff=1024, num_layers=2, relative_attention_num_buckets=32,
@@ -140,10 +140,9 @@ def main() -> int:
     for layout in layouts:
         timings = json.loads((out / f"{layout}.json").read_text())
         frames = np.load(out / f"{layout}.npy").astype(np.float64)
-        mse = float(np.mean((frames - reference) ** 2))
         rows.append({"layout": layout, "ranks": math.prod(int(x.rstrip("r")) for x in layout.split("x")),
                      "step_median_s": statistics.median(timings["per_step_s"]), "total_s": timings["total_s"],
-                     "psnr_db": math.inf if mse == 0 else 10 * math.log10(1 / mse)})
+                     "psnr_db": psnr(frames, reference)})
     step_base = rows[0]["step_median_s"]
     device = torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     lines = [

@@ -1,12 +1,22 @@
-"""How the bench scripts report: the command line they show, and where their results go."""
+"""How the bench scripts report: the command line they show, where their results go, and the PSNR
+they compare frames by."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
-__all__ = ["publish", "shown_args"]
+import numpy as np
+
+__all__ = ["psnr", "publish", "shown_args"]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of frames `a` against `b` (values in [0, 1]); inf when they are equal."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def shown_args() -> str:

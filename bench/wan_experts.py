@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 sys.path.insert(1, __file__.rsplit("/", 2)[0] + "/tests")  # tests/helpers: the tiny tokenizer
-from report import publish, shown_args  # noqa: E402  (bench/report.py)
+from report import psnr, publish, shown_args  # noqa: E402  (bench/report.py)
 from wan import COMMON, WAN_CONFIGS  # noqa: E402  (bench/wan.py)
 
 SMALL_UMT5 = dict(d_model=4096, d_kv=64, num_heads=64, d_ff=1024, num_layers=2, relative_attention_num_buckets=32,
@@ -96,9 +94,6 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         del residency.use
-    def psnr(variant: str) -> float:
-        mse = float(np.mean((frames[variant].astype(np.float64) - frames["resident"]) ** 2))
-        return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
     lines = [
         f"#### Wan2.2-T2V-A14B, experts resident vs offloaded, {args.height}x{args.width}x{args.num_frames}, "
@@ -115,8 +110,8 @@ def main() -> int:
         switch = ", ".join(f"{s:.2f}" for s in r["switch_s"]) or "–"
         lines.append(f"| {r['variant']} | {r['step_median_s']:.3f} | {r['total_s']:.1f} | {r['switches']} | {switch} | "
                      f"{r['peak_gib']:.1f} |")
-    lines += ["", f"PSNR against the first resident run: resident again {psnr('resident again'):.1f} dB, "
-                  f"offloaded {psnr('offloaded'):.1f} dB."]
+    lines += ["", f"PSNR against the first resident run: resident again {psnr(frames['resident again'], frames['resident']):.1f} dB, "
+                  f"offloaded {psnr(frames['offloaded'], frames['resident']):.1f} dB."]
     publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
     return 0
 

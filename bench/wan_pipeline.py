@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 sys.path.insert(1, __file__.rsplit("/", 2)[0] + "/tests")  # tests/helpers: the tiny checkpoint builders
-from report import publish, shown_args  # noqa: E402  (bench/report.py)
+from report import psnr, publish, shown_args  # noqa: E402  (bench/report.py)
 from wan import COMMON, NAMES, WAN_CONFIGS  # noqa: E402  (bench/wan.py)
 
 UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=256384,
@@ -102,11 +101,6 @@ def dense_loop(pipe, request: dict) -> tuple[np.ndarray, float, list[float]]:
         torch.cuda.synchronize()
     steps = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
     return frames, time.perf_counter() - start, steps
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def main() -> int:
