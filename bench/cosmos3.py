@@ -24,9 +24,7 @@ import datetime
 import gc
 import json
 import math
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +32,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from report import publish, shown_args
+from wan import matmul_rate, time_ms  # bench/wan.py: timing and the matrix rate, on a GPU or CPU
 
 TINY = {"hidden_size": 64, "head_dim": 16, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 96, "num_hidden_layers": 2, "vocab_size": 1000, "rope_axes_dim": [4, 2, 2]}
@@ -54,38 +53,6 @@ def forward_flops(cfg: Any, text: int, vision: int, *, full: bool) -> float:
     """The vision tower over all layers (+ the text tower when `full`)."""
     flops = layer_flops(cfg, vision, text + vision) + (layer_flops(cfg, text, text, causal=True) if full else 0)
     return cfg.num_hidden_layers * flops
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of `fn` (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(samples)
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    n = 8192 if device.type == "cuda" else 512
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / (time_ms(lambda: a @ b, device, repeats=20, warmup=3) * 1e-3)
 
 
 def peak_bytes(device: torch.device) -> float:
@@ -200,7 +167,7 @@ def main() -> int:
             with torch.inference_mode():
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                ms = time_ms(runs[lib], device, args.repeats, warmup=3 if mode else 1)
+                ms = time_ms(runs[lib], args.repeats, warmup=3 if mode else 1, device=device)
                 outputs[(lib, backend, mode)] = [o.float() for o in runs[lib]()]
         except Exception as err:  # noqa: BLE001 - a backend missing or out of memory here is a result
             print(f"skip {lib}:{backend}{':' + mode if mode else ''}: {type(err).__name__}: {err}", flush=True)

@@ -37,6 +37,38 @@ def forward_flops(side: int, text_len: int = TEXT_LEN) -> float:
     return FLUX_DEV["num_layers"] * double + FLUX_DEV["num_single_layers"] * single
 
 
+def build_models(device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(ours, diffusers') FLUX.1-dev transformers in bf16 on `device`, with the same random weights."""
+    from diffusers import FluxTransformer2DModel as Theirs
+
+    from ditserve.loading import instantiate_on_meta
+    from ditserve.models.flux import FluxTransformer2DModel as Ours
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        theirs = Theirs(**FLUX_DEV).to(torch.bfloat16).eval()
+    ours = instantiate_on_meta(lambda: Ours.from_config(dict(FLUX_DEV)))
+    ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)
+    return ours.to(device, torch.bfloat16).eval(), theirs
+
+
+def forward_inputs(side: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """One forward's arguments (diffusers' names) for a `side` x `side` grid of packed latent tokens."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.zeros(side, side, 3, device=device)
+    ids[..., 1] += torch.arange(side, device=device)[:, None]
+    ids[..., 2] += torch.arange(side, device=device)[None, :]
+    return dict(
+        hidden_states=torch.randn(1, side * side, 64, device=device, dtype=torch.bfloat16, generator=gen),
+        encoder_hidden_states=torch.randn(1, TEXT_LEN, 4096, device=device, dtype=torch.bfloat16, generator=gen),
+        pooled_projections=torch.randn(1, 768, device=device, dtype=torch.bfloat16, generator=gen),
+        timestep=torch.tensor([0.5], device=device, dtype=torch.bfloat16),
+        img_ids=ids.reshape(-1, 3).to(torch.bfloat16),
+        txt_ids=torch.zeros(TEXT_LEN, 3, device=device, dtype=torch.bfloat16),
+        guidance=torch.tensor([3.5], device=device, dtype=torch.float32),
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=1024)
@@ -49,32 +81,12 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/flux.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from diffusers import FluxTransformer2DModel as Theirs
-
-    from ditserve.loading import instantiate_on_meta
-    from ditserve.models.flux import FluxTransformer2DModel as Ours
-
     device = torch.device("cuda")
     rate = matmul_rate(device)
     flops = forward_flops(args.side)
-    torch.manual_seed(0)
-    with torch.device(device):
-        theirs = Theirs(**FLUX_DEV).to(torch.bfloat16).eval()
-    ours = instantiate_on_meta(lambda: Ours.from_config(dict(FLUX_DEV)))
-    ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)
-    ours = ours.to(device, torch.bfloat16).eval()
+    ours, theirs = build_models(device)
     side = args.side // 16
-    gen = torch.Generator(device=device).manual_seed(0)
-    latents = torch.randn(1, side * side, 64, device=device, dtype=torch.bfloat16, generator=gen)
-    text = torch.randn(1, TEXT_LEN, 4096, device=device, dtype=torch.bfloat16, generator=gen)
-    pooled = torch.randn(1, 768, device=device, dtype=torch.bfloat16, generator=gen)
-    img_ids = torch.zeros(side, side, 3, device=device)
-    img_ids[..., 1] += torch.arange(side, device=device)[:, None]
-    img_ids[..., 2] += torch.arange(side, device=device)[None, :]
-    img_ids = img_ids.reshape(-1, 3).to(torch.bfloat16)
-    txt_ids = torch.zeros(TEXT_LEN, 3, device=device, dtype=torch.bfloat16)
-    timestep = torch.tensor([0.5], device=device, dtype=torch.bfloat16)
-    guidance = torch.tensor([3.5], device=device, dtype=torch.float32)
+    inputs = forward_inputs(side, device)
     print(f"{flops / 1e12:.1f} TFLOP per forward; bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
 
     variants = [(v.split(":") + [""])[:3] for v in args.variants.split(",")]
@@ -92,8 +104,7 @@ def main() -> int:
             continue
 
         def run(model=model):
-            return model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
-                         timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+            return model(**inputs, return_dict=False)[0]
 
         with torch.inference_mode():
             torch.cuda.reset_peak_memory_stats()

@@ -18,24 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from flux import FLUX_DEV, TEXT_LEN  # noqa: E402  (bench/flux.py)
+from flux import build_models, forward_inputs  # noqa: E402  (bench/flux.py)
 from profile_wan import kind, time_forward  # noqa: E402  (bench/profile_wan.py)
-
-
-def inputs(side: int, device: torch.device) -> dict:
-    gen = torch.Generator(device=device).manual_seed(0)
-    ids = torch.zeros(side, side, 3, device=device)
-    ids[..., 1] += torch.arange(side, device=device)[:, None]
-    ids[..., 2] += torch.arange(side, device=device)[None, :]
-    return dict(
-        hidden_states=torch.randn(1, side * side, 64, device=device, dtype=torch.bfloat16, generator=gen),
-        encoder_hidden_states=torch.randn(1, TEXT_LEN, 4096, device=device, dtype=torch.bfloat16, generator=gen),
-        pooled_projections=torch.randn(1, 768, device=device, dtype=torch.bfloat16, generator=gen),
-        timestep=torch.tensor([0.5], device=device, dtype=torch.bfloat16),
-        img_ids=ids.reshape(-1, 3).to(torch.bfloat16),
-        txt_ids=torch.zeros(TEXT_LEN, 3, device=device, dtype=torch.bfloat16),
-        guidance=torch.tensor([3.5], device=device), return_dict=False,
-    )
 
 
 def breakdown(name: str, model, kwargs: dict, repeats: int, top: int) -> None:
@@ -66,23 +50,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args()
-    from diffusers import FluxTransformer2DModel as Theirs
-
-    from ditserve.loading import instantiate_on_meta
-    from ditserve.models.flux import FluxTransformer2DModel as Ours
-
     device = torch.device("cuda")
-    torch.manual_seed(0)
-    with torch.device(device):
-        theirs = Theirs(**FLUX_DEV).to(torch.bfloat16).eval()
-    ours = instantiate_on_meta(lambda: Ours.from_config(dict(FLUX_DEV)))
-    ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)
-    ours = ours.to(device, torch.bfloat16).eval()
+    ours, theirs = build_models(device)
     ours.set_attention_backend(args.ours)
     theirs.set_attention_backend(args.theirs)
     ours.compile_blocks()
     theirs.compile_repeated_blocks(fullgraph=True)
-    kwargs = inputs(args.side // 16, device)
+    kwargs = dict(forward_inputs(args.side // 16, device), return_dict=False)
     with torch.inference_mode():
         breakdown(f"ditserve ({args.ours}, compiled)", ours, kwargs, args.repeats, args.top)
         print("attention choices:", sorted(set(ours.attention_selector.choices.values())))

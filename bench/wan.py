@@ -20,6 +20,7 @@ import gc
 import json
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -57,19 +58,27 @@ def forward_flops(cfg: dict, tokens: int, text_len: int = TEXT_LEN) -> float:
     return per_block * cfg["num_layers"]
 
 
-def matmul_rate(device: torch.device) -> float:
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    ms = time_ms(lambda: a @ b, repeats=20, warmup=3)
-    return 2 * 8192**3 / (ms * 1e-3)
+def matmul_rate(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """The measured rate (FLOP/s) of one square matrix product: 8192 on a GPU, 512 on a CPU (smoke runs)."""
+    n = 8192 if device.type == "cuda" else 512
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / (time_ms(lambda: a @ b, repeats=20, warmup=3, device=device) * 1e-3)
 
 
-def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 2, device: torch.device | None = None) -> float:
+    """Median time of `fn` in ms: CUDA events (the default), or the host clock for a CPU `device`."""
+    on_cpu = device is not None and device.type != "cuda"
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if not on_cpu:
+        torch.cuda.synchronize()
     samples = []
     for _ in range(repeats):
+        if on_cpu:
+            began = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - began) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
