@@ -10,6 +10,12 @@ the 1-GPU run of the same request.
     python bench/parallel.py --config 14b --layouts 1x1,2x1,1x2 --markdown docs/performance.md   # 2 GPUs
     python bench/parallel.py --config 14b --layouts 1x1,2x1,1x2,2x2,1x4,1x2x2 ...               # 4 GPUs
     python bench/parallel.py --config tiny --device cpu --layouts 1x1,2x1,1x2                    # CPU smoke run
+
+A layout named twice runs twice (separate torchruns): the table says whether the second run's
+frames are bit-identical to the first. `--out DIR` keeps each layout's result, so a long
+comparison can be split over several invocations (a layout already in DIR is not run again).
+The 1-step warm-up of each layout runs under torch's profiler: its NCCL kernel time is the
+communication each step waits for (kernels that overlap compute included).
 """
 
 from __future__ import annotations
@@ -90,10 +96,22 @@ def worker(args: argparse.Namespace) -> None:
     request = dict(prompt="a cat surfing a wave", negative_prompt="blurry", height=height, width=width,
                    num_frames=frames, num_inference_steps=args.steps, guidance_scale=5.0, seed=0)
     pipe.generate(**{**request, "num_inference_steps": 1})  # warm-up: kernels, the selector's trials
+    communication_s = _profiled_communication(pipe, request, device) if layout.world > 1 else 0.0
     out = pipe.generate(**request)
     if rank == 0:
-        np.save(Path(args.out) / f"{args.layout}.npy", out.frames)
-        (Path(args.out) / f"{args.layout}.json").write_text(json.dumps(out.timings))
+        np.save(Path(args.out) / f"{args.name}.npy", out.frames)
+        (Path(args.out) / f"{args.name}.json").write_text(json.dumps({**out.timings, "nccl_per_step_s": communication_s}))
+
+
+def _profiled_communication(pipe, request: dict, device: torch.device) -> float:
+    """Seconds of NCCL kernels in one profiled step (on this rank; 0 off CUDA)."""
+    if device.type != "cuda":
+        return 0.0
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pipe.generate(**{**request, "num_inference_steps": 1})
+    return sum(e.device_time_total for e in prof.key_averages() if "nccl" in e.key.lower()) / 1e6
 
 
 def _free_port() -> int:
@@ -115,34 +133,47 @@ def main() -> int:
     parser.add_argument("--json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layout", default="1x1", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help="folder for each layout's frames and timings (kept; reused)")
+    parser.add_argument("--name", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.size is None:
         args.size = "32x48x9" if args.config == "tiny" else "x".join(str(v) for v in SIZES[args.config])
     if args.worker:
         worker(args)
         return 0
-    out = Path(tempfile.mkdtemp(prefix="ditserve-parallel-"))
-    env = {**os.environ, "PYTHONPATH": f"{HERE.parent / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ditserve-parallel-"))
+    out.mkdir(parents=True, exist_ok=True)
+    # NVLink multicast off, as `ditserve --num-gpus` sets it: on shared hosts it can take GPUs out of service.
+    env = {**os.environ, "PYTHONPATH": f"{HERE.parent / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+           "NVSHMEM_DISABLE_NVLS": "1"}
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = "1"
     layouts = args.layouts.split(",")
-    for layout in layouts:
+    names = [layout if layouts[:i].count(layout) == 0 else f"{layout}.run{layouts[:i].count(layout) + 1}"
+             for i, layout in enumerate(layouts)]
+    for layout, name in zip(layouts, names):
+        if (out / f"{name}.json").exists():
+            print(f"layout {name}: kept from {out}", flush=True)
+            continue
         ranks = math.prod(int(x.rstrip("r")) for x in layout.split("x"))
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-                   str(_free_port()), __file__, "--worker", "--layout", layout, "--out", str(out),
+                   str(_free_port()), __file__, "--worker", "--layout", layout, "--name", name, "--out", str(out),
                    "--config", args.config, "--size", args.size, "--steps", str(args.steps), "--device", args.device]
-        print(f"layout {layout}: {ranks} rank(s)", flush=True)
+        print(f"layout {name}: {ranks} rank(s)", flush=True)
         subprocess.run(command, env=env, check=True)
     base = layouts[0]
     reference = np.load(out / f"{base}.npy").astype(np.float64)
     rows = []
-    for layout in layouts:
-        timings = json.loads((out / f"{layout}.json").read_text())
-        frames = np.load(out / f"{layout}.npy").astype(np.float64)
-        rows.append({"layout": layout, "ranks": math.prod(int(x.rstrip("r")) for x in layout.split("x")),
+    for layout, name in zip(layouts, names):
+        timings = json.loads((out / f"{name}.json").read_text())
+        frames = np.load(out / f"{name}.npy")
+        first = np.load(out / f"{layout}.npy")
+        rows.append({"layout": name, "ranks": math.prod(int(x.rstrip("r")) for x in layout.split("x")),
                      "step_median_s": statistics.median(timings["per_step_s"]), "total_s": timings["total_s"],
-                     "psnr_db": psnr(frames, reference)})
+                     "nccl_per_step_s": timings.get("nccl_per_step_s", 0.0),
+                     "psnr_db": psnr(frames.astype(np.float64), reference),
+                     "identical_to_first_run": None if name == layout else bool(np.array_equal(frames, first))})
     step_base = rows[0]["step_median_s"]
     device = torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     lines = [
@@ -152,13 +183,15 @@ def main() -> int:
         f"Command: `python bench/parallel.py {shown_args()}`. Layout SAMPLESxSEQUENCE: CFG parallelism x Ulysses ('r': ring); "
         f"one torchrun per layout; PSNR of rank 0's frames against layout {base}.",
         "",
-        "| layout | ranks | step median (s) | scaling vs {base} | efficiency | total (s) | PSNR vs {base} (dB) |".format(base=base),
-        "|---|---|---|---|---|---|---|",
+        "| layout | ranks | step median (s) | scaling vs {base} | efficiency | NCCL kernels per step (s) | total (s) "
+        "| PSNR vs {base} (dB) | bit-identical to its first run |".format(base=base),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speedup = step_base / r["step_median_s"]
+        same = {None: "", True: "yes", False: "no"}[r["identical_to_first_run"]]
         lines.append(f"| {r['layout']} | {r['ranks']} | {r['step_median_s']:.3f} | {speedup:.2f}x | "
-                     f"{speedup / r['ranks']:.0%} | {r['total_s']:.1f} | {r['psnr_db']:.1f} |")
+                     f"{speedup / r['ranks']:.0%} | {r['nccl_per_step_s']:.3f} | {r['total_s']:.1f} | {r['psnr_db']:.1f} | {same} |")
     publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
     return 0
 

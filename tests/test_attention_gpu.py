@@ -89,3 +89,38 @@ def test_auto_measures_and_remembers_on_gpu():
     assert len(selector.choices) == 1
     choice = next(iter(selector.choices.values()))
     assert choice not in ("reference", "sdpa_math")
+
+
+@pytest.mark.parametrize("case", list(DENSE_CASES))
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_lse_backend_returns_the_log_sum_exp(case, causal):
+    """What ring attention merges by: each backend that says it returns the log-sum-exp, dense and
+    packed, against float32 math (the log-sum-exp to 2e-2 absolute, the output as above)."""
+    b, sq, hq, hkv, sk, d = DENSE_CASES[case]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(b, sq, hq, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(b, sk, hkv, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(b, sk, hkv, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    scale = d**-0.5
+    ref, ref_lse = dense_attention_math(q.float(), k.float(), v.float(), scale, causal, return_lse=True)
+    dense = AttentionMetadata(causal=causal).filled(q, k)
+    packed = AttentionMetadata.from_lengths([sq] * b, [sk] * b, "cuda", causal=causal)
+    flat = [t.flatten(0, 1) for t in (q, k, v)]
+    backends = create_backends()
+    tested, failures = [], {}
+    for name, backend in backends.items():
+        if not backend.capabilities.returns_lse or name == "reference":
+            continue
+        for layout, args, md in (("dense", (q, k, v), dense), ("packed", flat, packed)):
+            if backend.why_not(describe_call(*args, md), q.device) is not None:
+                continue
+            out, lse = backend.forward(*args, md, scale, return_lse=True)
+            out, lse = out.reshape(ref.shape), lse.reshape(ref_lse.shape)
+            assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+            seen = ref_lse.isfinite()  # causal rows that see no key: the output is checked, their lse is not used
+            lse_err = (lse[seen] - ref_lse[seen]).abs().max().item()
+            if not (_rel(out, ref) <= TOL and lse_err <= TOL):
+                failures[f"{name} {layout}"] = (_rel(out, ref), lse_err)
+            tested.append(f"{name} {layout}")
+    assert any(t.startswith("sdpa_cudnn") or t.startswith("sdpa_flash") for t in tested), tested
+    assert failures == {}, f"over {TOL}: {failures} (tested {tested})"

@@ -147,7 +147,7 @@ def launch(argv: list[str], layout: ParallelLayout, device_type: str) -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     if device_type == "cpu":
         env.setdefault("OMP_NUM_THREADS", "1")
     command = [sys.executable, "-m", "ditserve.torchrun", f"ditserve {argv[0]}", "--nproc_per_node",

@@ -119,7 +119,7 @@ class AttentionSelector:
         with self._lock:
             backend = self._choices.get(bucket)
             if backend is None:
-                backend = self._pinned(call, device) if self.name != "auto" else self._fastest(call, device, inputs)
+                backend = self._pinned(call, device) if self.name != "auto" else self.fastest(call, device, inputs)
                 if self.name != "auto" or _can_measure(device) or device.type != "cuda":
                     self._choices[bucket] = backend  # a capture-time fallback is not remembered
         return backend
@@ -135,9 +135,15 @@ class AttentionSelector:
             )
         return backend
 
-    def _fastest(self, call: AttentionCall, device: torch.device, inputs: tuple) -> AttentionBackend:
+    def fastest(self, call: AttentionCall, device: torch.device, inputs: tuple, *, needs_lse: bool = False) -> AttentionBackend:
+        """The backend that times fastest on `inputs` (the first able one where timing is not possible).
+
+        `needs_lse`: only backends that return the log-sum-exp, timed returning it (ring attention).
+        Not memoised: `backend_for` and the parallel wrappers keep their own memo.
+        """
         reasons = self.capable(call, device)
-        able = [name for name in FALLBACK_ORDER if reasons[name] is None]
+        able = [name for name in FALLBACK_ORDER
+                if reasons[name] is None and (not needs_lse or self._backends[name].capabilities.returns_lse)]
         if not able:
             detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
             raise AttentionBackendError(f"no attention backend can serve this call ({_describe(call)}): {detail}")
@@ -149,7 +155,8 @@ class AttentionSelector:
         for name in trialled:
             backend = self._backends[name]
             try:
-                timings[name] = _time_ms(lambda: backend.forward(query, key, value, metadata, scale), self.trial_repeats)
+                extra = {"return_lse": True} if needs_lse else {}
+                timings[name] = _time_ms(lambda: backend.forward(query, key, value, metadata, scale, **extra), self.trial_repeats)
             except (AttentionBackendError, RuntimeError, AssertionError, ValueError):
                 continue  # a kernel that refuses this shape at run time simply drops out
         if not timings:

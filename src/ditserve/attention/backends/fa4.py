@@ -23,6 +23,7 @@ class FlashAttention4Backend(AttentionBackend):
         head_dims=(8, 256),
         head_dim_multiple=8,
         packed=True,
+        returns_lse=True,
     )
 
     @cached_property
@@ -56,7 +57,7 @@ class FlashAttention4Backend(AttentionBackend):
 
         return flash_attn_func, flash_attn_varlen_func
 
-    def forward(self, query, key, value, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, query, key, value, metadata: AttentionMetadata, scale: float, return_lse: bool = False):
         dense_fn, varlen_fn = self._interface
         if metadata.packed:
             out = varlen_fn(
@@ -69,7 +70,11 @@ class FlashAttention4Backend(AttentionBackend):
                 max_seqlen_k=metadata.max_seq_len_k,
                 softmax_scale=scale,
                 causal=metadata.causal,
+                return_lse=return_lse,
             )
         else:
-            out = dense_fn(query, key, value, softmax_scale=scale, causal=metadata.causal)
-        return out[0] if isinstance(out, tuple) else out
+            out = dense_fn(query, key, value, softmax_scale=scale, causal=metadata.causal, return_lse=return_lse)
+        if not return_lse:
+            return out[0] if isinstance(out, tuple) else out
+        # FlashAttention keeps the log-sum-exp heads-first ([B, H, S] / [H, total]); ours is [B, S, H] / [total, H].
+        return out[0], out[1].transpose(-1, -2)

@@ -1,7 +1,8 @@
 """PyTorch `scaled_dot_product_attention`, either letting torch choose or pinned to one kernel.
 
 A pinned kernel is called as its own aten op (`aten._scaled_dot_product_cudnn_attention`, ...),
-not through `F.scaled_dot_product_attention` inside `sdpa_kernel(...)`: that context manager
+which also hands back the log-sum-exp that ring attention merges by (flash, cuDNN,
+memory-efficient), not through `F.scaled_dot_product_attention` inside `sdpa_kernel(...)`: that context manager
 flips process-wide flags, so while one thread held it, SDPA calls on every other thread (the
 VAE decoding on its own thread, say) found their kernels switched off.
 """
@@ -23,11 +24,12 @@ _ANY_DEVICE = frozenset({"cpu", "cuda", "mps", "xpu"})
 _KERNELS: dict[str, tuple[SDPBackend | None, Capabilities, bool]] = {
     "auto": (None, Capabilities(devices=_ANY_DEVICE, dtypes=_ALL_FLOATS, masks=True), True),
     "math": (SDPBackend.MATH, Capabilities(devices=_ANY_DEVICE, dtypes=_ALL_FLOATS, masks=True), True),
-    "flash": (SDPBackend.FLASH_ATTENTION, Capabilities(devices=frozenset({"cuda"}), dtypes=_HALF_FLOATS, head_dims=(8, 256), head_dim_multiple=8), False),
-    "cudnn": (SDPBackend.CUDNN_ATTENTION, Capabilities(devices=frozenset({"cuda"}), dtypes=_HALF_FLOATS, head_dims=(8, 256), head_dim_multiple=8), False),
+    "flash": (SDPBackend.FLASH_ATTENTION, Capabilities(devices=frozenset({"cuda"}), dtypes=_HALF_FLOATS, head_dims=(8, 256), head_dim_multiple=8, returns_lse=True), False),
+    "cudnn": (SDPBackend.CUDNN_ATTENTION, Capabilities(devices=frozenset({"cuda"}), dtypes=_HALF_FLOATS, head_dims=(8, 256), head_dim_multiple=8, returns_lse=True), False),
     "efficient": (
         SDPBackend.EFFICIENT_ATTENTION,
-        Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}), head_dims=(8, 512), head_dim_multiple=8, masks=True),
+        Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}), head_dims=(8, 512), head_dim_multiple=8, masks=True,
+                     returns_lse=True),
         False,
     ),
 }
@@ -54,7 +56,9 @@ class SdpaBackend(AttentionBackend):
             return f"causal attention with different query and key lengths needs a mask, which torch's {self.kernel} kernel does not take"
         return reason
 
-    def forward(self, query, key, value, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, query, key, value, metadata: AttentionMetadata, scale: float, return_lse: bool = False):
+        if return_lse and not self.capabilities.returns_lse:
+            raise AttentionBackendError(f"{self.name} cannot return the log-sum-exp; pin sdpa_cudnn, sdpa_flash or sdpa_efficient")
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         group = q.shape[1] // k.shape[1]
         if group > 1 and not self._native_gqa:
@@ -70,32 +74,44 @@ class SdpaBackend(AttentionBackend):
             else:  # bottom-right aligned, as FlashAttention; rows that see no key come out as 0
                 mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
         kwargs = {"enable_gqa": True} if group > 1 and self._native_gqa else {}
+        lse = None
         if self._sdp_backend is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **kwargs)
         else:
             try:
-                out = self._pinned(q, k, v, mask, is_causal, scale, bool(kwargs))
+                out, lse = self._pinned(q, k, v, mask, is_causal, scale, bool(kwargs), return_lse)
             except RuntimeError as err:
                 raise AttentionBackendError(f"{self.name}: torch's {self.kernel} kernel refused this call: {err}") from err
         if metadata.causal and q.shape[2] > k.shape[2]:
             out = out.nan_to_num(0.0)  # kernels differ on fully masked rows (NaN or garbage); define them as 0
             out[:, :, : q.shape[2] - k.shape[2]] = 0
-        return out.transpose(1, 2)
+            if lse is not None:
+                lse[:, :, : q.shape[2] - k.shape[2]] = float("-inf")
+        if not return_lse:
+            return out.transpose(1, 2)
+        return out.transpose(1, 2), lse.transpose(1, 2)
 
     def _pinned(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, scale: float, gqa: bool) -> torch.Tensor:
-        """The pinned kernel's aten op on `[B, H, S, D]` (no process-wide state touched)."""
+                is_causal: bool, scale: float, gqa: bool, return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pinned kernel's aten op on `[B, H, S, D]` (no process-wide state touched): (output, log-sum-exp
+        `[B, H, S]` float32 when `return_lse`, else None)."""
         aten = torch.ops.aten
         if self._sdp_backend == SDPBackend.MATH:  # its op adds a bool mask as 0/1: pass it additive
             bias = None if mask is None else _additive(mask, q.dtype)
             return aten._scaled_dot_product_attention_math(q, k, v, bias, 0.0, is_causal, None, scale=scale,
-                                                           enable_gqa=gqa)[0]
+                                                           enable_gqa=gqa)[0], None
         if self._sdp_backend == SDPBackend.FLASH_ATTENTION:
-            return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[0]
-        if self._sdp_backend == SDPBackend.CUDNN_ATTENTION:
-            return aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, is_causal, False, scale=scale)[0]
-        bias = None if mask is None else _efficient_bias(mask, q, k)
-        return aten._scaled_dot_product_efficient_attention(q, k, v, bias, False, 0.0, is_causal, scale=scale)[0]
+            out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
+        elif self._sdp_backend == SDPBackend.CUDNN_ATTENTION:
+            out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, return_lse, 0.0, is_causal, False, scale=scale)[:2]
+        else:
+            bias = None if mask is None else _efficient_bias(mask, q, k)
+            out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, bias, return_lse, 0.0, is_causal, scale=scale)[:2]
+        if not return_lse:
+            return out, None
+        # cuDNN may add a trailing 1 and the memory-efficient kernel pads rows to a multiple of 32.
+        batch, heads, rows = q.shape[:3]
+        return out, lse.reshape(batch, heads, -1)[..., :rows].float()
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

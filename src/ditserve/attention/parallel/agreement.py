@@ -46,8 +46,9 @@ class AgreedBackends:
 
     `inner` is an `Attention` (its selector decides on rank 0), a backend name or None
     ('auto'), or an `AttentionBackend` instance (pinned: nothing to agree on). With
-    `needs_lse`, only backends that return the log-sum-exp are acceptable: `auto` takes the
-    first such one that can serve the call, and a pinned one that cannot is refused at once.
+    `needs_lse`, only backends that return the log-sum-exp are acceptable: `auto` times those
+    that can serve the call (returning it) and takes the fastest; a pinned one that cannot is
+    refused at once.
     """
 
     def __init__(self, inner: Attention | AttentionBackend | str | None, group: ProcessGroup | None, *, needs_lse: bool) -> None:
@@ -116,7 +117,7 @@ class AgreedBackends:
                         f"ring attention needs a backend that returns the log-sum-exp and none can serve this call; "
                         f"backends that return it: {lse_backend_names()}"
                     )
-                return True, able[0]
+                return True, self._selector.fastest(call, device, inputs, needs_lse=True).name
             reason = self._backends[self._selector.name].why_not(call, device)
             if reason is not None:
                 raise AttentionBackendError(
