@@ -87,6 +87,7 @@ def worker(args: argparse.Namespace) -> None:
         rank, rank_device = init_from_environment(layout, device.type)
         device = rank_device or device
     elif device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
     pipe = build_pipeline(args.config, device)
     if layout.world > 1:

@@ -122,5 +122,6 @@ def test_every_lse_backend_returns_the_log_sum_exp(case, causal):
             if not (_rel(out, ref) <= TOL and lse_err <= TOL):
                 failures[f"{name} {layout}"] = (_rel(out, ref), lse_err)
             tested.append(f"{name} {layout}")
-    assert any(t.startswith("sdpa_cudnn") or t.startswith("sdpa_flash") for t in tested), tested
+    if not (causal and sq != sk):  # torch's flash and cuDNN kernels take no causal cross-attention
+        assert any(t.startswith(("sdpa_cudnn", "sdpa_flash")) for t in tested), tested
     assert failures == {}, f"over {TOL}: {failures} (tested {tested})"
