@@ -11,6 +11,10 @@ resident before the run, and PSNR of the frames against diffusers'.
 Variant `ditserve:cache=SETTING` runs with step caching (`--cache`; write `uniform;N` for
 `uniform:N`): its step median then mixes computed and reused steps, so compare totals.
 
+Variant `ditserve:fp8` quantizes our DiT's block linear layers to FP8 (`quantize="fp8"`), in place:
+list it after the exact variants. Every ditserve variant's PSNR against plain `ditserve` is
+reported too (the exact path on the same seed).
+
 Variant `dense-loop` is the denoising loop `Pipeline.generate` ran before it became the
 batching engine with one request (one dense batch-2 forward per step, same components): the
 reference for "a single request through the shared engine path costs nothing".
@@ -141,7 +145,7 @@ def main() -> int:
                    num_inference_steps=args.steps, guidance_scale=5.0)
 
     rows, frames = [], {}
-    compiled = False
+    compiled = quantized = False
     for variant in args.variants.split(","):
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -161,6 +165,11 @@ def main() -> int:
             total = time.perf_counter() - start
             steps = np.diff([start, *step_ends])[1:]  # drop step 0: it includes text encoding
         else:
+            if ":fp8" in variant and not quantized:
+                if compiled:
+                    raise SystemExit("list ditserve:fp8 variants before compiled ones (both change the DiT in place)")
+                ours.quantize()
+                quantized = True
             if variant.endswith(":compile") and not compiled:
                 t0 = time.perf_counter()
                 ours.compile()
@@ -197,15 +206,18 @@ def main() -> int:
         "text encoder, the model's VAE in float32, its DiT); both pipelines share the text encoder and VAE. Peak memory is "
         "measured above what was resident before the run (all models stay loaded).",
         "",
-        "| variant | step median (s) | step min–max (s) | total (s) | speed-up vs diffusers | peak above resident (GiB) | PSNR vs diffusers (dB) |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | step median (s) | step min–max (s) | total (s) | speed-up vs diffusers | peak above resident (GiB) | "
+        "PSNR vs diffusers (dB) | PSNR vs ditserve (dB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speed = f"{base['total_s'] / r['total_s']:.2f}x" if base else "–"
         similarity = f"{psnr(frames[r['variant']], frames['diffusers']):.1f}" if base else "–"
+        exact = f"{psnr(frames[r['variant']], frames['ditserve']):.1f}" if "ditserve" in frames else "–"
+        r["psnr_vs_ditserve_db"] = None if "ditserve" not in frames else psnr(frames[r["variant"]], frames["ditserve"])
         lines.append(
             f"| {r['variant']} | {r['step_median_s']:.3f} | {r['step_min_s']:.3f}–{r['step_max_s']:.3f} | {r['total_s']:.1f} | "
-            f"{speed} | {r['peak_over_resident_gib']:.1f} | {similarity} |"
+            f"{speed} | {r['peak_over_resident_gib']:.1f} | {similarity} | {exact} |"
         )
     publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
     return 0

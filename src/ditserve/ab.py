@@ -1,8 +1,9 @@
 """A/B harness: is a change safe? Same request, same seed, two loading configurations.
 
 A configuration is a set of loading options (`attention_backend`, `compile`, `dtype`,
-`device`, `cache`, `vae_dtype`), written on the command line as `"attention_backend=sdpa,compile=true"`
-(or `"cache=0.1"`: step caching against the exact path; `"vae_dtype=bf16"`: the opt-in bf16 decode). Both
+`device`, `cache`, `vae_dtype`, `quantize`), written on the command line as `"attention_backend=sdpa,compile=true"`
+(or `"cache=0.1"`: step caching against the exact path; `"vae_dtype=bf16"`: the opt-in bf16 decode;
+`"quantize=fp8"`: FP8 linear layers). Both
 pipelines are loaded once, side by side, then each runs `warmup` untimed generations
 (compilation, autotuning, the `auto` selector's trials) and `runs` timed ones, alternating
 baseline / candidate within each round so drift (clocks, thermals) hits both alike.
@@ -43,7 +44,8 @@ from ditserve.attention import BACKEND_FACTORIES, resolve_backend_name
 from ditserve.engine.step_cache import parse_step_cache
 from ditserve.output import to_uint8
 from ditserve.pipelines.errors import PipelineConfigError
-from ditserve.pipelines.options import DTYPE_NAMES, resolve_device, resolve_dtype
+from ditserve.models.fp8 import QUANTIZE_MODES
+from ditserve.pipelines.options import DTYPE_NAMES, resolve_device, resolve_dtype, resolve_quantize
 
 __all__ = [
     "CONFIG_OPTIONS",
@@ -113,6 +115,12 @@ def _parse_cache(value: Any) -> str:
         raise ValueError("not a step cache setting") from None
 
 
+def _parse_quantize(value: Any) -> str:
+    if isinstance(value, str) and value.strip().lower() in ("none", *QUANTIZE_MODES):
+        return value.strip().lower()
+    raise ValueError("not a quantization mode")
+
+
 # Keys are `Pipeline.from_pretrained` arguments; add a key here (and there) to A/B a new option.
 CONFIG_OPTIONS: Mapping[str, ConfigOption] = {
     "attention_backend": ConfigOption("auto|" + "|".join(BACKEND_FACTORIES), _parse_backend),
@@ -121,6 +129,7 @@ CONFIG_OPTIONS: Mapping[str, ConfigOption] = {
     "device": ConfigOption("cpu|cuda|cuda:N", _parse_device),
     "cache": ConfigOption("off|<threshold>|uniform:N", _parse_cache),
     "vae_dtype": ConfigOption("bf16|fp32", _parse_dtype),
+    "quantize": ConfigOption("none|fp8", _parse_quantize),
 }
 
 
@@ -172,6 +181,10 @@ def _load_kwargs(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dic
         raise ABConfigError(str(e)) from None
     kwargs["compile"] = bool(kwargs.get("compile", False))
     kwargs["cache"] = kwargs.get("cache", "off")
+    try:
+        resolve_quantize(kwargs.get("quantize"), device)
+    except PipelineConfigError as e:
+        raise ABConfigError(str(e)) from None
     return kwargs
 
 
@@ -493,6 +506,7 @@ def format_report(report: ABReport) -> str:
         attn = "+".join(x.backends_used) or o["attention_backend"]
         cache = f" step cache {o['cache']}" if o.get("cache", "off") != "off" else ""
         cache += f" VAE {o['vae_dtype']}" if o.get("vae_dtype") else ""
+        cache += f" {o['quantize']}" if o.get("quantize", "none") != "none" else ""
         return f"{o['device']} {o['dtype']} {attn}" + (" compiled" if o["compile"] else "") + cache
 
     rows = [

@@ -233,7 +233,7 @@ def _run_generate(args: argparse.Namespace) -> str:
     _silence_loading_bars()
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=backend, compile=args.compile,
-                                    cache=args.cache, vae_dtype=args.vae_dtype)
+                                    cache=args.cache, vae_dtype=args.vae_dtype, quantize=args.quantize)
     if layout.world > 1:
         sample_group, sequence = build_groups(layout, rank)
         try:
@@ -290,6 +290,8 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+QUANTIZE_HELP = ("fp8: the DiT blocks' linear layers in FP8 e4m3 (weights per output row, activations per token); "
+                 "GPUs with FP8 tensor cores only (sm89+); trades quality for time (docs/performance.md measures it)")
 VAE_DTYPE_HELP = "the VAE's dtype (default: the family's: fp32 for Wan and Cosmos3); bf16 decodes faster at a measured cost"
 CACHE_HELP = (
     "step caching, off by default: a threshold such as 0.1 (a request reuses its previous predictions, extrapolated, "
@@ -338,6 +340,7 @@ def _add_generate(sub: argparse._SubParsersAction, spec: Any) -> None:
                      help="torch.compile the DiT blocks: ~1.3x faster steps on an H100 after a one-off compile (~1 min)")
     gen.add_argument("--cache", default=None, metavar="THRESHOLD", help=CACHE_HELP)
     gen.add_argument("--vae-dtype", default=None, choices=["bf16", "fp32"], help=VAE_DTYPE_HELP)
+    gen.add_argument("--quantize", default=None, choices=["fp8"], help=QUANTIZE_HELP)
     gen.set_defaults(func=_generate)
 
 
@@ -415,7 +418,7 @@ def _server_settings(args: argparse.Namespace) -> tuple[str, ServerSettings]:
 
 def _load_options(args: argparse.Namespace) -> dict[str, object]:
     return {"device": args.device, "dtype": args.dtype, "attention_backend": args.attention_backend,
-            "compile": args.compile, "cache": args.cache, "vae_dtype": args.vae_dtype}
+            "compile": args.compile, "cache": args.cache, "vae_dtype": args.vae_dtype, "quantize": args.quantize}
 
 
 def ray_app(args: dict[str, str]) -> Any:
@@ -485,7 +488,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return serve(model, settings, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
                      attention_backend=args.attention_backend, compile=args.compile, cache=args.cache,
-                     vae_dtype=args.vae_dtype, log_level=args.log_level, warm=not args.no_warm_up, layout=layout)
+                     vae_dtype=args.vae_dtype, quantize=args.quantize, log_level=args.log_level, warm=not args.no_warm_up, layout=layout)
     except (*_user_errors(), ValueError) as e:
         print(f"ditserve serve: error: {e}", file=sys.stderr)
         return 2
@@ -552,6 +555,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks at load")
     srv.add_argument("--cache", default=None, metavar="THRESHOLD", help=CACHE_HELP)
     srv.add_argument("--vae-dtype", default=None, choices=["bf16", "fp32"], help=VAE_DTYPE_HELP)
+    srv.add_argument("--quantize", default=None, choices=["fp8"], help=QUANTIZE_HELP)
     srv.add_argument("--no-warm-up", action="store_true",
                      help="report ready right after loading, without the one-frame, one-step warm-up generation "
                           "that pays kernel compilation and the attention selector's trials before the first request")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ditserve.attention import Attention, AttentionSelector, run_attention_eagerly
+from ditserve.models.fp8 import quantize_linears
 
 __all__ = ["DiTModel", "compile_blocks"]
 
@@ -27,11 +28,25 @@ def compile_blocks(model: nn.Module, blocks: Iterable[nn.Module], **compile_kwar
 
 
 class DiTModel(nn.Module):
-    """Base of the DiTs: each has `proj_out` (its output head) and one `attention_selector` that
-    every `Attention` inside it shares."""
+    """Base of the DiTs: each has `proj_out` (its output head), one `attention_selector` that
+    every `Attention` inside it shares, and its repeated blocks (`repeated_blocks`)."""
 
     attention_selector: AttentionSelector
     proj_out: nn.Linear
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The blocks the DiT repeats: what compiles as one graph and what FP8 quantizes."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its repeated blocks")
+
+    def compile_blocks(self, **compile_kwargs: Any) -> None:
+        """torch.compile each repeated block (`compile_blocks`): fuses the elementwise work around
+        the matrix products (norms, modulation, rotary, gating, residuals)."""
+        compile_blocks(self, self.repeated_blocks(), **compile_kwargs)
+
+    def quantize_fp8(self) -> int:
+        """Every linear layer of the repeated blocks in FP8 (`models.fp8`); the number quantized.
+        The embeddings and the output head stay in the model's dtype. Call before `compile_blocks`."""
+        return quantize_linears(self.repeated_blocks())
 
     def set_attention_backend(self, name: str | None) -> None:
         """Use a new selector ("auto", a backend name, or None) in every attention layer."""

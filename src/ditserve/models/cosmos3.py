@@ -60,7 +60,7 @@ from ditserve.attention.parallel import (
     as_sequence_parallel,
 )
 from ditserve.engine.errors import StepInterrupted
-from ditserve.models.common import DiTModel, compile_blocks
+from ditserve.models.common import DiTModel
 from ditserve.models.wan import MLP, timestep_embedding
 
 __all__ = ["Cosmos3OmniTransformer", "Cosmos3Output", "Cosmos3Sample", "Cosmos3TransformerConfig", "TextKV",
@@ -513,10 +513,9 @@ class Cosmos3OmniTransformer(DiTModel):
             return KVLayout(split=layout.split(vision_lens))
         return KVLayout(split=layout.split(list(vision_lens), self.device, joint_lengths=list(text_lens)))
 
-    def compile_blocks(self, **compile_kwargs: Any) -> None:
-        """torch.compile each layer's vision step (`models.common.compile_blocks`); the text tower
-        runs once per prompt and stays eager."""
-        compile_blocks(self, self.layers, **compile_kwargs)
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The decoder layers: compiled for the vision step (the text tower runs once per prompt)."""
+        return list(self.layers)
 
     # -- text: once per prompt ------------------------------------------------------------
 

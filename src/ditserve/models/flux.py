@@ -58,7 +58,7 @@ from ditserve.attention.parallel import (
 )
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import rotate_pairs
-from ditserve.models.common import DiTModel, compile_blocks
+from ditserve.models.common import DiTModel
 from ditserve.models.wan import MLP, FeedForward, linear_gelu_tanh, timestep_embedding
 
 __all__ = ["FluxSample", "FluxTransformer2DModel", "FluxTransformerConfig", "FluxTransformerOutput", "TokenLayout",
@@ -390,8 +390,8 @@ class FluxAttention(nn.Module):
 
 
 def _linear_gelu(x: Tensor, linear: nn.Linear) -> Tensor:
-    """tanh-GELU(linear(x)); the fused op at inference (no backward), plain ops when training."""
-    if torch.is_grad_enabled():
+    """tanh-GELU(linear(x)); the fused op at inference (no backward), plain ops when training or FP8."""
+    if torch.is_grad_enabled() or type(linear) is not nn.Linear:
         return F.gelu(linear(x), approximate="tanh")
     return linear_gelu_tanh(x, linear.weight, linear.bias)
 
@@ -547,10 +547,9 @@ class FluxTransformer2DModel(DiTModel):
             return self._sequence_parallel.split(img_lens)
         return self._sequence_parallel.split(list(img_lens), self.device, joint_lengths=list(txt_lens))
 
-    def compile_blocks(self, **compile_kwargs: Any) -> None:
-        """torch.compile each block, double- and single-stream (`models.common.compile_blocks`):
-        fuses the elementwise work around the matrix products (norms, modulation, rotary, gating)."""
-        compile_blocks(self, [*self.transformer_blocks, *self.single_transformer_blocks], **compile_kwargs)
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The double- and single-stream blocks (what compiles and what FP8 quantizes)."""
+        return [*self.transformer_blocks, *self.single_transformer_blocks]
 
     # -- shared pieces of both layouts ---------------------------------------------------
 

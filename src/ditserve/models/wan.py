@@ -46,7 +46,8 @@ from ditserve.attention.parallel import (
 )
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import qk_rms_norm_rotary
-from ditserve.models.common import DiTModel, compile_blocks
+from ditserve.models.common import DiTModel
+from ditserve.models.fp8 import Float8Linear
 
 __all__ = ["WanTransformer3DModel", "WanTransformerConfig", "WanTransformerOutput"]
 
@@ -239,7 +240,7 @@ class GELUProj(nn.Module):
         self.proj = nn.Linear(dim, inner_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled():  # training (the fused op has no backward)
+        if torch.is_grad_enabled() or type(self.proj) is not nn.Linear:  # training (no backward), or FP8
             return F.gelu(self.proj(x), approximate="tanh")
         return linear_gelu_tanh(x, self.proj.weight, self.proj.bias)
 
@@ -274,6 +275,7 @@ class WanAttention(nn.Module):
         self.attention = Attention(selector=selector, scale=None)
         self.sequence_parallel: UlyssesAttention | RingAttention | HybridAttention | None = None  # `enable_sequence_parallel`
         self._qkv: tuple[Tensor, Tensor] | None = None  # set by fuse_qkv
+        self.qkv_fp8: Float8Linear | None = None  # set by quantize_fused_qkv
 
     def fuse_qkv(self) -> None:
         """Project q, k and v with one `[3 * dim, dim]` matrix product (self-attention).
@@ -297,6 +299,16 @@ class WanAttention(nn.Module):
             linear.bias = nn.Parameter(bias[part], requires_grad=False)
         self._qkv = (weight, bias)
 
+    def quantize_fused_qkv(self) -> int:
+        """The fused q/k/v weight as one FP8 product (1, or 0 when not fused); `to_q`/`to_k`/`to_v`
+        (views of it) go, so the bf16 weight is freed."""
+        if self._qkv is None:
+            return 0
+        self.qkv_fp8 = Float8Linear(*self._qkv)
+        self._qkv = None
+        del self.to_q, self.to_k, self.to_v
+        return 1
+
     def _apply(self, fn: Any, recurse: bool = True) -> WanAttention:
         """`.to()` / `.cuda()` / `.half()` convert each parameter on its own, which would leave
         the views of `fuse_qkv` behind: drop the fused weight first and fuse the results again."""
@@ -315,7 +327,9 @@ class WanAttention(nn.Module):
     ) -> Tensor:
         kv_in = x if context is None else context
         if rotary is not None:  # self-attention: norms and rotary in one kernel on CUDA
-            if self._qkv is not None:
+            if self.qkv_fp8 is not None:
+                q, k, v = self.qkv_fp8(x).chunk(3, dim=-1)
+            elif self._qkv is not None:
                 q, k, v = F.linear(x, *self._qkv).chunk(3, dim=-1)
             else:
                 q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
@@ -514,10 +528,13 @@ class WanTransformer3DModel(DiTModel):
         for block in self.blocks:
             block.attn1.fuse_qkv()
 
-    def compile_blocks(self, **compile_kwargs: Any) -> None:
-        """torch.compile each transformer block (`models.common.compile_blocks`): fuses the
-        elementwise work around the matrix products (layer norms, modulation, gating, residuals)."""
-        compile_blocks(self, self.blocks, **compile_kwargs)
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+    def quantize_fp8(self) -> int:
+        """FP8 linear layers in every block, the fused q/k/v product kept as one (FP8) product."""
+        fused = sum(block.attn1.quantize_fused_qkv() for block in self.blocks)
+        return fused + super().quantize_fp8()
 
     # -- shared pieces of both layouts ---------------------------------------------------
 

@@ -34,7 +34,7 @@ from ditserve.engine.family import CancelToken, Prepared, Sample
 from ditserve.engine.step_cache import StepCachePolicy, parse_step_cache
 from ditserve.loading import UnknownModelError, read_model_index
 from ditserve.pipelines.errors import PipelineConfigError
-from ditserve.pipelines.options import resolve_dtype
+from ditserve.pipelines.options import resolve_dtype, resolve_quantize
 from ditserve.pipelines.registry import family_class_for, folder_request_defaults
 
 __all__ = ["Pipeline"]
@@ -65,6 +65,7 @@ class Pipeline(ABC):
         compile: bool = False,
         cache: str | float | StepCachePolicy | None = None,
         vae_dtype: str | torch.dtype | None = None,
+        quantize: str | None = None,
     ) -> P:
         """Load a diffusers-format folder with the ditserve class its model_index.json names.
 
@@ -76,9 +77,12 @@ class Pipeline(ABC):
         `StepCachePolicy` (`ditserve.engine.step_cache`); trades measured quality for time.
         vae_dtype: None -> the family's (float32 for Wan and Cosmos3, the pipeline's dtype for
         FLUX.1, as diffusers); "bf16" is an opt-in faster decode at a measured quality cost.
+        quantize: None (off) or "fp8": the DiT blocks' linear layers in FP8 e4m3 (`models.fp8`),
+        on GPUs with FP8 tensor cores (refused elsewhere, before loading); trades measured quality for time.
         Called on a family class (e.g. `WanPipeline.from_pretrained`), the folder must hold that family.
         """
         policy = cache if isinstance(cache, StepCachePolicy) else parse_step_cache(cache)  # bad values fail first
+        quantize = resolve_quantize(quantize, device)
         if vae_dtype is not None:
             try:
                 vae_dtype = resolve_dtype(vae_dtype, torch.device("cpu"))
@@ -98,6 +102,8 @@ class Pipeline(ABC):
                 pipe.vae.to(vae_dtype)  # diffusers keeps those modules in float32
             else:
                 torch.nn.Module.to(pipe.vae, vae_dtype)  # (diffusers' `to` warns about an empty list)
+        if quantize is not None:
+            pipe.quantize()
         if compile:
             pipe.compile()
         return pipe
@@ -162,6 +168,11 @@ class Pipeline(ABC):
         return latents
 
     # -- shared ------------------------------------------------------------------------------
+
+    def quantize(self) -> None:
+        """Every denoiser's block linear layers in FP8 (`DiTModel.quantize_fp8`), in place; before `compile`."""
+        for module in self.denoisers():
+            module.quantize_fp8()
 
     def compile(self) -> None:
         """torch.compile every denoiser's repeated blocks in place (attention stays eager)."""

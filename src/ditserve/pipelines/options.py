@@ -9,7 +9,8 @@ import torch
 
 from ditserve.pipelines.errors import PipelineConfigError
 
-__all__ = ["DTYPE_NAMES", "resolve_device", "resolve_dtype", "resolve_load_options", "transformers_dtype_kwargs"]
+__all__ = ["DTYPE_NAMES", "resolve_device", "resolve_dtype", "resolve_load_options", "resolve_quantize",
+           "transformers_dtype_kwargs"]
 
 DTYPE_NAMES: Mapping[str, torch.dtype] = MappingProxyType(
     {
@@ -75,3 +76,18 @@ def transformers_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
     key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     return {key: dtype}
+
+
+def resolve_quantize(quantize: str | None, device: str | torch.device | None) -> str | None:
+    """`quantize` checked against the accepted modes and the device (FP8 needs FP8 tensor cores):
+    None / "none" -> None; a `PipelineConfigError` now, before anything loads."""
+    from ditserve.models.fp8 import QUANTIZE_MODES, fp8_unsupported_reason
+
+    if quantize is None or (isinstance(quantize, str) and quantize.lower() == "none"):
+        return None
+    if not isinstance(quantize, str) or quantize.lower() not in QUANTIZE_MODES:
+        raise PipelineConfigError(f"quantize must be one of {', '.join(('none', *QUANTIZE_MODES))}, got {quantize!r}")
+    reason = fp8_unsupported_reason(resolve_device(device))
+    if reason is not None:
+        raise PipelineConfigError(f"quantize={quantize!r}: {reason}")
+    return quantize.lower()

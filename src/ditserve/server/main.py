@@ -123,6 +123,7 @@ def serve(
     compile: bool = False,
     cache: str | None = None,
     vae_dtype: str | None = None,
+    quantize: str | None = None,
     log_level: str = "info",
     sock: socket.socket | None = None,
     warm: bool = True,
@@ -132,12 +133,13 @@ def serve(
     on several ranks, a rank that died exits the process with 1 at once).
 
     `cache`: step caching (`ditserve.engine.step_cache`; None: off). `vae_dtype`: None -> the family's.
+    `quantize`: None or "fp8" (`Pipeline.from_pretrained`).
     `warm`: run `warm_up` after
     loading, before /health reports ready. `layout`: several ranks under
     torchrun (CFG x Ulysses x ring): rank 0 serves and leads every step, the others follow it
     (`ditserve.engine.coordination`) until it shuts down."""
     from ditserve.pipelines import read_request_spec
-    from ditserve.pipelines.options import resolve_load_options
+    from ditserve.pipelines.options import resolve_load_options, resolve_quantize
 
     # wrong paths and options fail now, before the port opens and the model loads
     spec = read_request_spec(Path(model))
@@ -150,15 +152,16 @@ def serve(
         groups = build_groups(layout, rank)
         if rank != 0:
             return _follow(model, dict(device=device, dtype=dtype, attention_backend=attention_backend,
-                                       compile=compile, cache=cache, vae_dtype=vae_dtype), groups)
+                                       compile=compile, cache=cache, vae_dtype=vae_dtype, quantize=quantize), groups)
         leader, warm = Leader(), False  # a warm-up would run on rank 0 alone: the followers would wait
     device, dtype, attention_backend = resolve_load_options(device, dtype, attention_backend)
+    resolve_quantize(quantize, device)
 
     def load():  # runs on a background thread after the port opens, so /health answers 503 meanwhile
         from ditserve import Pipeline
 
         pipeline = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=attention_backend,
-                                            compile=compile, cache=cache, vae_dtype=vae_dtype)
+                                            compile=compile, cache=cache, vae_dtype=vae_dtype, quantize=quantize)
         if groups is not None:
             return _parallel_family(pipeline, groups)
         if warm:

@@ -1,0 +1,108 @@
+"""FP8 linear layers vs bf16: the Wan DiT forward on one GPU, same weights, same inputs.
+
+Random weights from the published config (bench/wan.py's `build_models`, q/k/v fused as the
+pipeline does), bf16. Variants `bf16` and `fp8` (`quantize_fp8`: every linear layer of the
+blocks in e4m3, weights per output row, activations per token), each eager or `:compile`
+(`compile_blocks`, as shipped). Per variant: forward median over --repeats after warm-up, peak
+memory, MFU against the bf16 matrix rate measured in this run, and the output's error against
+the eager bf16 forward (max |diff| / max |ref|, and PSNR over the output's range).
+
+    python bench/fp8.py --config 14b --variants bf16:compile,fp8:compile --markdown docs/performance.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import sys
+
+import torch
+from report import publish, shown_args  # bench/report.py
+from wan import COMMON, NAMES, SIZES, TEXT_LEN, WAN_CONFIGS, build_models, forward_flops, matmul_rate, time_ms
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(WAN_CONFIGS), default="14b")
+    parser.add_argument("--variants", default="bf16:compile,fp8:compile", help="comma-separated bf16|fp8[:compile]")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--markdown")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/fp8.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    cfg = {**COMMON, **WAN_CONFIGS[args.config]}
+    height, width, frames = SIZES[args.config]
+    lat_shape = (cfg["in_channels"], (frames - 1) // 4 + 1, height // 8, width // 8)
+    tokens = lat_shape[1] * (lat_shape[2] // 2) * (lat_shape[3] // 2)
+    flops = forward_flops(cfg, tokens)
+    rate = matmul_rate(device)
+    print(f"config {args.config}: {tokens} tokens, {flops / 1e12:.1f} TFLOP; bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
+
+    bf16, _ = build_models(cfg, device, need_diffusers=False)
+    gen = torch.Generator(device=device).manual_seed(0)
+    latents = torch.randn(1, *lat_shape, device=device, dtype=torch.bfloat16, generator=gen)
+    text = torch.randn(1, TEXT_LEN, 4096, device=device, dtype=torch.bfloat16, generator=gen)
+    timestep = torch.tensor([999.0], device=device)
+    with torch.inference_mode():
+        reference = bf16(latents, timestep, text, return_dict=False)[0].float()
+    models = {"bf16": bf16}
+    if any(v.startswith("fp8") for v in args.variants.split(",")):
+        models["fp8"], _ = build_models(cfg, device, need_diffusers=False)  # seeded: the same weights
+        assert torch.equal(models["fp8"].proj_out.weight, bf16.proj_out.weight)
+        print(f"quantized {models['fp8'].quantize_fp8()} linear layers", flush=True)
+
+    rows, compiled = [], set()
+    variants = sorted(args.variants.split(","), key=lambda v: v.endswith(":compile"))  # compiling is in place
+    for variant in variants:
+        kind, _, mode = variant.partition(":")
+        model = models[kind]
+        if mode == "compile" and kind not in compiled:
+            model.compile_blocks()
+            compiled.add(kind)
+        torch.cuda.reset_peak_memory_stats()
+
+        def run(model=model):
+            return model(latents, timestep, text, return_dict=False)[0]
+
+        with torch.inference_mode():
+            ms = time_ms(run, args.repeats, warmup=args.warmup + (1 if mode else 0))
+            out = run().float()
+        err = ((out - reference).abs().max() / reference.abs().max()).item()
+        mse = ((out - reference) ** 2).mean().item()
+        span = (reference.max() - reference.min()).item()
+        row = {"variant": variant, "forward_ms": ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+               "mfu_of_bf16_rate": flops / (ms * 1e-3) / rate, "max_err_vs_bf16_eager": err,
+               "psnr_vs_bf16_eager_db": math.inf if mse == 0 else 10 * math.log10(span**2 / mse)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        gc.collect()
+
+    base = next((r for r in rows if r["variant"] == "bf16:compile"), rows[0])
+    lines = [
+        f"#### FP8 vs bf16: {NAMES[args.config]} DiT forward, {height}x{width}x{frames} ({tokens} tokens) — "
+        f"{datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}",
+        "",
+        f"Command: `python bench/fp8.py {shown_args()}`. Random weights from the published config, batch 1; "
+        f"{flops / 1e12:.0f} TFLOP per forward; bf16 matmul rate measured in this run: {rate / 1e12:.0f} TFLOP/s. "
+        f"Errors against the eager bf16 forward's output.",
+        "",
+        f"| variant | forward (ms) | vs {base['variant']} | MFU (of the bf16 rate) | peak GiB | max err | PSNR (dB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['forward_ms']:.0f} | {base['forward_ms'] / r['forward_ms']:.2f}x | "
+                     f"{r['mfu_of_bf16_rate']:.0%} | {r['peak_gib']:.1f} | {r['max_err_vs_bf16_eager']:.2e} | "
+                     f"{r['psnr_vs_bf16_eager_db']:.1f} |")
+    publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""FP8 (e4m3) linear layers: weights quantized once per output row, activations per token.
+
+A `Float8Linear` keeps `weight` as float8 e4m3 with one float32 scale per output row, and
+quantizes its input per row (token) on the fly, then runs torch's scaled matrix product
+(`torch._scaled_mm`, row-wise scales), which multiplies in FP8 and accumulates in float32.
+Per-row scales keep an outlier in one token or one output channel from costing precision in
+the others. Under `torch.compile` the input's quantization fuses into the kernel that makes it.
+
+Opt-in (`quantize="fp8"`): it trades a measured amount of quality for speed on GPUs with FP8
+tensor cores (compute capability 8.9 and newer). CPUs run it too (slowly), which is what the
+tests use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FP8_DTYPE", "QUANTIZE_MODES", "Float8Linear", "fp8_unsupported_reason", "quantize_linears", "quantize_rows"]
+
+FP8_DTYPE = torch.float8_e4m3fn
+_FP8_MAX = torch.finfo(FP8_DTYPE).max
+QUANTIZE_MODES = ("fp8",)
+
+
+def fp8_unsupported_reason(device: torch.device) -> str | None:
+    """Why FP8 matrix products cannot run on `device`, or None."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            return (f"FP8 needs a GPU with FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, "
+                    f"Blackwell); {torch.cuda.get_device_name(device)} is sm{major}{minor}")
+        return None
+    if device.type != "cpu":
+        return f"FP8 runs on CUDA GPUs (and the CPU), not {device.type}"
+    return None
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`x` `[rows, cols]` -> (e4m3 values, float32 scale `[rows, 1]`) with x ~= values * scale.
+
+    Each row's largest magnitude maps to e4m3's largest value; an all-zero row gets scale 1.
+    """
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
+    values = (x.float() / scale).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)
+    return values, scale
+
+
+class Float8Linear(nn.Module):
+    """`y = x W^T + b` with W in e4m3 (a scale per output row) and x quantized per row at run time.
+
+    The output has the input's dtype. `.to(device)` moves it; a dtype change (`.to(torch.bfloat16)`)
+    leaves the FP8 weight and the float32 scales as they are and converts only the bias.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        values, scale = quantize_rows(weight.detach())
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", values)  # [out, in]; `.t()` is the column-major operand _scaled_mm takes
+        self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # [1, out]
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Float8Linear:
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)
+        values, scale = quantize_rows(rows)
+        # row-wise scaled products output bf16 on CUDA; the CPU kernel also takes float32
+        out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
+        out = torch._scaled_mm(values, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=out_dtype)
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """Device moves apply to every tensor; dtype casts must not reach the FP8 weight or its scales
+        (`Module.to(dtype)` casts every floating buffer): those travel as integer views."""
+        self.weight = self.weight.view(torch.uint8)
+        self.weight_scale = self.weight_scale.view(torch.int32)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self.weight = self.weight.view(FP8_DTYPE)
+            self.weight_scale = self.weight_scale.view(torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3"
+
+
+def quantize_linears(modules: Iterable[nn.Module]) -> int:
+    """Replace every `nn.Linear` inside `modules` by a `Float8Linear` of it; the number replaced."""
+    replaced = 0
+    for root in modules:
+        for parent in list(root.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, Float8Linear.from_linear(child))
+                    replaced += 1
+    return replaced

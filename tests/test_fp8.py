@@ -1,0 +1,153 @@
+"""FP8 linear layers (`quantize="fp8"`): the product against float64, the quantized model against
+the exact one for every family, dtype moves, and the errors for bad settings (CPU; the GPU case
+is marked)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ditserve
+from ditserve.ab import ABConfigError, check_config
+from ditserve.models.fp8 import FP8_DTYPE, Float8Linear, fp8_unsupported_reason, quantize_linears, quantize_rows
+from ditserve.pipelines.errors import PipelineConfigError
+from ditserve.tiny.embedded import default_model_path
+from helpers.checkpoints import build_tiny_flux_pipeline, build_tiny_wan22_a14b_pipeline
+from helpers.cosmos3_checkpoints import build_tiny_cosmos3_pipeline
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def test_quantize_rows_maps_each_rows_largest_value_to_the_format_limit():
+    x = torch.tensor([[1.0, -3.0, 0.5], [0.0, 0.0, 0.0], [1e-3, 2e-3, -4e-3]])
+    values, scale = quantize_rows(x)
+    assert values.dtype == FP8_DTYPE and scale.shape == (3, 1) and scale.dtype == torch.float32
+    limit = torch.finfo(FP8_DTYPE).max
+    assert values.float()[0, 1].item() == -limit and values.float()[2, 2].item() == -limit
+    assert scale[1].item() == 1.0 and torch.count_nonzero(values.float()[1]) == 0  # an all-zero row stays zero
+    assert torch.allclose(values.float() * scale, x, rtol=0.07, atol=0)  # e4m3: 3 mantissa bits
+
+
+def test_float8_linear_is_the_product_of_its_quantized_operands():
+    """Exactly the float64 product of the dequantized operands (so the kernel adds no error of its
+    own), and within FP8's precision of the exact linear layer."""
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 64, generator=gen))
+        linear.bias.copy_(torch.randn(48, generator=gen))
+    x = torch.randn(3, 5, 64, generator=gen)
+    fp8 = Float8Linear.from_linear(linear)
+    out = fp8(x)
+    assert out.shape == (3, 5, 48) and out.dtype == torch.float32
+    xq, xs = quantize_rows(x.reshape(-1, 64))
+    dequantized = (xq.double() * xs.double()) @ (fp8.weight.double() * fp8.weight_scale.double().T).T + linear.bias.double()
+    assert torch.allclose(out.reshape(-1, 48).double(), dequantized, rtol=1e-5, atol=1e-5)
+    exact = linear(x).double()
+    rel = ((out.double() - exact).norm() / exact.norm()).item()
+    assert 1e-4 < rel < 0.05, rel  # quantized (not the exact product), and close to it
+
+
+def test_dtype_moves_leave_the_fp8_weight_and_its_scales_alone():
+    fp8 = Float8Linear.from_linear(nn.Linear(32, 16))
+    weight = fp8.weight.clone()
+    fp8.to(torch.bfloat16)
+    assert fp8.weight.dtype == FP8_DTYPE and fp8.weight_scale.dtype == torch.float32 and fp8.bias.dtype == torch.bfloat16
+    assert torch.equal(fp8.weight.view(torch.uint8), weight.view(torch.uint8))
+    fp8.double().to("cpu")
+    assert fp8.weight.dtype == FP8_DTYPE and fp8.bias.dtype == torch.float64
+    assert fp8(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_quantize_linears_replaces_every_linear_and_nothing_else():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Sequential(nn.Linear(8, 4), nn.GELU()))
+    assert quantize_linears([model]) == 2
+    assert [type(m).__name__ for m in model.modules() if isinstance(m, (nn.Linear, Float8Linear))] == ["Float8Linear"] * 2
+    assert isinstance(model[1], nn.LayerNorm)
+
+
+@pytest.fixture(scope="module")
+def family_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fp8")
+    return {
+        "wan2.1 (embedded)": Path(default_model_path()),
+        "wan2.2-a14b": build_tiny_wan22_a14b_pipeline(root / "a14b"),
+        "flux.1-dev": build_tiny_flux_pipeline(root / "flux"),
+        "cosmos3": build_tiny_cosmos3_pipeline(root / "cosmos3"),
+    }
+
+
+@pytest.mark.parametrize("family", ["wan2.1 (embedded)", "wan2.2-a14b", "flux.1-dev", "cosmos3"])
+def test_every_family_quantizes_its_blocks_and_stays_close_to_the_exact_model(family: str, family_paths):
+    path = family_paths[family]
+    exact = ditserve.Pipeline.from_pretrained(path, device="cpu", dtype="fp32")
+    quantized = ditserve.Pipeline.from_pretrained(path, device="cpu", dtype="fp32", quantize="fp8")
+    for model in quantized.denoisers():  # both experts of A14B
+        blocks = model.repeated_blocks()
+        assert not any(type(m) is nn.Linear for block in blocks for m in block.modules())
+        assert sum(isinstance(m, Float8Linear) for block in blocks for m in block.modules()) >= 4 * len(blocks)
+        assert type(model.proj_out) is nn.Linear  # the output head stays exact
+    request = dict(prompt="a red ball on grass", seed=1, num_inference_steps=4)
+    if family != "wan2.1 (embedded)":
+        request.update(height=32, width=32)
+    a = exact.generate(**request).frames
+    b = quantized.generate(**request).frames
+    assert np.array_equal(b, quantized.generate(**request).frames)  # deterministic
+    psnr = _psnr(a, b)
+    assert 25.0 <= psnr < math.inf, psnr  # changed by FP8, and close
+
+
+def test_bad_quantize_values_fail_before_loading(tmp_path: Path):
+    with pytest.raises(PipelineConfigError, match=r"quantize must be one of none, fp8, got 'int4'"):
+        ditserve.Pipeline.from_pretrained(tmp_path / "nothing-here", quantize="int4")
+    with pytest.raises(ABConfigError, match=r"quantize.*none\|fp8"):
+        check_config({"quantize": "fp9"})
+    assert check_config({"quantize": "FP8"}) == {"quantize": "fp8"}
+
+
+def test_gpus_without_fp8_tensor_cores_are_refused(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    reason = fp8_unsupported_reason(torch.device("cuda", 0))
+    assert reason == ("FP8 needs a GPU with FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, "
+                      "Blackwell); NVIDIA A100-SXM4-80GB is sm80")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8_unsupported_reason(torch.device("cuda", 0)) is None
+    assert fp8_unsupported_reason(torch.device("cpu")) is None
+
+
+def test_generate_cli_takes_quantize(tmp_path: Path):
+    src = Path(__file__).resolve().parent.parent / "src"
+    env = {"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}
+    out = tmp_path / "ball.png"
+    done = subprocess.run([sys.executable, "-m", "ditserve", "generate", "--prompt", "a red ball", "--num-frames", "1",
+                           "--steps", "2", "--device", "cpu", "--quantize", "fp8", "--quiet", "--output", str(out)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.stat().st_size > 0
+    bad = subprocess.run([sys.executable, "-m", "ditserve", "generate", "--prompt", "x", "--quantize", "int4"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--quantize: invalid choice: 'int4'" in bad.stderr and "fp8" in bad.stderr.splitlines()[-1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_gpu_fp8_generation_is_close_to_bf16(compile: bool, tiny_wan_path: Path):
+    if fp8_unsupported_reason(torch.device("cuda")) is not None:
+        pytest.skip("this GPU has no FP8 tensor cores")
+    request = dict(prompt="a cat surfing", height=64, width=96, num_frames=9, num_inference_steps=4, seed=3)
+    exact = ditserve.Pipeline.from_pretrained(tiny_wan_path, device="cuda", dtype="bf16")
+    quantized = ditserve.Pipeline.from_pretrained(tiny_wan_path, device="cuda", dtype="bf16", quantize="fp8", compile=compile)
+    psnr = _psnr(exact.generate(**request).frames, quantized.generate(**request).frames)
+    assert 25.0 <= psnr < math.inf, psnr
