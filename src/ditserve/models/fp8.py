@@ -18,11 +18,19 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FP8_DTYPE", "QUANTIZE_MODES", "Float8Linear", "fp8_unsupported_reason", "quantize_linears", "quantize_rows"]
+__all__ = ["FP8_DTYPE", "QUANTIZE_MODES", "Float8Linear", "fp8_unsupported_reason", "quantizable", "quantize_linears",
+           "quantize_rows"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 _FP8_MAX = torch.finfo(FP8_DTYPE).max
 QUANTIZE_MODES = ("fp8",)
+_SIZE_MULTIPLE = 16  # the GPU's FP8 product takes inner and output sizes in multiples of 16
+
+
+def quantizable(in_features: int, out_features: int) -> bool:
+    """Whether a layer of these sizes can run as an FP8 product (on every device alike, so a CPU
+    run quantizes the layers a GPU run does)."""
+    return in_features % _SIZE_MULTIPLE == 0 and out_features % _SIZE_MULTIPLE == 0
 
 
 def fp8_unsupported_reason(device: torch.device) -> str | None:
@@ -71,13 +79,13 @@ class Float8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
         values, scale = quantize_rows(rows)
-        # row-wise scaled products output bf16 on CUDA; the CPU kernel also takes float32
+        # row-wise scaled products output bf16 on CUDA (the bias added in the kernel's epilogue, in bf16);
+        # the CPU kernel also takes float32
         out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
-        out = torch._scaled_mm(values, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=out_dtype)
-        out = out.to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        bias = None if self.bias is None else self.bias.to(out_dtype)
+        out = torch._scaled_mm(values, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=bias,
+                               out_dtype=out_dtype)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         """Device moves apply to every tensor; dtype casts must not reach the FP8 weight or its scales
@@ -95,12 +103,13 @@ class Float8Linear(nn.Module):
 
 
 def quantize_linears(modules: Iterable[nn.Module]) -> int:
-    """Replace every `nn.Linear` inside `modules` by a `Float8Linear` of it; the number replaced."""
+    """Replace every `nn.Linear` inside `modules` whose sizes are `quantizable` by a `Float8Linear` of
+    it (the others stay as they are); the number replaced."""
     replaced = 0
     for root in modules:
         for parent in list(root.modules()):
             for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
+                if type(child) is nn.Linear and quantizable(child.in_features, child.out_features):
                     setattr(parent, name, Float8Linear.from_linear(child))
                     replaced += 1
     return replaced

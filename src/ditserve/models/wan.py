@@ -47,7 +47,7 @@ from ditserve.attention.parallel import (
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import qk_rms_norm_rotary
 from ditserve.models.common import DiTModel
-from ditserve.models.fp8 import Float8Linear
+from ditserve.models.fp8 import Float8Linear, quantizable
 
 __all__ = ["WanTransformer3DModel", "WanTransformerConfig", "WanTransformerOutput"]
 
@@ -302,7 +302,7 @@ class WanAttention(nn.Module):
     def quantize_fused_qkv(self) -> int:
         """The fused q/k/v weight as one FP8 product (1, or 0 when not fused); `to_q`/`to_k`/`to_v`
         (views of it) go, so the bf16 weight is freed."""
-        if self._qkv is None:
+        if self._qkv is None or not quantizable(*reversed(self._qkv[0].shape)):
             return 0
         self.qkv_fp8 = Float8Linear(*self._qkv)
         self._qkv = None

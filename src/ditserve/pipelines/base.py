@@ -17,6 +17,7 @@ the same loop the server runs.
 
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,8 @@ from ditserve.loading import UnknownModelError, read_model_index
 from ditserve.pipelines.errors import PipelineConfigError
 from ditserve.pipelines.options import resolve_dtype, resolve_quantize
 from ditserve.pipelines.registry import family_class_for, folder_request_defaults
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Pipeline"]
 
@@ -104,6 +107,9 @@ class Pipeline(ABC):
                 torch.nn.Module.to(pipe.vae, vae_dtype)  # (diffusers' `to` warns about an empty list)
         if quantize is not None:
             pipe.quantize()
+            if not compile and pipe.device.type == "cuda":  # the per-token quantization runs unfused
+                log.warning("quantize=%r without compile is slower than bf16 on a GPU (its activations are quantized by "
+                            "separate kernels); add compile=True / --compile (docs/performance.md)", quantize)
         if compile:
             pipe.compile()
         return pipe
@@ -170,9 +176,11 @@ class Pipeline(ABC):
     # -- shared ------------------------------------------------------------------------------
 
     def quantize(self) -> None:
-        """Every denoiser's block linear layers in FP8 (`DiTModel.quantize_fp8`), in place; before `compile`."""
-        for module in self.denoisers():
-            module.quantize_fp8()
+        """Every denoiser's block linear layers in FP8 (`DiTModel.quantize_fp8`), in place; before `compile`.
+        A model none of whose layers the FP8 product can take (sizes not multiples of 16) is an error."""
+        if sum(module.quantize_fp8() for module in self.denoisers()) == 0:
+            raise PipelineConfigError("quantize='fp8': none of this model's block linear layers has sizes the FP8 "
+                                      "product takes (input and output features in multiples of 16)")
 
     def compile(self) -> None:
         """torch.compile every denoiser's repeated blocks in place (attention stays eager)."""
