@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 from typing import Any
 
@@ -20,7 +21,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def shown_args() -> str:
-    """This run's arguments without output paths (they point into a scratch folder)."""
+    """This run's arguments without output paths (they point into a scratch folder), quoted for a shell."""
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
@@ -29,7 +30,7 @@ def shown_args() -> str:
             skip = True
         else:
             args.append(arg)
-    return " ".join(args)
+    return shlex.join(args)
 
 
 def publish(text: str, results: Any, markdown: str | None, json_path: str | None) -> None:

@@ -159,3 +159,10 @@ def test_gpu_fp8_generation_is_close_to_bf16(compile: bool):
     quantized = ditserve.Pipeline.from_pretrained(path, device="cuda", dtype="bf16", quantize="fp8", compile=compile)
     psnr = _psnr(exact.generate(**request).frames, quantized.generate(**request).frames)
     assert 25.0 <= psnr < math.inf, psnr
+
+
+def test_eval_tiny_scores_the_quantized_model(capsys: pytest.CaptureFixture[str]):
+    from ditserve import cli
+
+    assert cli.main(["eval-tiny", "--limit", "1", "--steps", "4", "--quantize", "fp8", "--quiet"]) == 0
+    assert ", quantize fp8" in capsys.readouterr().out

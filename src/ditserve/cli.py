@@ -650,7 +650,8 @@ def _eval_tiny(args: argparse.Namespace) -> int:
         return eval_tiny(model, prompt_set=args.prompts, limit=args.limit, guidance_scale=args.guidance_scale,
                          steps=args.steps, seed=args.seed, device=args.device, runner=args.runner,
                          min_adherence=args.min_adherence, vae_ceiling=args.vae_ceiling, json_path=args.json,
-                         progress=not args.quiet, cache=args.cache)
+                         progress=not args.quiet,
+                         levers={"cache": args.cache, "quantize": args.quantize, "vae_dtype": args.vae_dtype})
     except _user_errors() as e:
         print(f"ditserve eval-tiny: error: {e}", file=sys.stderr)
         return 2
@@ -671,6 +672,8 @@ def _add_eval_tiny(sub: argparse._SubParsersAction) -> None:
                     help="the guidance compared with 1.0 (default: the tiny model's, 3.0)")
     ev.add_argument("--steps", type=int, default=None, help="denoising steps (default: the tiny model's, 20)")
     ev.add_argument("--cache", default=None, metavar="THRESHOLD", help=CACHE_HELP)
+    ev.add_argument("--quantize", default=None, choices=["fp8"], help=QUANTIZE_HELP)
+    ev.add_argument("--vae-dtype", default=None, choices=["bf16", "fp32"], help=VAE_DTYPE_HELP)
     ev.add_argument("--seed", type=int, default=0, help="the i-th prompt's clip uses seed + i (default: 0)")
     ev.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     ev.add_argument("--runner", choices=["ditserve", "diffusers"], default="ditserve",

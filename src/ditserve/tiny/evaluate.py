@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -58,19 +59,21 @@ class EvalReport:
 
 
 def load_generator(model_path: str | os.PathLike[str], *, device: str = "cpu", runner: str = "ditserve",
-                   cache: str | None = None) -> Generate:
+                   levers: Mapping[str, Any] | None = None) -> Generate:
     """A function generating one clip with the model at `model_path`, at the model's size and frame count.
 
     runner: "ditserve" (`ditserve.Pipeline`) or "diffusers" (`diffusers.WanPipeline`, the reference).
-    cache: ditserve's step caching (`ditserve.engine.step_cache`; None: off).
+    levers: ditserve's opt-in speed levers as `Pipeline.from_pretrained` arguments (`cache`, `quantize`,
+    `vae_dtype`); None or unset values: off.
     """
     g = GENERATION
-    if runner != "ditserve" and cache is not None:
-        raise ValueError("cache: step caching is ditserve's; the diffusers runner has none")
+    levers = {key: value for key, value in (levers or {}).items() if value is not None}
+    if runner != "ditserve" and levers:
+        raise ValueError(f"{', '.join(levers)}: ditserve's levers; the diffusers runner has none")
     if runner == "ditserve":
         from ditserve.pipelines import Pipeline
 
-        pipe = Pipeline.from_pretrained(model_path, device=device, dtype="float32", cache=cache)
+        pipe = Pipeline.from_pretrained(model_path, device=device, dtype="float32", **levers)
 
         def generate(prompt: str, guidance: float, steps: int, seed: int) -> np.ndarray:
             return pipe.generate(prompt, negative_prompt=g.negative_prompt, height=g.height, width=g.width,
@@ -167,23 +170,24 @@ def eval_tiny(
     vae_ceiling: bool = False,
     json_path: str | None = None,
     progress: bool = True,
-    cache: str | None = None,
+    levers: Mapping[str, Any] | None = None,
 ) -> int:
     """`ditserve eval-tiny`: adherence at `guidance_scale` (default: the model's) and at 1.0; prints a table.
 
     Returns the exit status: 1 when `min_adherence` is given and adherence at `guidance_scale`
-    is below it, else 0. `json_path`: also write every clip's scores there.
+    is below it, else 0. `json_path`: also write every clip's scores there. `levers`: as `load_generator`.
     """
     guidance_scale = GENERATION.guidance_scale if guidance_scale is None else guidance_scale
     steps = GENERATION.num_inference_steps if steps is None else steps
     prompts = [s.prompt for s in PROMPT_SETS[prompt_set]()][:limit]
-    generate = load_generator(model, device=device, runner=runner, cache=cache)
+    levers = {key: value for key, value in (levers or {}).items() if value is not None}
+    generate = load_generator(model, device=device, runner=runner, levers=levers)
     generate(prompts[0], guidance_scale, 2, 0)  # warm-up: first-call costs are not per-clip costs
     reports = [evaluate(prompts=prompts, guidance_scale=gs, steps=steps, seed=seed, generate=generate,
                         progress=progress)
                for gs in dict.fromkeys((guidance_scale, 1.0))]
     print(f"model {model}: {len(prompts)} {prompt_set} prompts, {steps} steps, {runner} on {device} "
-          f"({torch.get_num_threads()} threads){f', step cache {cache}' if cache else ''}")
+          f"({torch.get_num_threads()} threads)" + "".join(f", {key} {value}" for key, value in levers.items()))
     print(f"{'guidance':>8} {'adherence':>9} {'colour':>7} {'background':>10} {'motion':>7} {'shape':>7} {'s/clip':>8}")
     for report in reports:
         print(_row(report))

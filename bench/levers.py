@@ -1,12 +1,17 @@
-"""Step caching on the embedded tiny model: time, DiT calls, PSNR against the exact path, and prompt adherence.
+"""The speed levers on the embedded tiny model: time, DiT calls, PSNR against the exact path, and prompt adherence.
 
 The embedded model is the one trained model here, so it is where a quality cost can be read as
 more than PSNR: each held-out prompt's clip is scored for colour, background and motion
 (`ditserve.tiny.score`), exactly as `ditserve eval-tiny` does. Every setting generates the same
 prompts with the same seeds, the settings alternating prompt by prompt; PSNR is against the
-uncached clip of the same prompt; time is the median seconds per clip.
+first setting's clip of the same prompt; time is the median seconds per clip (on a CPU: FP8
+products are emulated there, so read FP8's time on a GPU, bench/fp8.py).
 
-    python bench/step_cache.py --settings off,0.1,0.2,uniform:2,uniform:3 --steps 50 --markdown docs/performance.md
+A setting is `key=value` pairs joined by `;` (`cache`, `quantize`, `vae_dtype`, as
+`Pipeline.from_pretrained` takes them), `off` for none, or a bare `--cache` value.
+
+    python bench/levers.py --settings "off,0.1,uniform:3,quantize=fp8,vae_dtype=bf16,quantize=fp8;cache=0.1" \
+        --steps 50 --markdown docs/performance.md
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from report import psnr, publish, shown_args  # noqa: E402  (bench/report.py)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default="off,0.1,0.2,uniform:2,uniform:3", help="--cache values; the first is the reference")
+    parser.add_argument("--settings", default="off,0.1,uniform:3,quantize=fp8,vae_dtype=bf16",
+                        help="comma-separated settings (see above); the first is the reference")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--limit", type=int, default=None, help="only the first N held-out prompts")
     parser.add_argument("--markdown")
@@ -40,20 +46,28 @@ def main() -> int:
 
     g = GENERATION
     prompts = [s.prompt for s in held_out_scenes()][: args.limit]
-    pipe = Pipeline.from_pretrained(default_model_path(), device="cpu", dtype="float32")
     calls: list[int] = []
-    predict = pipe.predict
-    pipe.predict = lambda samples, interrupt=None: calls.append(1) or predict(samples, interrupt)
     request = dict(negative_prompt=g.negative_prompt, height=g.height, width=g.width, num_frames=g.num_frames,
                    num_inference_steps=args.steps, guidance_scale=g.guidance_scale)
-    pipe.generate(prompts[0], **dict(request, num_inference_steps=2), seed=0)  # warm-up
     settings = args.settings.split(",")
+    levers = {setting: _levers(setting) for setting in settings}
+    pipes = {}  # one pipeline per set of load options; the step cache is set per generation
+    for options in levers.values():
+        key = tuple(sorted((k, v) for k, v in options.items() if k != "cache"))
+        if key not in pipes:
+            pipe = Pipeline.from_pretrained(default_model_path(), device="cpu", dtype="float32", **dict(key))
+            predict = pipe.predict
+            pipe.predict = lambda samples, interrupt=None, predict=predict: calls.append(1) or predict(samples, interrupt)
+            pipe.generate(prompts[0], **dict(request, num_inference_steps=2), seed=0)  # warm-up
+            pipes[key] = pipe
+    pipe_for = {s: pipes[tuple(sorted((k, v) for k, v in o.items() if k != "cache"))] for s, o in levers.items()}
     clips = {s: [] for s in settings}
     seconds = {s: [] for s in settings}
     forwards = {s: [] for s in settings}
     for i, prompt in enumerate(prompts):  # settings alternate per prompt: a shared machine's load falls on all alike
         for setting in settings:
-            pipe.step_cache = parse_step_cache(setting)
+            pipe = pipe_for[setting]
+            pipe.step_cache = parse_step_cache(levers[setting].get("cache"))
             calls.clear()
             start = time.perf_counter()
             clips[setting].append(pipe.generate(prompt, **request, seed=i).frames)
@@ -71,14 +85,14 @@ def main() -> int:
         print(json.dumps(row), flush=True)
     base = rows[0]
     lines = [
-        f"#### Step caching on the embedded tiny model, {len(prompts)} held-out prompts, {args.steps} steps, "
+        f"#### Speed levers on the embedded tiny model, {len(prompts)} held-out prompts, {args.steps} steps, "
         f"guidance {g.guidance_scale} — {datetime.date.today()}, CPU ({torch.get_num_threads()} threads)",
         "",
-        f"Command: `python bench/step_cache.py {shown_args()}`. PSNR: mean over the prompts against the "
+        f"Command: `python bench/levers.py {shown_args()}`. PSNR: mean over the prompts against the "
         f"`{base['setting']}` clip of the same prompt and seed; adherence: share of clips whose colour, background "
         "and motion match their prompt (`ditserve eval-tiny`'s score).",
         "",
-        "| --cache | DiT calls per clip | time vs first row | PSNR (dB) | adherence | change |",
+        "| setting | DiT calls per clip | time vs first row (CPU) | PSNR (dB) | adherence | change |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -88,6 +102,19 @@ def main() -> int:
                      f"{(r['adherence'] - base['adherence']) * 100:+.1f} points |")
     publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
     return 0
+
+
+def _levers(setting: str) -> dict[str, str]:
+    """`from_pretrained` lever arguments of one setting ("off", a bare --cache value, or key=value;key=value)."""
+    from ditserve.ab import check_config
+
+    if "=" not in setting:
+        return {"cache": setting}
+    pairs = dict(part.split("=", 1) for part in setting.split(";"))
+    unknown = set(pairs) - {"cache", "quantize", "vae_dtype"}
+    if unknown:
+        raise SystemExit(f"bench/levers.py: unknown lever(s) {sorted(unknown)} in {setting!r}; use cache, quantize, vae_dtype")
+    return {key: str(value) for key, value in check_config(pairs, f"setting {setting!r}").items()}
 
 
 if __name__ == "__main__":
