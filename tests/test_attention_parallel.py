@@ -72,6 +72,7 @@ CASES = [
     Case("ring_dense", "ring", packed=False),
     Case("ring_dense_even_no_split", "ring", packed=False, seq_len=12, no_split=True, inner="reference-instance"),
     Case("ring_packed", "ring", packed=True),
+    Case("ring_packed_varlen", "ring", packed=True, inner="varlen"),
     Case("ring_gqa_dense", "ring", packed=False, heads=8, kv_heads=2),
     Case("ring_gqa_packed_6_heads", "ring", packed=True, heads=6, kv_heads=2),
     Case("ring_joint_dense", "ring", packed=False, joint=5),
@@ -266,8 +267,8 @@ def test_ranks_agree_and_padding_is_zero(runs, case: Case, size: int):
         assert got["choices"] == results[0]["choices"]
         if _has_joint_queries(case):
             assert torch.equal(got["joint"], results[0]["joint"]), f"rank {rank}: joint output differs from rank 0's"
-    if case.mode in ("ring", "hybrid"):
-        assert results[0]["choices"] == ["reference"]  # auto takes a backend that returns the log-sum-exp
+    if case.mode in ("ring", "hybrid") and case.inner == "auto":  # auto takes a backend that returns the log-sum-exp:
+        assert results[0]["choices"] == (["varlen"] if case.packed else ["reference"])  # the first able on a CPU
 
 
 @pytest.mark.parametrize("size", [2, 4])
@@ -319,7 +320,7 @@ def test_reference_returns_log_sum_exp_dense_and_packed():
         _, want = dense_attention_math(pq[None, rows], pk[None, keys], pk[None, keys], 0.3, return_lse=True)
         assert torch.allclose(plse[rows], want[0])
     assert ReferenceBackend.capabilities.returns_lse
-    assert lse_backend_names() == ["fa4", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "reference"]
+    assert lse_backend_names() == ["fa4", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "varlen", "reference"]
 
 
 def test_merging_partials_over_key_blocks_gives_the_whole():
@@ -390,7 +391,7 @@ def test_kv_head_replication_and_head_errors():
 
 def test_ring_refuses_backends_without_log_sum_exp_at_construction():
     for inner in ("sdpa", SdpaBackend(), Attention("sdpa_math")):
-        with pytest.raises(AttentionBackendError, match=r"cannot return it .*Backends that can: \[.fa4., .sdpa_cudnn., .sdpa_flash., .sdpa_efficient., .reference.\]"):
+        with pytest.raises(AttentionBackendError, match=r"cannot return it .*Backends that can: \[.fa4., .sdpa_cudnn., .sdpa_flash., .sdpa_efficient., .varlen., .reference.\]"):
             RingAttention(inner)
     RingAttention()  # auto: chooses among those that can
     RingAttention(Attention("reference"))

@@ -1,4 +1,7 @@
-"""Packed ragged batches: torch's `varlen_attn` on CUDA, a per-sample SDPA loop elsewhere."""
+"""Packed ragged batches: torch's `varlen_attn` on CUDA, a per-sample SDPA loop elsewhere.
+
+Both return the log-sum-exp on request (`varlen_attn`'s `return_aux`; the reference maths per
+sample elsewhere), so ring attention over packed batches runs on it."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ditserve.attention.backends.base import AttentionBackend, Capabilities
+from ditserve.attention.backends.reference import ReferenceBackend
 from ditserve.attention.metadata import AttentionMetadata
 
 
@@ -22,6 +26,7 @@ class VarlenBackend(AttentionBackend):
         head_dims=(1, 256),
         dense=False,
         packed=True,
+        returns_lse=True,
     )
 
     @cached_property
@@ -50,13 +55,19 @@ class VarlenBackend(AttentionBackend):
             return "this torch's varlen_attn cannot do causal attention"
         return None
 
-    def forward(self, query, key, value, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, query, key, value, metadata: AttentionMetadata, scale: float, return_lse: bool = False):
         if query.is_cuda:
-            return self._cuda(query, key, value, metadata, scale)
+            return self._cuda(query, key, value, metadata, scale, return_lse)
+        if return_lse:  # ring attention on the CPU: exact, per sample
+            return ReferenceBackend().forward(query, key, value, metadata, scale, return_lse=True)
         return self._per_segment(query, key, value, metadata, scale)
 
-    def _cuda(self, query, key, value, metadata, scale):
+    def _cuda(self, query, key, value, metadata, scale, return_lse: bool = False):
         kwargs: dict = {"scale": scale}
+        if return_lse:
+            from torch.nn.attention.varlen import AuxRequest
+
+            kwargs["return_aux"] = AuxRequest(lse=True)
         group = query.shape[1] // key.shape[1]
         if group > 1:
             if "enable_gqa" in self._params:
@@ -68,9 +79,15 @@ class VarlenBackend(AttentionBackend):
                 kwargs["window_size"] = (-1, 0)
             else:
                 kwargs["is_causal"] = True
-        return self._varlen_attn(
+        out = self._varlen_attn(
             query, key, value, metadata.cu_seqlens_q, metadata.cu_seqlens_k, metadata.max_seq_len_q, metadata.max_seq_len_k, **kwargs
         )
+        if not return_lse:
+            return out
+        out, lse = out
+        if lse.shape[0] != query.shape[0]:  # documented as [tokens, heads]; some releases give the kernel's [heads, tokens]
+            lse = lse.transpose(0, 1)
+        return out, lse.float()
 
     @staticmethod
     def _per_segment(query, key, value, metadata, scale):
