@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -166,3 +167,31 @@ def test_eval_tiny_scores_the_quantized_model(capsys: pytest.CaptureFixture[str]
 
     assert cli.main(["eval-tiny", "--limit", "1", "--steps", "4", "--quantize", "fp8", "--quiet"]) == 0
     assert ", quantize fp8" in capsys.readouterr().out
+
+
+def test_serve_takes_quantize(tmp_path: Path):
+    """A real `ditserve serve --quantize fp8` on loopback completes a job; a bad value exits 2 before serving."""
+    import httpx
+
+    from helpers.server import free_port, source_env, wait_healthy
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ditserve", "serve", "--port", str(port), "--device", "cpu",
+                             "--quantize", "fp8", "--output-dir", str(tmp_path / "out"), "--log-level", "warning"],
+                            env=source_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            wait_healthy(proc, http, timeout=120)
+            job = http.post("/v1/videos", json={"prompt": "a red ball", "size": "32x32", "seconds": "1"}).json()
+            for _ in range(120):
+                status = http.get(f"/v1/videos/{job['id']}").json()["status"]
+                if status in ("completed", "failed"):
+                    break
+                time.sleep(0.5)
+            assert status == "completed"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    bad = subprocess.run([sys.executable, "-m", "ditserve", "serve", "--quantize", "int8"], env=source_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--quantize: invalid choice: 'int8'" in bad.stderr
