@@ -93,6 +93,8 @@ def worker(args: argparse.Namespace) -> None:
     if layout.world > 1:
         sample_group, sequence = build_groups(layout, rank)
         pipe.parallelize(sample_group=sample_group, sequence=sequence)
+    if args.compile:
+        pipe.compile()  # the warm-up below compiles
     height, width, frames = (int(x) for x in args.size.split("x"))
     request = dict(prompt="a cat surfing a wave", negative_prompt="blurry", height=height, width=width,
                    num_frames=frames, num_inference_steps=args.steps, guidance_scale=5.0, seed=0)
@@ -130,6 +132,7 @@ def main() -> int:
                         help="SAMPLESxSEQUENCE per run (SEQUENCE by Ulysses; with an 'r', e.g. 1x2r, by ring; "
                              "SAMPLESxULYSSESxRING for both, e.g. 1x2x2); the first is the baseline")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks on every rank (as --compile)")
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -160,7 +163,8 @@ def main() -> int:
         ranks = math.prod(int(x.rstrip("r")) for x in layout.split("x"))
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
                    str(_free_port()), __file__, "--worker", "--layout", layout, "--name", name, "--out", str(out),
-                   "--config", args.config, "--size", args.size, "--steps", str(args.steps), "--device", args.device]
+                   "--config", args.config, "--size", args.size, "--steps", str(args.steps), "--device", args.device,
+                   *(["--compile"] if args.compile else [])]
         print(f"layout {name}: {ranks} rank(s)", flush=True)
         subprocess.run(command, env=env, check=True)
     base = layouts[0]
@@ -178,7 +182,8 @@ def main() -> int:
     step_base = rows[0]["step_median_s"]
     device = torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     lines = [
-        f"#### Wan {args.config} on several ranks, {args.size}, {args.steps} steps, CFG 5.0 — {datetime.date.today()}, "
+        f"#### Wan {args.config} on several ranks, {args.size}, {args.steps} steps, CFG 5.0"
+        f"{', compiled' if args.compile else ', eager'} — {datetime.date.today()}, "
         f"{device}",
         "",
         f"Command: `python bench/parallel.py {shown_args()}`. Layout SAMPLESxSEQUENCE: CFG parallelism x Ulysses ('r': ring); "

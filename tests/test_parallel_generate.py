@@ -150,6 +150,13 @@ def test_ditserve_generate_under_torchrun(tiny_wan_path: Path, tmp_path: Path,
     assert done.returncode == 0, done.stderr[-3000:]
     three = np.asarray(Image.open(tmp_path / "three.png"), dtype=np.int16)
     assert np.abs(one - three).max() <= 1
+    # compiled blocks with Ulysses inside them: the parallel attention is a graph break, as attention is
+    done = subprocess.run([sys.executable, "-m", "ditserve", "generate", *flags, "--num-gpus", "2", "--compile",
+                           "--output", str(tmp_path / "compiled.png")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = np.asarray(Image.open(tmp_path / "compiled.png"), dtype=np.int16)
+    assert np.abs(one - compiled).max() <= 1
     # step caching decides from each request's predictions: two CFG ranks decide alike, so they match one process
     # (on the embedded model, whose predictions change enough that a reused step shows in the frames)
     six = [*flags[2:], "--steps", "6"]  # flags without --model: the embedded model

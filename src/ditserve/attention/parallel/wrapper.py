@@ -25,13 +25,21 @@ __all__ = ["ParallelAttentionCalls", "SequenceParallelAttention"]
 
 class ParallelAttentionCalls(nn.Module):
     """The calls every sequence-parallel wrapper takes; a subclass implements `_run`. `split`: a
-    `SequenceSplit` for Ulysses and ring, a `HybridSplit` for the hybrid (which checks it)."""
+    `SequenceSplit` for Ulysses and ring, a `HybridSplit` for the hybrid (which checks it).
 
+    Each call is a graph break under torch.compile, as `Attention` is (`run_attention_eagerly`):
+    collectives over a process group and the backend agreement are host logic that dynamo cannot
+    trace, and a compiled block may be given its wrapper after compiling (`parallelize` after
+    `compile`), so the break is on the methods, not set per instance.
+    """
+
+    @torch.compiler.disable
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: SequenceSplit | None = None
     ) -> torch.Tensor:
         return self._run(None, query, key, value, split)[1]
 
+    @torch.compiler.disable
     def forward_joint(
         self,
         joint_query: torch.Tensor,
@@ -48,6 +56,7 @@ class ParallelAttentionCalls(nn.Module):
         """
         return self._run((joint_query, joint_key, joint_value), query, key, value, split)
 
+    @torch.compiler.disable
     def forward_joint_keys(
         self,
         joint_key: torch.Tensor,
