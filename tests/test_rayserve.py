@@ -165,3 +165,46 @@ class TestAutoscaling:
         assert len({j["timings"]["replica"] for j in jobs.values()}) == 2
         wait_for(lambda: autoscaled.running_replicas() == 1, 60, "scaling back to one replica")
         assert Counter(j["status"] for j in wait_finished(http, ids, timeout=5).values()) == {"completed": len(ids)}
+
+
+@pytest.fixture(scope="class")
+def two_rank_replica(cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
+    options = RayOptions.fixed(1, threads=1, app_name="ranks", ranks=(1, 2, 1))  # --num-gpus 2: Ulysses over 2
+    with deployed(cluster, tmp_path_factory.mktemp("ranks"), options) as app:
+        wait_for(lambda: app.view().live_replicas == 1, 120, "the replica to report")
+        yield app
+
+
+def _followers(replica_pid: int) -> list:
+    import psutil  # accelerate's dependency
+
+    return [p for p in psutil.Process(replica_pid).children()
+            if "ditserve.rayserve.follower" in " ".join(p.cmdline())]
+
+
+class TestReplicaOnSeveralRanks:
+    def test_a_replica_runs_its_jobs_on_its_two_ranks(self, two_rank_replica: Deployed) -> None:
+        (replica,) = two_rank_replica.view().replicas.values()
+        assert len(_followers(replica.pid)) == 1  # rank 1, started by the replica (rank 0)
+        ids = submit(two_rank_replica.http, 6, **SMALL)
+        jobs = wait_finished(two_rank_replica.http, ids, timeout=120)
+        assert Counter(j["status"] for j in jobs.values()) == {"completed": 6}
+        assert two_rank_replica.http.get(f"/v1/videos/{ids[0]}/content").status_code == 200
+
+    def test_a_rank_that_dies_fails_the_replicas_jobs_with_a_reason_and_serve_replaces_it(
+            self, two_rank_replica: Deployed) -> None:
+        http = two_rank_replica.http
+        ids = submit(http, 2, **LONG)
+        view = wait_for(lambda: (v := two_rank_replica.view()) and any(r.progress for r in v.replicas.values()) and v,
+                        60, "the replica to be running jobs", period=0.05)
+        (old,) = view.replicas.values()
+        (follower,) = _followers(old.pid)
+        follower.kill()
+        jobs = wait_finished(http, ids, timeout=120)
+        assert {j["status"] for j in jobs.values()} == {"failed"}
+        assert {j["error"]["code"] for j in jobs.values()} == {"rank_failed"}
+        # the health check fails, Serve starts a new replica (new ranks), and jobs run again
+        wait_for(lambda: any(r.pid != old.pid for r in two_rank_replica.view().replicas.values()), 120,
+                 "a new replica")
+        later = submit(http, 2, **SMALL)
+        assert Counter(j["status"] for j in wait_finished(http, later, timeout=120).values()) == {"completed": 2}

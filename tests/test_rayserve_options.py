@@ -35,12 +35,25 @@ def test_a_missing_ray_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
     (["--target-jobs-per-replica", "0"], "--target-jobs-per-replica must be a number of jobs > 0"),
     (["--max-attempts", "0"], "--max-attempts must be an int >= 1"),
     (["--replica-threads", "0"], "--replica-threads must be an int >= 1"),
-    (["--num-gpus", "2"], "--num-gpus with --ray"),
+    (["--num-gpus", "4", "--cfg-parallel", "3"], "--cfg-parallel 3 x --ulysses-degree 1 x --ring-degree 1 = 3 "
+                                                "does not divide --num-gpus 4"),
+    (["--num-gpus", "8", "--ulysses-degree", "8"], "the model's 4 attention heads do not divide by --ulysses-degree 8"),
 ])
 def test_bad_flags_are_refused_before_ray_starts(flags: list[str], message: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--ray", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_num_gpus_splits_each_replica() -> None:
+    from ditserve.cli import build_parser
+    from ditserve.rayserve.flags import ray_options
+
+    args = build_parser(["serve"]).parse_args(["serve", "--ray", "--num-gpus", "4", "--cfg-parallel", "2"])
+    assert ray_options(args, "cpu", (2, 2, 1)).ranks == (2, 2, 1)
+    assert ray_options(args, "cuda", (2, 2, 1)).gpus == 4.0  # one GPU per rank
+    with pytest.raises(ValueError, match="ranks must be three degrees >= 1"):
+        RayOptions(ranks=(1, 0, 1))
 
 
 def test_replica_counts_follow_the_flags() -> None:

@@ -440,10 +440,16 @@ def ray_app(args: dict[str, str]) -> Any:
     if settings.output_dir is None:
         raise ValueError("serve run needs --output-dir in cli=\"...\" (a folder every node sees)")
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
-    options = ray_options(parsed, parsed.device)
+    options = ray_options(parsed, parsed.device, _replica_ranks(parsed))
     _, token = start_hub(settings, options, parsed.log_level)
     return build_application(model, settings, options, served_spec(read_request_spec(model), settings), token,
                              load=_load_options(parsed), warm=not parsed.no_warm_up, log_level=parsed.log_level)
+
+
+def _replica_ranks(args: argparse.Namespace) -> tuple[int, int, int]:
+    """Each replica's (CFG, Ulysses, ring) split of --num-gpus (several GPUs per replica)."""
+    layout = _rank_layout(args)
+    return layout.samples, layout.ulysses, layout.ring
 
 
 def _serve_ray(args: argparse.Namespace) -> int:
@@ -452,12 +458,9 @@ def _serve_ray(args: argparse.Namespace) -> int:
     from ditserve.rayserve.requirement import RayNotInstalled
 
     try:
-        if args.num_gpus > 1:
-            raise _UsageError("--num-gpus with --ray (several GPUs per replica) is not supported yet; give each "
-                              "replica one GPU (--replica-gpus 1) and more --replicas")
         model, settings = _server_settings(args)
         _check_cache_flag(args.cache)
-        options = ray_options(args, args.device)
+        options = ray_options(args, args.device, _replica_ranks(args))
         from ditserve.rayserve.launch import serve_on_ray
     except (ValueError, _UsageError, RayNotInstalled) as e:
         print(f"ditserve serve: error: {e}", file=sys.stderr)
@@ -744,21 +747,30 @@ def _transformer_heads(model: str | None) -> int | None:
         return None
 
 
-def _launch_ranks(argv: list[str], args: argparse.Namespace) -> int:
-    """`--num-gpus N` > 1 outside torchrun: start the N ranks of this same command and wait for them."""
-    from ditserve.distributed import default_layout, launch
+def _rank_layout(args: argparse.Namespace) -> Any:
+    """The `ParallelLayout` of `--num-gpus` and its degrees for the model (a ValueError, before any rank
+    starts, when they cannot work)."""
+    from ditserve.distributed import default_layout
 
     def given(value: int) -> int | None:
         return value if value != 1 else None
 
+    heads = _transformer_heads(args.model)
+    layout = default_layout(args.num_gpus, given(args.cfg_parallel), given(args.ulysses_degree),
+                            given(args.ring_degree), heads)
+    if heads is not None and heads % layout.ulysses:
+        raise ValueError(f"the model's {heads} attention heads do not divide by --ulysses-degree "
+                         f"{layout.ulysses}: use --ring-degree {layout.ulysses}, or a Ulysses degree dividing "
+                         f"{heads}")
+    return layout
+
+
+def _launch_ranks(argv: list[str], args: argparse.Namespace) -> int:
+    """`--num-gpus N` > 1 outside torchrun: start the N ranks of this same command and wait for them."""
+    from ditserve.distributed import launch
+
     try:
-        heads = _transformer_heads(args.model)
-        layout = default_layout(args.num_gpus, given(args.cfg_parallel), given(args.ulysses_degree),
-                                given(args.ring_degree), heads)
-        if heads is not None and heads % layout.ulysses:  # refused before any rank starts
-            raise ValueError(f"the model's {heads} attention heads do not divide by --ulysses-degree "
-                             f"{layout.ulysses}: use --ring-degree {layout.ulysses}, or a Ulysses degree dividing "
-                             f"{heads}")
+        layout = _rank_layout(args)
         device_type = (args.device or ("cuda" if _cuda_available() else "cpu")).split(":")[0]
         rest = _without_num_gpus(argv)
         for flag in ("--cfg-parallel", "--ulysses-degree", "--ring-degree"):  # the launcher passes its layout

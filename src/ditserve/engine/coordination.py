@@ -58,10 +58,14 @@ def _source(group: dist.ProcessGroup | None) -> int:
 
 class Leader:
     """Rank 0's side: the engine hands it each step's plan, which it broadcasts. `lost`: set once a rank
-    died (see the module docstring); `on_lost(error)` is called once then, from the thread that found out."""
+    died (see the module docstring); `on_lost(error)` is called once then, from the thread that found out.
+    `dead_ranks(grace_s)`: the ranks that have died (default: torchrun's workers, `ditserve.ranks`; a Ray
+    replica that starts its own ranks passes its own)."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None,
+                 dead_ranks: Callable[[float], list[int]] = dead_ranks) -> None:
         self.group = group
+        self._dead_ranks = dead_ranks
         self._published: set[int] = set()
         self.lost: RanksLost | None = None
         self.on_lost: Callable[[RanksLost], None] | None = None
@@ -86,7 +90,7 @@ class Leader:
         """What a failed step's `error` means: `RanksLost` if a rank has died (the leader is then lost),
         else `error` itself (a failure of the step's own requests)."""
         if self.lost is None:
-            ranks = dead_ranks(DEATH_GRACE_S)
+            ranks = self._dead_ranks(DEATH_GRACE_S)
             if ranks:
                 self.abandon(RanksLost(ranks))
         return self.lost or error

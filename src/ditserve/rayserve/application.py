@@ -72,7 +72,7 @@ def build_application(model: str, settings: ServerSettings, options: RayOptions,
         max_ongoing_requests=settings.max_queue * options.max_replicas + 1024,
         max_constructor_retry_count=CONSTRUCTOR_RETRIES, logging_config=logging_config)
     generators = generator.bind(model, load, settings, options.hub_name, token, options.torch_threads, warm,
-                                log_level)
+                                log_level, options.ranks)
     return ingress.bind(settings, spec, options.hub_name, token, options.min_replicas, generators)
 
 

@@ -41,21 +41,22 @@ def add_ray_flags(parser: argparse.ArgumentParser) -> None:
                        help="seconds a replica being removed may finish its jobs; the rest are re-queued (default: 120)")
 
 
-def ray_options(args: argparse.Namespace, device: str | None) -> RayOptions:
+def ray_options(args: argparse.Namespace, device: str | None, ranks: tuple[int, int, int] = (1, 1, 1)) -> RayOptions:
     """The options the flags give; ValueError naming the flag for a bad one. `device`: the model's (for the
-    default of --replica-gpus: one GPU per replica on CUDA)."""
+    default of --replica-gpus: one GPU per replica on CUDA, one per rank with several); `ranks`: each
+    replica's (CFG, Ulysses, ring) split of --num-gpus."""
     fixed = args.replicas if args.replicas is not None else 1
     low = args.min_replicas if args.min_replicas is not None else min(fixed, args.max_replicas or fixed)
     high = args.max_replicas if args.max_replicas is not None else max(fixed, low)
     gpus = args.replica_gpus
     if gpus is None:
-        gpus = 1.0 if (device or _default_device()).startswith("cuda") else 0.0
+        gpus = float(ranks[0] * ranks[1] * ranks[2]) if (device or _default_device()).startswith("cuda") else 0.0
     return RayOptions(replicas=args.replicas, min_replicas=low, max_replicas=high,
                       target_jobs=args.target_jobs_per_replica, gpus=gpus, cpus=args.replica_cpus,
                       threads=args.replica_threads, ingress_replicas=args.ingress_replicas,
                       max_attempts=args.max_attempts, address=args.ray_address, app_name=args.app_name,
                       upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay,
-                      drain_timeout_s=args.drain_timeout)
+                      drain_timeout_s=args.drain_timeout, ranks=ranks)
 
 
 def _default_device() -> str:

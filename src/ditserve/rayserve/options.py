@@ -1,7 +1,8 @@
 """How many generator replicas, how they scale and what each holds: checked before anything starts.
 
 A replica holds one pipeline and its batching engine on its own device: `gpus` GPUs (1 by
-default where the model runs on CUDA), or `cpus` CPU cores with `threads` torch threads. With
+default where the model runs on CUDA, `--num-gpus` with several ranks per replica), or `cpus`
+CPU cores with `threads` torch threads. With
 `min_replicas < max_replicas` Serve's autoscaler keeps the jobs in flight per replica (queued
 at the router or in a replica's batch) near `target_jobs`.
 """
@@ -29,6 +30,8 @@ class RayOptions:
     upscale_delay_s / downscale_delay_s / look_back_s: the autoscaler's reaction times.
     drain_timeout_s: how long a replica being removed may finish its jobs before it is stopped
         (its unfinished jobs are then re-queued).
+    ranks: each replica's split over its own ranks, (CFG, Ulysses, ring) degrees (`--num-gpus` with
+        `--cfg-parallel` / `--ulysses-degree` / `--ring-degree`); (1, 1, 1): one process.
     """
 
     replicas: int | None = None
@@ -46,8 +49,11 @@ class RayOptions:
     downscale_delay_s: float = 60.0
     look_back_s: float = 10.0
     drain_timeout_s: float = 120.0
+    ranks: tuple[int, int, int] = (1, 1, 1)
 
     def __post_init__(self) -> None:
+        if len(self.ranks) != 3 or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in self.ranks):
+            raise ValueError(f"ranks must be three degrees >= 1 (CFG, Ulysses, ring), got {self.ranks!r}")
         if self.replicas is not None and (not isinstance(self.replicas, int) or self.replicas < 1):
             raise ValueError(f"--replicas must be an int >= 1, got {self.replicas!r}")
         for name, flag, low in (("min_replicas", "--min-replicas", 0), ("max_replicas", "--max-replicas", 1),

@@ -7,6 +7,10 @@ call per job (at most `max_ongoing_requests` at once, its --max-queue); the call
 job's final snapshot, which the job hub records. Meanwhile a heartbeat thread reports the running
 jobs' progress, the runner's counts and the metric observations to the hub.
 
+With `ranks` of more than one (`--num-gpus N`), the replica's process is rank 0 of N and starts the
+others itself (`replica_ranks`): its engine leads every step on all of them, as `ditserve serve
+--num-gpus N` does on one host.
+
 Cancellation is Serve's: the hub cancels the call, `run` sees `CancelledError` and asks the engine
 to stop the job at its next step (a file it still writes is deleted: nobody owns it). A replica
 that Serve stops (scaling down) declines the jobs it has not finished, and the hub sends them
@@ -23,10 +27,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ditserve.distributed import ParallelLayout
 from ditserve.engine import InvalidRequest
+from ditserve.engine.coordination import Leader
+from ditserve.pipelines.options import resolve_device
 from ditserve.rayserve.messages import Progress, ReplicaReport, RunOrder
 from ditserve.rayserve.metrics import RecordingMetrics
 from ditserve.rayserve.options import HUB_NAMESPACE
+from ditserve.rayserve.replica_ranks import ReplicaRanks
 from ditserve.rayserve.shared_folder import check_marker
 from ditserve.server.execute import output_name
 from ditserve.server.jobs import Job, JobSnapshot, JobStatus
@@ -45,16 +53,18 @@ class GeneratorReplica:
     """model: the pipeline folder (the same path on every node); load: `Pipeline.from_pretrained` options
     (device, dtype, attention_backend, compile); settings: the server's (output folder, batching limits,
     --max-queue per replica); hub_name / token: the job hub and the output folder's marker; threads:
-    torch intra-op threads; warm: one warm-up generation before the replica reports ready; log_level: ditserve's."""
+    torch intra-op threads; warm: one warm-up generation before the replica reports ready; log_level: ditserve's;
+    ranks: (CFG, Ulysses, ring) degrees of the replica's own ranks (`ParallelLayout`; one rank: (1, 1, 1))."""
 
     def __init__(self, model: str, load: dict[str, Any], settings: ServerSettings, hub_name: str, token: str,
-                 threads: int, warm: bool = True, log_level: str = "info") -> None:
+                 threads: int, warm: bool = True, log_level: str = "info",
+                 ranks: tuple[int, int, int] = (1, 1, 1)) -> None:
         import ray
         import torch
         from ray import serve
 
         from ditserve import Pipeline
-        from ditserve.server.main import warm_up
+        from ditserve.server.main import parallel_family, warm_up
         from ditserve.server.output_check import check_writer
 
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -65,22 +75,33 @@ class GeneratorReplica:
         self._node = ray.get_runtime_context().get_node_id()
         check_marker(self._folder, token, self._node)
         self._replica_id = serve.get_replica_context().replica_id.unique_id
-        pipeline = Pipeline.from_pretrained(model, **load)
+        layout = ParallelLayout(*ranks)
+        self._ranks: ReplicaRanks | None = None
+        self._leader: Leader | None = None
+        source: Any
+        if layout.world > 1:  # this process is rank 0; the others start now and load alongside
+            self._ranks = ReplicaRanks(model, load, layout, resolve_device(load.get("device")).type, threads, log_level)
+            groups, device = self._ranks.join()
+            pipeline = Pipeline.from_pretrained(model, **{**load, **({"device": device} if device is not None else {})})
+            source, self._leader = parallel_family(pipeline, groups), Leader(dead_ranks=self._ranks.dead)
+            warm = False  # a warm-up would run on rank 0 alone: the other ranks would wait
+        else:
+            source = pipeline = Pipeline.from_pretrained(model, **load)
         check_writer(pipeline)
         if warm:
             log.info("replica %s: warm-up generation took %.1f s", self._replica_id, warm_up(pipeline))
         self._metrics = RecordingMetrics()
         self._runner = JobRunner(self._folder, self._metrics, settings.max_queue,
                                  max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens)
-        self._runner.start(pipeline)
+        self._runner.start(source, self._leader)
         self._hub = ray.get_actor(hub_name, namespace=HUB_NAMESPACE)
         self._lock = threading.Lock()
         self._live: dict[str, tuple[Job, int]] = {}  # job id -> (job, attempt)
         self._stopping = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="ditserve-heartbeat", daemon=True)
         self._beat.start()
-        log.info("replica %s ready on node %s (pid %d, %d torch thread(s))", self._replica_id, self._node,
-                 os.getpid(), threads)
+        log.info("replica %s ready on node %s (pid %d, %d torch thread(s), %d rank(s))", self._replica_id, self._node,
+                 os.getpid(), threads, layout.world)
 
     async def run(self, order: RunOrder) -> JobSnapshot:
         """Run one job to its end; its final snapshot (status `queued`, unchanged: declined, run it elsewhere)."""
@@ -116,6 +137,8 @@ class GeneratorReplica:
         """Serve's health check: a replica whose heartbeat thread died is replaced."""
         if not self._beat.is_alive():
             raise RuntimeError("the heartbeat thread stopped")
+        if self._leader is not None and self._leader.lost is not None:  # every step needs every rank
+            raise RuntimeError(f"the replica cannot step any more: {self._leader.lost}")
 
     def __del__(self) -> None:
         """Serve stops the replica (scaling down, shutdown) after its calls drained or timed out: jobs still
@@ -126,6 +149,8 @@ class GeneratorReplica:
         stopping.set()
         self._runner.close(STOPPING)
         self._runner.join(10.0)
+        if self._ranks is not None:  # the engine told them to stop as it ended
+            self._ranks.close()
 
     # -- inside ----------------------------------------------------------------------------
 

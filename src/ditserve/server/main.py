@@ -37,7 +37,7 @@ from ditserve.server.settings import ServerSettings
 from ditserve.server.state import ServerState
 from ditserve.server.transport import uvicorn_config
 
-__all__ = ["serve", "warm_up"]
+__all__ = ["follow_rank_zero", "parallel_family", "serve", "warm_up"]
 
 log = logging.getLogger("ditserve.server")
 
@@ -89,7 +89,7 @@ def warm_up(pipeline: Any) -> float:
     return time.perf_counter() - start
 
 
-def _parallel_family(pipeline: Any, groups: tuple[Any, Any]) -> Any:
+def parallel_family(pipeline: Any, groups: tuple[Any, Any]) -> Any:
     """The pipeline split over the rank grid: what the engine steps (every rank the same way)."""
     sample_group, sequence = groups
     pipeline.parallelize(sample_group=sample_group, sequence=sequence)
@@ -100,7 +100,7 @@ def _parallel_family(pipeline: Any, groups: tuple[Any, Any]) -> Any:
     return SampleParallel(pipeline, sample_group)
 
 
-def _follow(model: str | os.PathLike[str], load: dict[str, Any], groups: tuple[Any, Any]) -> int:
+def follow_rank_zero(model: str | os.PathLike[str], load: dict[str, Any], groups: tuple[Any, Any]) -> int:
     """A rank other than 0: load the same model (`load`: `from_pretrained`'s options), then run every step
     rank 0's engine publishes."""
     from ditserve import Pipeline
@@ -108,7 +108,7 @@ def _follow(model: str | os.PathLike[str], load: dict[str, Any], groups: tuple[A
     from ditserve.server.follow import follow
 
     pipeline = Pipeline.from_pretrained(model, **load)
-    return follow(Follower(_parallel_family(pipeline, groups)), torch.distributed.get_rank())
+    return follow(Follower(parallel_family(pipeline, groups)), torch.distributed.get_rank())
 
 
 def serve(
@@ -151,7 +151,7 @@ def serve(
         device = rank_device if rank_device is not None else device
         groups = build_groups(layout, rank)
         if rank != 0:
-            return _follow(model, dict(device=device, dtype=dtype, attention_backend=attention_backend,
+            return follow_rank_zero(model, dict(device=device, dtype=dtype, attention_backend=attention_backend,
                                        compile=compile, cache=cache, vae_dtype=vae_dtype, quantize=quantize), groups)
         leader, warm = Leader(), False  # a warm-up would run on rank 0 alone: the followers would wait
     device, dtype, attention_backend = resolve_load_options(device, dtype, attention_backend)
@@ -163,7 +163,7 @@ def serve(
         pipeline = Pipeline.from_pretrained(model, device=device, dtype=dtype, attention_backend=attention_backend,
                                             compile=compile, cache=cache, vae_dtype=vae_dtype, quantize=quantize)
         if groups is not None:
-            return _parallel_family(pipeline, groups)
+            return parallel_family(pipeline, groups)
         if warm:
             log.info("warm-up generation took %.1f s", warm_up(pipeline))
         return pipeline

@@ -1,0 +1,95 @@
+"""A replica on several GPUs: the replica's own process is rank 0 and starts the other ranks itself.
+
+`ditserve serve --ray --num-gpus N` gives each replica N GPUs (Ray sets CUDA_VISIBLE_DEVICES to them)
+and splits its steps over N ranks as `ditserve serve --num-gpus N` does on one host: the replica's
+process is rank 0, whose engine leads every step (`engine.coordination.Leader`), and it starts ranks
+1..N-1 as child processes (`python -m ditserve.rayserve.follower`) that join one torch.distributed
+group over loopback and follow each step. A child that dies is seen by rank 0 (`dead`), whose engine
+then fails its jobs with `rank_failed` and whose health check fails, so Serve replaces the replica;
+a child whose replica has gone ends itself (it watches its parent process).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ditserve.distributed import ParallelLayout
+
+__all__ = ["JOIN_TIMEOUT_S", "ReplicaRanks", "join_ranks"]
+
+log = logging.getLogger("ditserve.rayserve")
+
+JOIN_TIMEOUT_S = 300.0  # every rank must have joined by then (a child that failed to start fails the replica)
+POLL_S = 0.05
+# NVLink multicast off, as `ditserve --num-gpus` sets it: on shared hosts it can take GPUs out of service.
+_NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def join_ranks(layout: ParallelLayout, rank: int, port: int, device_type: str) -> torch.device | None:
+    """Join the replica's process group (rank 0 hosts its store on `port`); this rank's device
+    (`cuda:rank` among the replica's GPUs, None off CUDA)."""
+    device = None
+    if device_type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    store = dist.TCPStore("127.0.0.1", port, layout.world, is_master=rank == 0,
+                          timeout=timedelta(seconds=JOIN_TIMEOUT_S))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=store, rank=rank,
+                            world_size=layout.world)
+    return device
+
+
+class ReplicaRanks:
+    """Ranks 1..N-1 of one replica, as child processes following its rank 0 (this process)."""
+
+    def __init__(self, model: str, load: dict[str, Any], layout: ParallelLayout, device_type: str, threads: int,
+                 log_level: str = "info") -> None:
+        self.layout = layout
+        self.device_type = device_type
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        env = {**os.environ, **_NO_MULTICAST, "OMP_NUM_THREADS": str(threads)}
+        spec = json.dumps({"model": model, "load": load, "layout": [layout.samples, layout.ulysses, layout.ring],
+                           "port": self.port, "device_type": device_type, "threads": threads, "log_level": log_level})
+        self.children = {rank: subprocess.Popen([sys.executable, "-m", "ditserve.rayserve.follower", str(rank), spec],
+                                                env=env)
+                         for rank in range(1, layout.world)}
+
+    def join(self) -> tuple[Any, torch.device | None]:
+        """Join as rank 0 (blocks until every child has joined); (the groups `build_groups` gives, this
+        rank's device)."""
+        from ditserve.distributed import build_groups
+
+        device = join_ranks(self.layout, 0, self.port, self.device_type)
+        return build_groups(self.layout, 0), device
+
+    def dead(self, grace_s: float = 0.0) -> list[int]:
+        """The ranks whose process has ended; looks again until `grace_s` has passed if none has yet."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            ended = sorted(rank for rank, child in self.children.items() if child.poll() is not None)
+            if ended or time.monotonic() >= deadline:
+                return ended
+            time.sleep(POLL_S)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Wait for the children to end (rank 0's engine has told them to stop), then kill any left."""
+        deadline = time.monotonic() + timeout_s
+        for child in self.children.values():
+            try:
+                child.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
