@@ -9,7 +9,8 @@ jobs' progress, the runner's counts and the metric observations to the hub.
 
 With `ranks` of more than one (`--num-gpus N`), the replica's process is rank 0 of N and starts the
 others itself (`replica_ranks`): its engine leads every step on all of them, as `ditserve serve
---num-gpus N` does on one host.
+--num-gpus N` does on one host. A rank that dies ends the whole replica (`_die`), which then counts
+as a replica death: its jobs are re-queued.
 
 Cancellation is Serve's: the hub cancels the call, `run` sees `CancelledError` and asks the engine
 to stop the job at its next step (a file it still writes is deleted: nobody owns it). A replica
@@ -84,6 +85,7 @@ class GeneratorReplica:
             groups, device = self._ranks.join()
             pipeline = Pipeline.from_pretrained(model, **{**load, **({"device": device} if device is not None else {})})
             source, self._leader = parallel_family(pipeline, groups), Leader(dead_ranks=self._ranks.dead)
+            self._leader.on_lost = self._die
             warm = False  # a warm-up would run on rank 0 alone: the other ranks would wait
         else:
             source = pipeline = Pipeline.from_pretrained(model, **load)
@@ -132,6 +134,14 @@ class GeneratorReplica:
         if self._stopping.is_set() and job.status is JobStatus.CANCELLED:
             return snap  # stopped with the replica, not by anyone's request: declined
         return self._result(job)
+
+    def _die(self, error: BaseException) -> None:
+        """A rank died: no step can run again, so the replica ends as a whole, at once, before its engine fails
+        its jobs. Ray reports the replica dead, the hub re-queues its jobs (up to --max-attempts) and Serve
+        starts a new replica; the other ranks end when they see their parent gone."""
+        log.error("replica %s: %s; ending the replica so that Serve replaces it", self._replica_id, error)
+        logging.shutdown()
+        os._exit(1)
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose heartbeat thread died is replaced."""

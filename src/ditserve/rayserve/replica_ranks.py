@@ -4,9 +4,10 @@
 and splits its steps over N ranks as `ditserve serve --num-gpus N` does on one host: the replica's
 process is rank 0, whose engine leads every step (`engine.coordination.Leader`), and it starts ranks
 1..N-1 as child processes (`python -m ditserve.rayserve.follower`) that join one torch.distributed
-group over loopback and follow each step. A child that dies is seen by rank 0 (`dead`), whose engine
-then fails its jobs with `rank_failed` and whose health check fails, so Serve replaces the replica;
-a child whose replica has gone ends itself (it watches its parent process).
+group over loopback and follow each step. A child that dies is seen by rank 0 (`dead`) at its next
+failed collective; the replica then ends as a whole (a replica death to Ray and the job hub: its jobs
+are re-queued and Serve starts a new one), and a child whose replica has gone ends itself (it watches
+its parent process).
 """
 
 from __future__ import annotations
