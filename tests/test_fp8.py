@@ -37,6 +37,8 @@ def test_quantize_rows_maps_each_rows_largest_value_to_the_format_limit():
     assert values.float()[0, 1].item() == -limit and values.float()[2, 2].item() == -limit
     assert scale[1].item() == 1.0 and torch.count_nonzero(values.float()[1]) == 0  # an all-zero row stays zero
     assert torch.allclose(values.float() * scale, x, rtol=0.07, atol=0)  # e4m3: 3 mantissa bits
+    tiny_values, tiny_scale = quantize_rows(torch.tensor([[1e-44, 0.0, 0.0]]))  # amax / 448 would underflow to 0
+    assert torch.isfinite(tiny_values.float()).all() and tiny_scale.item() > 0
 
 
 def test_float8_linear_is_the_product_of_its_quantized_operands():

@@ -54,6 +54,8 @@ def test_num_gpus_splits_each_replica() -> None:
     assert ray_options(args, "cuda", (2, 2, 1)).gpus == 4.0  # one GPU per rank
     with pytest.raises(ValueError, match="ranks must be three degrees >= 1"):
         RayOptions(ranks=(1, 0, 1))
+    with pytest.raises(ValueError, match=r"--replica-gpus \(1\) must be --num-gpus \(2\)"):
+        RayOptions(ranks=(1, 2, 1), gpus=1.0)
 
 
 def test_replica_counts_follow_the_flags() -> None:
@@ -71,3 +73,26 @@ def test_serve_run_builder_needs_a_shared_output_folder() -> None:
         ray_app({"cli": "--replicas 2"})
     with pytest.raises(ValueError, match="one argument, cli="):
         ray_app({"replicas": "2"})
+
+
+def test_a_replica_rank_that_ends_while_joining_is_reported_at_once() -> None:
+    """A child rank that fails before it joins (here: given 0 torch threads) ends its replica
+    promptly, naming the rank and its exit status, instead of leaving rank 0 waiting for the join."""
+    import threading
+    import time
+
+    from ditserve.distributed import ParallelLayout
+    from ditserve.rayserve.replica_ranks import ReplicaRanks
+
+    reasons: list[str] = []
+    ended = threading.Event()
+    started = time.monotonic()
+    ranks = ReplicaRanks("unused", {}, ParallelLayout(1, 2, 1), "cpu", threads=0, log_level="error",
+                         on_rank_ended=lambda reason: (reasons.append(reason), ended.set()))
+    try:
+        assert ended.wait(60), "the ended rank was not reported"
+        assert time.monotonic() - started < 60
+        assert reasons == ["rank(s) 1 (exit status 1) of this replica ended"]
+        assert ranks.dead() == [1]
+    finally:
+        ranks.close(5.0)

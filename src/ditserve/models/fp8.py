@@ -49,10 +49,11 @@ def fp8_unsupported_reason(device: torch.device) -> str | None:
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """`x` `[rows, cols]` -> (e4m3 values, float32 scale `[rows, 1]`) with x ~= values * scale.
 
-    Each row's largest magnitude maps to e4m3's largest value; an all-zero row gets scale 1.
+    Each row's largest magnitude maps to e4m3's largest value; an all-zero row gets scale 1, and a row
+    whose largest magnitude is so small that the scale would underflow gets float32's smallest normal.
     """
     amax = x.abs().amax(dim=-1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, (amax / _FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
     values = (x.float() / scale).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)
     return values, scale
 

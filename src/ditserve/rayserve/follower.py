@@ -29,18 +29,18 @@ def _watch_parent(parent: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     rank_arg, spec_arg = sys.argv[1:3] if argv is None else argv
     rank, spec = int(rank_arg), json.loads(spec_arg)
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="ditserve-parent-watch", daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(spec["parent"],), name="ditserve-parent-watch", daemon=True).start()
     logging.basicConfig(level=spec["log_level"].upper(), format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s")
 
     import torch
 
     from ditserve.distributed import ParallelLayout, build_groups
-    from ditserve.rayserve.replica_ranks import join_ranks
+    from ditserve.rayserve.replica_ranks import client_store, join_ranks
     from ditserve.server.main import follow_rank_zero
 
     torch.set_num_threads(spec["threads"])
     layout = ParallelLayout(*spec["layout"])
-    device = join_ranks(layout, rank, spec["port"], spec["device_type"])
+    device = join_ranks(layout, rank, client_store(spec["port"], layout.world), spec["device_type"])
     groups = build_groups(layout, rank)
     load = dict(spec["load"])
     if device is not None:

@@ -61,6 +61,10 @@ class RayOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{flag} must be an int >= {low}, got {value!r}")
+        world = self.ranks[0] * self.ranks[1] * self.ranks[2]
+        if world > 1 and self.gpus and self.gpus != world:
+            raise ValueError(f"--replica-gpus ({self.gpus:g}) must be --num-gpus ({world}): a replica's ranks take one GPU "
+                             f"each (or 0 GPUs on CPU)")
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"--max-replicas ({self.max_replicas}) must be >= --min-replicas ({self.min_replicas})")
         if self.replicas is not None and not (isinstance(self.replicas, int) and

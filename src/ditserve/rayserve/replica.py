@@ -9,8 +9,8 @@ jobs' progress, the runner's counts and the metric observations to the hub.
 
 With `ranks` of more than one (`--num-gpus N`), the replica's process is rank 0 of N and starts the
 others itself (`replica_ranks`): its engine leads every step on all of them, as `ditserve serve
---num-gpus N` does on one host. A rank that dies ends the whole replica (`_die`), which then counts
-as a replica death: its jobs are re-queued.
+--num-gpus N` does on one host. A rank that dies ends the whole replica (`replica_ranks.end_process`),
+which then counts as a replica death: its jobs are re-queued.
 
 Cancellation is Serve's: the hub cancels the call, `run` sees `CancelledError` and asks the engine
 to stop the job at its next step (a file it still writes is deleted: nobody owns it). A replica
@@ -35,7 +35,7 @@ from ditserve.pipelines.options import resolve_device
 from ditserve.rayserve.messages import Progress, ReplicaReport, RunOrder
 from ditserve.rayserve.metrics import RecordingMetrics
 from ditserve.rayserve.options import HUB_NAMESPACE
-from ditserve.rayserve.replica_ranks import ReplicaRanks
+from ditserve.rayserve.replica_ranks import ReplicaRanks, end_process
 from ditserve.rayserve.shared_folder import check_marker
 from ditserve.server.execute import output_name
 from ditserve.server.jobs import Job, JobSnapshot, JobStatus
@@ -85,7 +85,7 @@ class GeneratorReplica:
             groups, device = self._ranks.join()
             pipeline = Pipeline.from_pretrained(model, **{**load, **({"device": device} if device is not None else {})})
             source, self._leader = parallel_family(pipeline, groups), Leader(dead_ranks=self._ranks.dead)
-            self._leader.on_lost = self._die
+            self._leader.on_lost = lambda error: end_process(f"replica {self._replica_id}: {error}")
             warm = False  # a warm-up would run on rank 0 alone: the other ranks would wait
         else:
             source = pipeline = Pipeline.from_pretrained(model, **load)
@@ -135,14 +135,6 @@ class GeneratorReplica:
             return snap  # stopped with the replica, not by anyone's request: declined
         return self._result(job)
 
-    def _die(self, error: BaseException) -> None:
-        """A rank died: no step can run again, so the replica ends as a whole, at once, before its engine fails
-        its jobs. Ray reports the replica dead, the hub re-queues its jobs (up to --max-attempts) and Serve
-        starts a new replica; the other ranks end when they see their parent gone."""
-        log.error("replica %s: %s; ending the replica so that Serve replaces it", self._replica_id, error)
-        logging.shutdown()
-        os._exit(1)
-
     def check_health(self) -> None:
         """Serve's health check: a replica whose heartbeat thread died is replaced."""
         if not self._beat.is_alive():
@@ -157,6 +149,8 @@ class GeneratorReplica:
         if stopping is None or stopping.is_set():
             return
         stopping.set()
+        if self._ranks is not None:  # its engine is about to tell them to stop
+            self._ranks.stop_watching()
         self._runner.close(STOPPING)
         self._runner.join(10.0)
         if self._ranks is not None:  # the engine told them to stop as it ended

@@ -85,8 +85,8 @@ class VarlenBackend(AttentionBackend):
         if not return_lse:
             return out
         out, lse = out
-        if lse.shape[0] != query.shape[0]:  # documented as [tokens, heads]; some releases give the kernel's [heads, tokens]
-            lse = lse.transpose(0, 1)
+        if tuple(lse.shape) == (query.shape[1], query.shape[0]):  # the kernel's [heads, tokens] (what the op declares;
+            lse = lse.transpose(0, 1)  # the docstring says [tokens, heads]): as heads, also when tokens == heads
         return out, lse.float()
 
     @staticmethod

@@ -125,8 +125,8 @@ class AgreedBackends:
                     f"Backends that can and return the log-sum-exp: {able or 'none'}"
                 )
             return True, self._selector.name
-        except (AttentionBackendError, ValueError) as exc:
-            return False, str(exc)
+        except Exception as exc:  # noqa: BLE001 -- whatever rank 0 hit (a kernel's trial too), every rank raises it
+            return False, f"{type(exc).__name__}: {exc}" if not isinstance(exc, (AttentionBackendError, ValueError)) else str(exc)
 
 
 def _no_lse_message(name: str, able: list[str]) -> str:
