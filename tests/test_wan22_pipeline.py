@@ -227,6 +227,21 @@ def test_second_expert_offload_decision() -> None:
     assert should_offload_second_expert(free_bytes=40 * gib, total_bytes=80 * gib, expert_bytes=28 * gib)
 
 
+def test_experts_offloaded_in_bf16_come_back_together_when_fp8_makes_them_fit() -> None:
+    """The offload decision is taken at load, on bf16 sizes; after FP8 quantization both experts may fit."""
+    from ditserve.models.fp8 import quantize_linears
+    from ditserve.pipelines.wan import _Experts, _module_bytes
+
+    experts = [torch.nn.Sequential(torch.nn.Linear(64, 64)).to(torch.bfloat16) for _ in range(2)]
+    residency = _Experts(experts, torch.device("cpu"), offload=True)
+    total = 1000 * _module_bytes(experts[0])
+    free = int(0.25 * total + 0.75 * _module_bytes(experts[0]))  # the second bf16 expert leaves too little room
+    assert not residency.keep_all_if_they_fit(free, total) and residency.offload
+    quantize_linears(experts)  # one byte a weight instead of two
+    assert residency.keep_all_if_they_fit(free, total) and not residency.offload
+    assert residency.use(1) is experts[1] and residency.swaps == 0  # no switching any more
+
+
 def test_offloaded_experts_give_the_same_video_and_switch_once(a14b: WanPipeline) -> None:
     """With only the expert in use resident, a request switches once (at the boundary) and its result is unchanged."""
     offloaded = WanPipeline(transformers=a14b.transformers, text_encoder=a14b.text_encoder, tokenizer=a14b.tokenizer,

@@ -140,6 +140,15 @@ class _Experts:
         """Experts a step needs, the resident one first (so a mixed step swaps once, not twice)."""
         return sorted(wanted, key=lambda i: (i != self.resident, i))
 
+    def keep_all_if_they_fit(self, free_bytes: int, total_bytes: int) -> bool:
+        """Stop offloading when the experts now fit side by side (e.g. after FP8 halved them); True if so."""
+        if not self.offload or should_offload_second_expert(free_bytes, total_bytes, _module_bytes(self.models[self.resident])):
+            return False
+        for model in self.models:
+            model.to(self.device)
+        self.offload = False
+        return True
+
 
 def _request_spec(variant: _Variant, patch_size: tuple[int, ...], rope_max_seq_len: int, spatial: int, temporal: int,
                   num_train_timesteps: int) -> RequestSpec:
@@ -255,6 +264,15 @@ class WanPipeline(Pipeline):
 
     def denoisers(self) -> list[torch.nn.Module]:
         return list(self.transformers)
+
+    def quantize(self) -> None:
+        """As every family; then Wan2.2-A14B's experts, offloaded at load because two bf16 experts did not fit,
+        go back on the device together if their FP8 weights now do."""
+        super().quantize()
+        if self.residency.offload and self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            if self.residency.keep_all_if_they_fit(free, total):
+                log.info("both experts fit on %s in FP8: both kept there (no switching)", self.device)
 
     # -- the family's declaration --------------------------------------------------------------
 
