@@ -108,6 +108,18 @@ def test_step_cache_against_the_exact_path(tiny_wan_path: Path) -> None:
     assert not cmp.bit_identical and 20 < cmp.psnr_db < math.inf
 
 
+def test_fp8_against_the_exact_path() -> None:
+    """`quantize=fp8` vs the exact path on the embedded model (128 wide: every block layer takes FP8)."""
+    from ditserve.tiny.embedded import default_model_path
+
+    report = run_ab(default_model_path(), "", "quantize=fp8", dict(REQUEST, num_inference_steps=4), runs=1, warmup=0,
+                    defaults=CPU)
+    cmp = report.comparison
+    assert report.candidate.load_options["quantize"] == "fp8"
+    assert not cmp.bit_identical and 25 < cmp.psnr_db < math.inf
+    assert " fp8" in format_report(report)
+
+
 def test_bad_configs_fail_before_loading(tiny_wan_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         pytest.fail("run_ab loaded a model before rejecting its arguments")
