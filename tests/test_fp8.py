@@ -70,6 +70,8 @@ def test_dtype_moves_leave_the_fp8_weight_and_its_scales_alone():
     fp8.double().to("cpu")
     assert fp8.weight.dtype == FP8_DTYPE and fp8.bias.dtype == torch.float64
     assert fp8(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="FP8 weights cannot change dtype"):
+        fp8.type(torch.float32)  # casts every tensor, integer ones too: refused, not silently corrupted
 
 
 def test_quantize_linears_replaces_the_linears_the_fp8_product_takes_and_nothing_else():

@@ -94,10 +94,15 @@ class Float8Linear(nn.Module):
         self.weight = self.weight.view(torch.uint8)
         self.weight_scale = self.weight_scale.view(torch.int32)
         try:
-            return super()._apply(fn, recurse)
+            out = super()._apply(fn, recurse)
         finally:
-            self.weight = self.weight.view(FP8_DTYPE)
-            self.weight_scale = self.weight_scale.view(torch.float32)
+            if self.weight.dtype == torch.uint8 and self.weight_scale.dtype == torch.int32:
+                self.weight = self.weight.view(FP8_DTYPE)
+                self.weight_scale = self.weight_scale.view(torch.float32)
+        if self.weight.dtype != FP8_DTYPE:  # e.g. Module.type(), which casts integer tensors too
+            raise TypeError("a Float8Linear's FP8 weights cannot change dtype (use .to(device) or .to(dtype), which "
+                            "keep them); this layer is no longer usable")
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3"
