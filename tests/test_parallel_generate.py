@@ -157,6 +157,14 @@ def test_ditserve_generate_under_torchrun(tiny_wan_path: Path, tmp_path: Path,
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = np.asarray(Image.open(tmp_path / "compiled.png"), dtype=np.int16)
     assert np.abs(one - compiled).max() <= 1
+    # FP8 under Ulysses (on the embedded model, whose layers take FP8; the tiny test DiT's do not)
+    fp8 = [*flags[2:], "--quantize", "fp8"]  # flags without --model: the embedded model
+    assert cli.main(["generate", *fp8, "--output", str(tmp_path / "fp8.png")]) == 0
+    done = subprocess.run([sys.executable, "-m", "ditserve", "generate", *fp8, "--num-gpus", "2", "--ulysses-degree", "2",
+                           "--output", str(tmp_path / "fp8x2.png")], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fp8_one, fp8_two = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("fp8", "fp8x2"))
+    assert np.abs(fp8_one - fp8_two).max() <= 1
     # step caching decides from each request's predictions: two CFG ranks decide alike, so they match one process
     # (on the embedded model, whose predictions change enough that a reused step shows in the frames)
     six = [*flags[2:], "--steps", "6"]  # flags without --model: the embedded model
