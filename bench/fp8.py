@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--variants", default="bf16:compile,fp8:compile", help="comma-separated bf16|fp8[:compile]")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--attention-backend", default="auto", help="both models' attention (e.g. fa4 where installed)")
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -46,6 +47,7 @@ def main() -> int:
     print(f"config {args.config}: {tokens} tokens, {flops / 1e12:.1f} TFLOP; bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
 
     bf16, _ = build_models(cfg, device, need_diffusers=False)
+    bf16.set_attention_backend(args.attention_backend)
     gen = torch.Generator(device=device).manual_seed(0)
     latents = torch.randn(1, *lat_shape, device=device, dtype=torch.bfloat16, generator=gen)
     text = torch.randn(1, TEXT_LEN, 4096, device=device, dtype=torch.bfloat16, generator=gen)
@@ -56,6 +58,7 @@ def main() -> int:
     if any(v.startswith("fp8") for v in args.variants.split(",")):
         models["fp8"], _ = build_models(cfg, device, need_diffusers=False)  # seeded: the same weights
         assert torch.equal(models["fp8"].proj_out.weight, bf16.proj_out.weight)
+        models["fp8"].set_attention_backend(args.attention_backend)
         print(f"quantized {models['fp8'].quantize_fp8()} linear layers", flush=True)
 
     rows, compiled = [], set()
@@ -79,7 +82,8 @@ def main() -> int:
         span = (reference.max() - reference.min()).item()
         row = {"variant": variant, "forward_ms": ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                "mfu_of_bf16_rate": flops / (ms * 1e-3) / rate, "max_err_vs_bf16_eager": err,
-               "psnr_vs_bf16_eager_db": math.inf if mse == 0 else 10 * math.log10(span**2 / mse)}
+               "psnr_vs_bf16_eager_db": math.inf if mse == 0 else 10 * math.log10(span**2 / mse),
+               "attention": sorted(set(model.attention_selector.choices.values()))}
         rows.append(row)
         print(json.dumps(row), flush=True)
         gc.collect()
@@ -97,7 +101,7 @@ def main() -> int:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['forward_ms']:.0f} | {base['forward_ms'] / r['forward_ms']:.2f}x | "
+        lines.append(f"| {r['variant']} → {'/'.join(r['attention']) or args.attention_backend} | {r['forward_ms']:.0f} | {base['forward_ms'] / r['forward_ms']:.2f}x | "
                      f"{r['mfu_of_bf16_rate']:.0%} | {r['peak_gib']:.1f} | {r['max_err_vs_bf16_eager']:.2e} | "
                      f"{r['psnr_vs_bf16_eager_db']:.1f} |")
     publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
