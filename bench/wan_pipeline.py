@@ -210,17 +210,20 @@ def main() -> int:
         "measured above what was resident before the run (all models stay loaded).",
         "",
         "| variant | step median (s) | step min–max (s) | total (s) | decode (s, share of total) | speed-up vs diffusers | "
-        "peak above resident (GiB) | PSNR vs diffusers (dB) | PSNR vs ditserve (dB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "peak above resident (GiB) | PSNR vs diffusers (dB) | PSNR vs ditserve (dB) | max error vs ditserve |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speed = f"{base['total_s'] / r['total_s']:.2f}x" if base else "–"
         similarity = f"{psnr(frames[r['variant']], frames['diffusers']):.1f}" if base else "–"
         exact = f"{psnr(frames[r['variant']], frames['ditserve']):.1f}" if "ditserve" in frames else "–"
         r["psnr_vs_ditserve_db"] = None if "ditserve" not in frames else psnr(frames[r["variant"]], frames["ditserve"])
+        r["max_err_vs_ditserve"] = None if "ditserve" not in frames else float(
+            np.abs(np.asarray(frames[r["variant"]], np.float64) - np.asarray(frames["ditserve"], np.float64)).max())
+        worst = "–" if r["max_err_vs_ditserve"] is None else f"{r['max_err_vs_ditserve']:.3f}"
         lines.append(
             f"| {r['variant']} | {r['step_median_s']:.3f} | {r['step_min_s']:.3f}–{r['step_max_s']:.3f} | {r['total_s']:.1f} | "
-            f"{_decode_cell(r)} | {speed} | {r['peak_over_resident_gib']:.1f} | {similarity} | {exact} |"
+            f"{_decode_cell(r)} | {speed} | {r['peak_over_resident_gib']:.1f} | {similarity} | {exact} | {worst} |"
         )
     publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
     return 0
