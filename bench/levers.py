@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -80,6 +81,8 @@ def main() -> int:
         row = {"setting": setting, "dit_calls": statistics.mean(forwards[setting]),
                "seconds_per_clip": statistics.median(seconds[setting]),
                "psnr_db": statistics.mean(psnr(c, r) for c, r in zip(clips[setting], reference)),
+               "max_err": max(float(np.abs(np.asarray(c, np.float64) - np.asarray(r, np.float64)).max())
+                              for c, r in zip(clips[setting], reference)),
                "adherence": sum(s.adherent for s in scores) / len(scores)}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -92,13 +95,14 @@ def main() -> int:
         f"`{base['setting']}` clip of the same prompt and seed; adherence: share of clips whose colour, background "
         "and motion match their prompt (`ditserve eval-tiny`'s score).",
         "",
-        "| setting | DiT calls per clip | time vs first row (CPU) | PSNR (dB) | adherence | change |",
-        "|---|---|---|---|---|---|",
+        "| setting | DiT calls per clip | time vs first row (CPU) | PSNR (dB) | max error | adherence | change |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         shown = "–" if r is base else f"{r['psnr_db']:.1f}"
+        worst = "–" if r is base else f"{r['max_err']:.3f}"
         lines.append(f"| {r['setting']} | {r['dit_calls']:.1f} of {args.steps} | "
-                     f"{base['seconds_per_clip'] / r['seconds_per_clip']:.2f}x | {shown} | {r['adherence']:.1%} | "
+                     f"{base['seconds_per_clip'] / r['seconds_per_clip']:.2f}x | {shown} | {worst} | {r['adherence']:.1%} | "
                      f"{(r['adherence'] - base['adherence']) * 100:+.1f} points |")
     publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
     return 0
