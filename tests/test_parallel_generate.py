@@ -119,10 +119,27 @@ def test_several_ranks_make_the_same_output_as_one(mode: str, models: dict, tmp_
             assert np.array_equal(frames, per_rank[0][i])  # every rank ends with the same video
 
 
+def test_num_gpus_alone_splits_cfg_first_for_models_that_guide_by_default(tmp_path: Path) -> None:
+    """The default split: CFG parallelism first (measured fastest on two GPUs) when a default request makes two
+    samples (Wan, the embedded model), tokens only otherwise (FLUX.1: guidance is an embedding)."""
+    from ditserve.cli import _default_request_uses_cfg
+    from ditserve.distributed import ParallelLayout, default_layout
+    from helpers.checkpoints import build_tiny_flux_pipeline
+
+    assert default_layout(2, None, None, None, 12, cfg=True) == ParallelLayout(2, 1, 1)
+    assert default_layout(4, None, None, None, 12, cfg=True) == ParallelLayout(2, 2, 1)
+    assert default_layout(8, None, None, None, 5, cfg=True) == ParallelLayout(2, 1, 4)  # 5 heads: ring
+    assert default_layout(3, None, None, None, 12, cfg=True) == ParallelLayout(1, 3, 1)  # odd: no CFG split
+    assert default_layout(2, None, None, None, 12, cfg=False) == ParallelLayout(1, 2, 1)
+    assert default_layout(4, None, 4, None, 12, cfg=True) == ParallelLayout(1, 4, 1)  # a degree given: as given
+    assert _default_request_uses_cfg(None)  # the embedded Wan model: guidance 3.0 by default
+    assert not _default_request_uses_cfg(str(build_tiny_flux_pipeline(tmp_path / "flux")))
+
+
 def test_ditserve_generate_under_torchrun(tiny_wan_path: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture) -> None:
-    """`torchrun --nproc_per_node 2 -m ditserve generate --cfg-parallel 2`, and `ditserve generate --num-gpus 2`
-    (its ranks started by the command; all sequence parallel), write what one process writes."""
+    """`torchrun --nproc_per_node 2 -m ditserve generate --cfg-parallel 2`, and `ditserve generate --num-gpus 2
+    --ulysses-degree 2` (its ranks started by the command), write what one process writes."""
     import subprocess
     import sys
 
@@ -145,13 +162,15 @@ def test_ditserve_generate_under_torchrun(tiny_wan_path: Path, tmp_path: Path,
     one = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16)
     two = np.asarray(Image.open(tmp_path / "two.png"), dtype=np.int16)
     assert np.abs(one - two).max() <= 1  # the same frame (uint8 rounding aside)
-    done = subprocess.run([sys.executable, "-m", "ditserve", "generate", *flags, "--num-gpus", "2", "--output",
-                           str(tmp_path / "three.png")], env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run([sys.executable, "-m", "ditserve", "generate", *flags, "--num-gpus", "2", "--ulysses-degree",
+                           "2", "--output", str(tmp_path / "three.png")], env=env, capture_output=True, text=True,
+                          timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     three = np.asarray(Image.open(tmp_path / "three.png"), dtype=np.int16)
     assert np.abs(one - three).max() <= 1
     # compiled blocks with Ulysses inside them: the parallel attention is a graph break, as attention is
-    done = subprocess.run([sys.executable, "-m", "ditserve", "generate", *flags, "--num-gpus", "2", "--compile",
+    done = subprocess.run([sys.executable, "-m", "ditserve", "generate", *flags, "--num-gpus", "2", "--ulysses-degree",
+                           "2", "--compile",
                            "--output", str(tmp_path / "compiled.png")], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -747,6 +747,19 @@ def _transformer_heads(model: str | None) -> int | None:
         return None
 
 
+def _default_request_uses_cfg(model: str | None) -> bool:
+    """Whether a request with the model's defaults runs classifier-free guidance (for the default split)."""
+    from pathlib import Path
+
+    from ditserve.loading import UnknownModelError
+    from ditserve.pipelines import read_request_spec
+
+    try:
+        return read_request_spec(Path(model or default_model_path())).default_samples == 2
+    except (TypeError, OSError, ValueError, UnknownModelError):
+        return False
+
+
 def _rank_layout(args: argparse.Namespace) -> Any:
     """The `ParallelLayout` of `--num-gpus` and its degrees for the model (a ValueError, before any rank
     starts, when they cannot work)."""
@@ -757,7 +770,7 @@ def _rank_layout(args: argparse.Namespace) -> Any:
 
     heads = _transformer_heads(args.model)
     layout = default_layout(args.num_gpus, given(args.cfg_parallel), given(args.ulysses_degree),
-                            given(args.ring_degree), heads)
+                            given(args.ring_degree), heads, cfg=_default_request_uses_cfg(args.model))
     if heads is not None and heads % layout.ulysses:
         raise ValueError(f"the model's {heads} attention heads do not divide by --ulysses-degree "
                          f"{layout.ulysses}: use --ring-degree {layout.ulysses}, or a Ulysses degree dividing "

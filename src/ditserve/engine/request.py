@@ -256,7 +256,9 @@ class RequestSpec:
     None for the size limits alone; `pixels_limited_by` names what set it (a server flag).
     modes: what the model serves, in words (e.g. "text-to-video and text-to-image"), added to
     the errors for inputs it does not take (an unknown parameter, an image), so a request for
-    one of a model's other modes learns what is supported.
+    one of a model's other modes learns what is supported. cfg_param: the parameter whose value
+    above 1 runs classifier-free guidance (two samples per request), None if the family has none;
+    it tells how many samples a request with the defaults makes (`default_samples`).
     """
 
     params: tuple[Param, ...]
@@ -266,9 +268,12 @@ class RequestSpec:
     max_pixels: int | None = None
     pixels_limited_by: str | None = None
     modes: str | None = None
+    cfg_param: str | None = None
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.params]
+        if self.cfg_param is not None and self.cfg_param not in names:
+            raise ValueError(f"cfg_param {self.cfg_param!r} is not one of the parameters {names}")
         if tuple(names[: len(COMMON_FIELDS)]) != COMMON_FIELDS:
             raise ValueError(f"a RequestSpec starts with the common parameters {COMMON_FIELDS}, got {names}")
         if len(set(names)) != len(names):
@@ -278,6 +283,14 @@ class RequestSpec:
                 p.check(p.default)
             except InvalidRequest as e:
                 raise ValueError(f"default {e}") from None
+
+    @property
+    def default_samples(self) -> int:
+        """Samples per step of a request that leaves every parameter at its default: 2 with
+        classifier-free guidance, else 1 (what `--num-gpus` splits by default)."""
+        if self.cfg_param is None:
+            return 1
+        return 2 if self.param(self.cfg_param).default > 1 else 1
 
     @property
     def extras(self) -> tuple[Param, ...]:

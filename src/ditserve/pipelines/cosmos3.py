@@ -119,7 +119,7 @@ def _request_spec(spatial: int, temporal: int, num_train_timesteps: int) -> Requ
     )
     params = tuple(replace(p, help="frames per second of the video: told to the model (its prompt and its time "
                                    "positions) and written to the file") if p.name == "fps" else p for p in params)
-    return RequestSpec(params, output="video", modes=MODES)
+    return RequestSpec(params, output="video", modes=MODES, cfg_param="guidance_scale")
 
 
 def _check_folder(root: Path, model_index: Mapping[str, Any]) -> None:

@@ -76,7 +76,7 @@ def _request_spec(variant: str, vae_scale: int, num_train_timesteps: int) -> Req
     )
     params += (Param("true_cfg_scale", "float", 1.0, "classifier-free guidance with the negative prompt "
                      "(> 1 and a negative prompt: two samples per step)", minimum=0, maximum=100),)
-    return RequestSpec(params, output="image")
+    return RequestSpec(params, output="image", cfg_param="true_cfg_scale")
 
 
 def _variant(transformer_config: Mapping[str, Any]) -> str:

@@ -175,7 +175,7 @@ def _request_spec(variant: _Variant, patch_size: tuple[int, ...], rope_max_seq_l
         params += (Param("guidance_scale_2", "float", _A14B_GUIDANCE_2,
                          "guidance scale of the low-noise expert (null: the same as guidance_scale)",
                          minimum=0, maximum=100, nullable=True),)
-    return RequestSpec(params, output="video", takes_image=variant.expand_timesteps)
+    return RequestSpec(params, output="video", takes_image=variant.expand_timesteps, cfg_param="guidance_scale")
 
 
 @dataclass(frozen=True)
