@@ -50,6 +50,7 @@ MODES = {"ulysses2": ("wan", 1, 2, 1), "cfg2": ("wan", 2, 1, 1), "cfg2xulysses2"
          "ring2": ("wan", 1, 1, 2), "ulysses2xring2": ("wan", 1, 2, 2),
          "a14b-ulysses2": ("a14b", 1, 2, 1), "ti2v-ring2": ("ti2v", 1, 1, 2),
          "flux-ulysses2": ("flux", 1, 2, 1), "flux-ring2": ("flux", 1, 1, 2), "flux-ulysses2xring2": ("flux", 1, 2, 2),
+         "cosmos3-cfg2": ("cosmos3", 2, 1, 1),  # what --num-gpus 2 picks for Cosmos3 (CFG by default)
          "cosmos3-ulysses2": ("cosmos3", 1, 2, 1), "cosmos3-ring2": ("cosmos3", 1, 1, 2),
          "cosmos3-ulysses2xring2": ("cosmos3", 1, 2, 2)}
 SPAWN_TIMEOUT_S = 120
