@@ -147,10 +147,10 @@ def main() -> int:
         return 0
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ditserve-parallel-"))
     out.mkdir(parents=True, exist_ok=True)
-    # NVLink multicast off, as `ditserve --num-gpus` sets it: on shared hosts it can take GPUs out of service.
+    from ditserve.distributed import NO_MULTICAST_ENV  # NVLink multicast off, as `ditserve --num-gpus` sets it
+
     env = {**os.environ, "PYTHONPATH": f"{HERE.parent / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-           "NVSHMEM_DISABLE_NVLS": "1"}
+           **NO_MULTICAST_ENV}
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = "1"
     layouts = args.layouts.split(",")

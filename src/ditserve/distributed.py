@@ -27,7 +27,11 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from ditserve.attention.parallel import SequenceParallel
 
-__all__ = ["ParallelLayout", "build_groups", "default_layout", "init_from_environment", "launch"]
+__all__ = ["NO_MULTICAST_ENV", "ParallelLayout", "build_groups", "default_layout", "init_from_environment", "launch"]
+
+# NVLink multicast off in NCCL, PyTorch and NVSHMEM for every process that starts ranks: on shared hosts
+# it can take GPUs out of service.
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ def launch(argv: list[str], layout: ParallelLayout, device_type: str) -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    env = {**os.environ, **NO_MULTICAST_ENV}
     if device_type == "cpu":
         env.setdefault("OMP_NUM_THREADS", "1")
     command = [sys.executable, "-m", "ditserve.torchrun", f"ditserve {argv[0]}", "--nproc_per_node",
