@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import psutil
 
-__all__ = ["dead_ranks", "workers"]
+__all__ = ["dead_ranks", "poll_dead", "workers"]
 
 POLL_S = 0.05
 
@@ -28,9 +29,14 @@ def dead_ranks(grace_s: float = 0.0) -> list[int]:
 
     `grace_s`: if none has yet, look again until this many seconds have passed (a collective can fail
     the instant a peer's sockets close, a moment before the kernel shows that peer as exited)."""
+    return poll_dead(_dead_now, grace_s)
+
+
+def poll_dead(find: Callable[[], list[int]], grace_s: float) -> list[int]:
+    """`find()`'s dead ranks; if none, `find()` again until `grace_s` seconds have passed."""
     deadline = time.monotonic() + grace_s
     while True:
-        dead = _dead_now()
+        dead = find()
         if dead or time.monotonic() >= deadline:
             return dead
         time.sleep(POLL_S)

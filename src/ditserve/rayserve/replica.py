@@ -139,8 +139,6 @@ class GeneratorReplica:
         """Serve's health check: a replica whose heartbeat thread died is replaced."""
         if not self._beat.is_alive():
             raise RuntimeError("the heartbeat thread stopped")
-        if self._leader is not None and self._leader.lost is not None:  # every step needs every rank
-            raise RuntimeError(f"the replica cannot step any more: {self._leader.lost}")
 
     def __del__(self) -> None:
         """Serve stops the replica (scaling down, shutdown) after its calls drained or timed out: jobs still

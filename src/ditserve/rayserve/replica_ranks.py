@@ -27,17 +27,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ditserve.distributed import ParallelLayout
+from ditserve.distributed import NO_MULTICAST_ENV, ParallelLayout
+from ditserve.ranks import poll_dead
 
 __all__ = ["JOIN_TIMEOUT_S", "ReplicaRanks", "join_ranks", "end_process"]
 
 log = logging.getLogger("ditserve.rayserve")
 
 JOIN_TIMEOUT_S = 300.0  # every rank must have joined by then (a child that failed to start fails the replica)
-POLL_S = 0.05
 WATCH_S = 0.2
-# NVLink multicast off, as `ditserve --num-gpus` sets it: on shared hosts it can take GPUs out of service.
-_NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def join_ranks(layout: ParallelLayout, rank: int, store: dist.Store, device_type: str) -> torch.device | None:
@@ -74,7 +72,7 @@ class ReplicaRanks:
         # the store first, on a port it picks itself, so the children are started with a port that is ours
         self._store = dist.TCPStore("127.0.0.1", 0, layout.world, is_master=True, wait_for_workers=False,
                                     timeout=timedelta(seconds=JOIN_TIMEOUT_S))
-        env = {**os.environ, **_NO_MULTICAST, "OMP_NUM_THREADS": str(threads)}
+        env = {**os.environ, **NO_MULTICAST_ENV, "OMP_NUM_THREADS": str(threads)}
         spec = json.dumps({"model": model, "load": load, "layout": [layout.samples, layout.ulysses, layout.ring],
                            "port": self._store.port, "parent": os.getpid(), "device_type": device_type,
                            "threads": threads, "log_level": log_level})
@@ -93,9 +91,13 @@ class ReplicaRanks:
         device = join_ranks(self.layout, 0, self._store, self.device_type)
         return build_groups(self.layout, 0), device
 
+    def _ended(self) -> dict[int, int]:
+        """Rank -> exit status of the children that have ended."""
+        return {rank: child.returncode for rank, child in self.children.items() if child.poll() is not None}
+
     def _watch(self) -> None:
         while not self._closing.wait(WATCH_S):
-            ended = {rank: child.returncode for rank, child in self.children.items() if child.poll() is not None}
+            ended = self._ended()
             if ended and not self._closing.is_set():
                 self._on_rank_ended("rank(s) " + ", ".join(f"{rank} (exit status {code})" for rank, code in ended.items())
                                     + " of this replica ended")
@@ -103,12 +105,7 @@ class ReplicaRanks:
 
     def dead(self, grace_s: float = 0.0) -> list[int]:
         """The ranks whose process has ended; looks again until `grace_s` has passed if none has yet."""
-        deadline = time.monotonic() + grace_s
-        while True:
-            ended = sorted(rank for rank, child in self.children.items() if child.poll() is not None)
-            if ended or time.monotonic() >= deadline:
-                return ended
-            time.sleep(POLL_S)
+        return poll_dead(lambda: sorted(self._ended()), grace_s)
 
     def stop_watching(self) -> None:
         """The replica is stopping: its children ending is expected from now on."""
