@@ -28,6 +28,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -176,6 +177,28 @@ class JobRunner:
 
     def close(self, reason: str) -> None:
         """Refuse new jobs, cancel every waiting job (with `reason`) and ask the running ones to stop."""
+
+        def cancel_waiting(job: Job, future: Future) -> None:
+            if job.status is JobStatus.QUEUED:
+                job.mark_cancelled(reason)
+                future.cancel()
+
+        self._end_unfinished(cancel_waiting)
+
+    def abandon(self, error: RanksLost) -> None:
+        """A rank died: refuse new jobs and fail every job not generated yet with `error`, now. The engine may
+        be blocked in a collective with the dead rank that never returns (NCCL), so nothing here waits on it;
+        a job already generated still has its file written."""
+
+        def fail(job: Job, future: Future) -> None:
+            record_failure(job, error)  # before cancelling the future: a finished job stays as it is
+            future.cancel()
+
+        self._end_unfinished(fail)
+
+    def _end_unfinished(self, settle: Callable[[Job, Future], None]) -> None:
+        """Refuse new jobs; ask each job not generated yet to stop and `settle` its record; close the engine
+        without waiting for it (a generated job still has its file written)."""
         with self._lock:
             self._closed = True
             entries = list(self._jobs.values())
@@ -184,26 +207,7 @@ class JobRunner:
             if future.done():
                 continue  # generated: its file is being written
             job.cancel_event.set()
-            if job.status is JobStatus.QUEUED:
-                job.mark_cancelled(reason)
-                future.cancel()
-        if engine is not None:
-            engine.close(cancel=True)
-
-    def abandon(self, error: RanksLost) -> None:
-        """A rank died: refuse new jobs and fail every job not generated yet with `error`, now. The engine may
-        be blocked in a collective with the dead rank that never returns (NCCL), so nothing here waits on it;
-        a job already generated still has its file written."""
-        with self._lock:
-            self._closed = True
-            entries = list(self._jobs.values())
-            engine = self._engine
-        for job, future in entries:
-            if future.done():
-                continue
-            job.cancel_event.set()
-            record_failure(job, error)  # before cancelling the future: a finished job stays as it is
-            future.cancel()
+            settle(job, future)
         if engine is not None:
             engine.close(cancel=True)
 
