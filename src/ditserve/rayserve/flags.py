@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from ditserve.rayserve.options import RayOptions
 
@@ -50,7 +51,7 @@ def ray_options(args: argparse.Namespace, device: str | None, ranks: tuple[int, 
     high = args.max_replicas if args.max_replicas is not None else max(fixed, low)
     gpus = args.replica_gpus
     if gpus is None:
-        gpus = float(ranks[0] * ranks[1] * ranks[2]) if (device or _default_device()).startswith("cuda") else 0.0
+        gpus = float(math.prod(ranks)) if (device or _default_device()).startswith("cuda") else 0.0
     return RayOptions(replicas=args.replicas, min_replicas=low, max_replicas=high,
                       target_jobs=args.target_jobs_per_replica, gpus=gpus, cpus=args.replica_cpus,
                       threads=args.replica_threads, ingress_replicas=args.ingress_replicas,

@@ -9,6 +9,7 @@ at the router or in a replica's batch) near `target_jobs`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 __all__ = ["HUB_NAMESPACE", "RayOptions"]
@@ -61,7 +62,7 @@ class RayOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{flag} must be an int >= {low}, got {value!r}")
-        world = self.ranks[0] * self.ranks[1] * self.ranks[2]
+        world = math.prod(self.ranks)
         if world > 1 and self.gpus and self.gpus != world:
             raise ValueError(f"--replica-gpus ({self.gpus:g}) must be --num-gpus ({world}): a replica's ranks take one GPU "
                              f"each (or 0 GPUs on CPU)")
