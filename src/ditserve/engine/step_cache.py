@@ -58,9 +58,9 @@ class CacheState:
             self.missed += self.rate or 0.0
             return
         if self.last is not None:
-            change = (prediction - self.last).abs().mean() / self.last.abs().mean().clamp_min(1e-12)
-            self.rate = float(change) / (step - self.last_step)
-            self.slope = (prediction - self.last) / (step - self.last_step)
+            delta, span = prediction - self.last, step - self.last_step
+            self.rate = float(delta.abs().mean() / self.last.abs().mean().clamp_min(1e-12)) / span
+            self.slope = delta / span
         self.last, self.last_step, self.missed = prediction, step, 0.0
 
     def forecast(self, step: int) -> Tensor:
