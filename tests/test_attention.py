@@ -18,7 +18,7 @@ from ditserve.attention import (
     resolve_backend_name,
 )
 from ditserve.attention.backends import create_backends, describe_call
-from ditserve.attention.backends.reference import dense_attention_math
+from ditserve.attention.backends.reference import ReferenceBackend, dense_attention_math
 
 CPU = torch.device("cpu")
 
@@ -432,3 +432,49 @@ def test_varlen_refuses_cuda_head_dims_its_kernel_cannot_take():
     assert backend.why_not(AttentionCall(head_dim=16, head_dim_v=16, **base), meta) is None
     # on CPU the per-segment path takes any head size
     assert backend.why_not(odd._replace(device_type="cpu"), torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("dense", ["sdpa", "reference"])
+@pytest.mark.parametrize(
+    "q_lens,k_lens,hq,hkv",
+    [
+        pytest.param([1, 7, 64, 33], [5, 12, 3, 40], 4, 4, id="cross-ragged"),
+        pytest.param([9, 0, 20], [9, 4, 20], 6, 2, id="gqa-with-empty-sample"),
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_per_sample_backend_runs_a_dense_kernel_per_sample(dense, q_lens, k_lens, hq, hkv, causal):
+    """The packed wrapper over a dense backend (on a GPU: cuDNN) against float64 math, with the
+    log-sum-exp where the dense backend returns it."""
+    from ditserve.attention.backends.per_sample import PerSampleBackend
+
+    backend = PerSampleBackend(create_backends()[dense])
+    assert backend.name == f"{dense}_per_sample" and backend.capabilities.packed and not backend.capabilities.dense
+    d, scale = 16, 16**-0.5
+    q, k, v = _rand(sum(q_lens), hq, d), _rand(sum(k_lens), hkv, d), _rand(sum(k_lens), hkv, d)
+    md = AttentionMetadata.from_lengths(q_lens, k_lens, causal=causal).filled(q, k)
+    assert backend.why_not(describe_call(q, k, v, md), CPU) is None
+    ref = _math_packed(q, k, v, q_lens, k_lens, scale, causal)
+    assert _rel(backend.forward(q, k, v, md, scale), ref) <= 1e-12
+    if backend.capabilities.returns_lse:
+        out, lse = backend.forward(q, k, v, md, scale, return_lse=True)
+        _, ref_lse = ReferenceBackend().forward(q, k, v, md, scale, return_lse=True)
+        seen = ref_lse.isfinite()
+        assert _rel(out, ref) <= 1e-12 and torch.allclose(lse[seen].double(), ref_lse[seen].double(), atol=1e-5)
+
+
+def test_per_sample_backend_refuses_what_its_dense_kernel_refuses():
+    """Packed calls reach the dense kernel as one call per sample, so its limits are the wrapper's
+    (here: cuDNN takes no causal cross-attention, and a causal packed call may hold such a sample)."""
+    from ditserve.attention.backends.base import AttentionCall
+    from ditserve.attention.backends.per_sample import PerSampleBackend
+
+    backend = PerSampleBackend(create_backends()["sdpa_cudnn"])
+    call = AttentionCall(device_type="cuda", dtype=torch.bfloat16, head_dim=128, head_dim_v=128, num_heads_q=8,
+                         num_heads_kv=2, packed=True, causal=True, has_mask=False, max_seq_len_q=64, max_seq_len_k=64,
+                         batch_size=2)
+    # (asked about a CPU device, so that no GPU's compute capability enters the answer)
+    assert backend.why_not(call, CPU) == (
+        "causal attention with different query and key lengths needs a mask, which torch's cudnn kernel does not take")
+    assert backend.why_not(call._replace(causal=False), CPU) is None
+    assert backend.why_not(call._replace(packed=False), CPU) == "only takes packed (varlen) batches"

@@ -22,7 +22,7 @@ __all__ = ["ENV_VAR", "FALLBACK_ORDER", "AttentionSelector", "resolve_backend_na
 
 ENV_VAR = "DITSERVE_ATTENTION_BACKEND"
 # Used only where nothing can be measured; fast kernels first, exact-but-slow ones last.
-FALLBACK_ORDER = ("fa4", "flash_attn", "sdpa", "varlen", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "reference")
+FALLBACK_ORDER = ("fa4", "flash_attn", "sdpa", "varlen", "sdpa_cudnn_per_sample", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "reference")
 # Never timed against the fast kernels: they materialise the full score matrix (49 GB at 32k tokens).
 _NOT_TRIALLED = frozenset({"reference", "sdpa_math"})
 

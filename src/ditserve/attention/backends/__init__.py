@@ -7,6 +7,7 @@ from collections.abc import Callable
 from ditserve.attention.backends.base import AttentionBackend, AttentionBackendError, AttentionCall, Capabilities, describe_call
 from ditserve.attention.backends.fa4 import FlashAttention4Backend
 from ditserve.attention.backends.flash_attn import FlashAttnBackend
+from ditserve.attention.backends.per_sample import PerSampleBackend
 from ditserve.attention.backends.reference import ReferenceBackend
 from ditserve.attention.backends.sdpa import SdpaBackend
 from ditserve.attention.backends.varlen import VarlenBackend
@@ -31,6 +32,7 @@ BACKEND_FACTORIES: dict[str, Callable[[], AttentionBackend]] = {
     "sdpa_efficient": lambda: SdpaBackend("efficient"),
     "sdpa_math": lambda: SdpaBackend("math"),
     "varlen": VarlenBackend,
+    "sdpa_cudnn_per_sample": lambda: PerSampleBackend(SdpaBackend("cudnn")),
     "reference": ReferenceBackend,
 }
 

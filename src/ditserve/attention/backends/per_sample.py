@@ -1,0 +1,58 @@
+"""A packed batch as one dense kernel call per sample.
+
+A few long samples (the two prompts of a guided Cosmos3 step, say, which differ in length and so
+cannot stack) lose nothing by running one at a time, and then the fastest dense kernel serves
+them, where the packed (varlen) kernels that install here are slower ones. Many short samples
+lose to launch overhead, so this is one more candidate for `auto` to measure, not a default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ditserve.attention.backends.base import AttentionBackend, AttentionCall
+from ditserve.attention.metadata import AttentionMetadata
+
+
+class PerSampleBackend(AttentionBackend):
+    """`dense` called once per sample of a packed batch; the log-sum-exp too where `dense` returns it."""
+
+    def __init__(self, dense: AttentionBackend) -> None:
+        if not dense.capabilities.dense:
+            raise ValueError(f"{dense.name} takes no dense calls")
+        self.dense = dense
+        self.name = f"{dense.name}_per_sample"
+        caps = dense.capabilities
+        self.capabilities = type(caps)(**{**caps.__dict__, "dense": False, "packed": True, "masks": False})
+
+    def unavailable_reason(self) -> str | None:
+        return self.dense.unavailable_reason()
+
+    def device_reason(self, device: torch.device) -> str | None:
+        return self.dense.device_reason(device)
+
+    def why_not(self, call: AttentionCall, device: torch.device) -> str | None:
+        reason = super().why_not(call, device)
+        if reason is not None:
+            return reason
+        per_sample = call._replace(packed=False, batch_size=1)
+        if call.causal:  # a sample may be cross-attention even where the longest query and key lengths agree
+            per_sample = per_sample._replace(max_seq_len_k=call.max_seq_len_q + 1)
+        return self.dense.why_not(per_sample, device)
+
+    def forward(self, query, key, value, metadata: AttentionMetadata, scale: float, return_lse: bool = False):
+        out = query.new_empty(query.shape[:-1] + value.shape[-1:])
+        lse = query.new_empty(query.shape[:-1], dtype=torch.float32) if return_lse else None
+        extra = {"return_lse": True} if return_lse else {}
+        q0 = k0 = 0
+        for nq, nk in zip(metadata.seq_lens_q, metadata.seq_lens_k):
+            if nq:
+                sample = AttentionMetadata(max_seq_len_q=nq, max_seq_len_k=nk, causal=metadata.causal)
+                result = self.dense.forward(query[None, q0 : q0 + nq], key[None, k0 : k0 + nk],
+                                            value[None, k0 : k0 + nk], sample, scale, **extra)
+                if return_lse:
+                    out[q0 : q0 + nq], lse[q0 : q0 + nq] = result[0][0], result[1][0]
+                else:
+                    out[q0 : q0 + nq] = result[0]
+            q0, k0 = q0 + nq, k0 + nk
+        return (out, lse) if return_lse else out
