@@ -320,7 +320,8 @@ def test_reference_returns_log_sum_exp_dense_and_packed():
         _, want = dense_attention_math(pq[None, rows], pk[None, keys], pk[None, keys], 0.3, return_lse=True)
         assert torch.allclose(plse[rows], want[0])
     assert ReferenceBackend.capabilities.returns_lse
-    assert lse_backend_names() == ["fa4", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "varlen", "reference"]
+    assert lse_backend_names() == ["fa4", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "varlen", "sdpa_cudnn_per_sample",
+                                   "reference"]
 
 
 def test_merging_partials_over_key_blocks_gives_the_whole():
@@ -391,7 +392,7 @@ def test_kv_head_replication_and_head_errors():
 
 def test_ring_refuses_backends_without_log_sum_exp_at_construction():
     for inner in ("sdpa", SdpaBackend(), Attention("sdpa_math")):
-        with pytest.raises(AttentionBackendError, match=r"cannot return it .*Backends that can: \[.fa4., .sdpa_cudnn., .sdpa_flash., .sdpa_efficient., .varlen., .reference.\]"):
+        with pytest.raises(AttentionBackendError, match=r"cannot return it .*Backends that can: \[.fa4., .sdpa_cudnn., .sdpa_flash., .sdpa_efficient., .varlen., .sdpa_cudnn_per_sample., .reference.\]"):
             RingAttention(inner)
     RingAttention()  # auto: chooses among those that can
     RingAttention(Attention("reference"))
