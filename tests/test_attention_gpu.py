@@ -104,8 +104,8 @@ def test_every_lse_backend_returns_the_log_sum_exp(case, causal):
     scale = d**-0.5
     ref, ref_lse = dense_attention_math(q.float(), k.float(), v.float(), scale, causal, return_lse=True)
     dense = AttentionMetadata(causal=causal).filled(q, k)
-    packed = AttentionMetadata.from_lengths([sq] * b, [sk] * b, "cuda", causal=causal)
     flat = [t.flatten(0, 1) for t in (q, k, v)]
+    packed = AttentionMetadata.from_lengths([sq] * b, [sk] * b, "cuda", causal=causal).filled(flat[0], flat[1])
     backends = create_backends()
     tested, failures = [], {}
     for name, backend in backends.items():
