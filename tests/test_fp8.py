@@ -109,7 +109,7 @@ def test_every_family_quantizes_its_blocks_and_stays_close_to_the_exact_model(fa
     b = quantized.generate(**request).frames
     assert np.array_equal(b, quantized.generate(**request).frames)  # deterministic
     psnr = _psnr(a, b)
-    assert 25.0 <= psnr < math.inf, psnr  # changed by FP8, and close
+    assert 30.0 <= psnr < math.inf, psnr  # issue 19's bar for FP8 frames  # changed by FP8, and close
 
 
 def test_a_model_whose_layers_fp8_cannot_take_is_refused(tmp_path: Path):
@@ -159,11 +159,13 @@ def test_gpu_fp8_generation_is_close_to_bf16(compile: bool):
     if fp8_unsupported_reason(torch.device("cuda")) is not None:
         pytest.skip("this GPU has no FP8 tensor cores")
     path = default_model_path()  # 128 wide: every block layer takes the FP8 product
-    request = dict(prompt="a red ball on grass", num_inference_steps=8, seed=3)
+    # A prompt of the model's grammar at its default steps: on a prompt it never learned, the clip is so
+    # sensitive that bf16 alone lands 25 dB from float32 (CPU: FP8 35.7 dB from bf16 here, 16.7 dB there).
+    request = dict(prompt="a red circle moving left on a blue background", seed=3)
     exact = ditserve.Pipeline.from_pretrained(path, device="cuda", dtype="bf16")
     quantized = ditserve.Pipeline.from_pretrained(path, device="cuda", dtype="bf16", quantize="fp8", compile=compile)
     psnr = _psnr(exact.generate(**request).frames, quantized.generate(**request).frames)
-    assert 25.0 <= psnr < math.inf, psnr
+    assert 30.0 <= psnr < math.inf, psnr  # issue 19's bar for FP8 frames
 
 
 def test_eval_tiny_scores_the_quantized_model(capsys: pytest.CaptureFixture[str]):
