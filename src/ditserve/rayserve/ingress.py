@@ -30,7 +30,7 @@ __all__ = ["REFRESH_S", "IngressState"]
 
 log = logging.getLogger("ditserve.rayserve")
 
-REFRESH_S = 0.5
+REFRESH_S = 1.0
 T = TypeVar("T")
 
 

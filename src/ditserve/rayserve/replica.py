@@ -46,7 +46,7 @@ __all__ = ["HEARTBEAT_S", "GeneratorReplica"]
 
 log = logging.getLogger("ditserve.rayserve")
 
-HEARTBEAT_S = 0.5
+HEARTBEAT_S = 1.0
 STOPPING = "the replica is stopping"
 
 
