@@ -4,9 +4,11 @@ For each replica count it starts a real `ditserve serve --ray --replicas N` (a l
 one torch thread and one CPU per replica, the embedded tiny model unless --model), waits until
 every replica reports, pays one-off costs with a small warm-up burst, then sends `--jobs` video
 jobs at once from 8 client threads and times the burst from the first POST until the last job is
-finished, `--rounds` times. All servers run at once and the bursts alternate between them, so
-that load from other work on the machine falls on every replica count alike. Reports jobs/s per replica count (median of the
-rounds) and the speed-up over one replica; every job must complete.
+finished, `--rounds` times, then stops it before the next count starts: an idle Ray cluster beside
+the measured one takes about a seventh of a core (its controller, GCS, proxy and agents), which on
+a small machine falls on the larger replica count, whose replicas use every core. Run it on a
+quiet machine. Reports jobs/s per replica count (median of the rounds), the speed-up over one
+replica and each round's time; every job must complete.
 
     python bench/ray_replicas.py                            # CPU: 1 vs 2 replicas of the tiny model
     python bench/ray_replicas.py --replicas 1,2,4 --model /tmp/wan13 --replica-gpus 1 --size 832x480 --frames 17
@@ -125,27 +127,20 @@ def main() -> int:
     counts = [int(r) for r in args.replicas.split(",")]
     times: dict[int, list[float]] = {n: [] for n in counts}
     spread: dict[int, dict[str, int]] = {}
-    servers: dict[int, tuple[subprocess.Popen, str]] = {}
     with tempfile.TemporaryDirectory(prefix="ditserve-bench-ray-") as scratch:
-        try:
-            for n in counts:  # every server up before any timing: rounds alternate between them, so that load
-                servers[n] = start(n, args, Path(scratch) / str(n))  # from elsewhere falls on all counts alike
-            clients = {n: httpx.Client(base_url=url, timeout=60) for n, (_, url) in servers.items()}
-            for n in counts:
-                burst(clients[n], 4 * n, body, seed=10_000)  # warm-up: first calls, first MP4s
-            for r in range(args.rounds):
-                for n in counts:
-                    elapsed, spread[n] = burst(clients[n], args.jobs, body, seed=r * args.jobs)
-                    times[n].append(elapsed)
-                    print(f"{n} replica(s), round {r + 1}: {args.jobs} jobs in {elapsed:.2f} s "
-                          f"({args.jobs / elapsed:.2f} jobs/s), per replica {sorted(spread[n].values())}",
-                          file=sys.stderr)
-            for client in clients.values():
-                client.close()
-        finally:
-            for proc, _ in servers.values():
+        for n in counts:
+            proc, url = start(n, args, Path(scratch) / str(n))
+            try:
+                with httpx.Client(base_url=url, timeout=60) as client:
+                    burst(client, 4 * n, body, seed=10_000)  # warm-up: first calls, first MP4s
+                    for r in range(args.rounds):
+                        elapsed, spread[n] = burst(client, args.jobs, body, seed=r * args.jobs)
+                        times[n].append(elapsed)
+                        print(f"{n} replica(s), round {r + 1}: {args.jobs} jobs in {elapsed:.2f} s "
+                              f"({args.jobs / elapsed:.2f} jobs/s), per replica {sorted(spread[n].values())}",
+                              file=sys.stderr)
+            finally:
                 proc.send_signal(signal.SIGTERM)
-            for proc, _ in servers.values():
                 proc.wait(120)
     rows = []
     for n in counts:
@@ -162,14 +157,15 @@ def main() -> int:
          f"thread(s) per replica, {'the embedded tiny model' if not args.model else args.model}); each job "
          f"{args.size}, {args.frames} frames, {args.steps} steps; {args.jobs} jobs posted at once from 8 client "
          f"threads, timed from the first POST until all are completed; median of {args.rounds} bursts after a warm-up; "
-         f"all servers up at once, bursts alternating between them."),
+         f"one server at a time."),
         "",
-        "| replicas | burst (s), median | jobs/s | vs 1 replica | jobs per replica (last burst) |",
-        "|---|---|---|---|---|",
+        "| replicas | burst (s), median | jobs/s | vs 1 replica | bursts (s) | jobs per replica (last burst) |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(f"| {row['replicas']} | {row['median_s']:.2f} | {row['jobs_per_s']:.2f} | "
-                     f"{row['jobs_per_s'] / base:.2f}x | {' / '.join(map(str, row['last_spread']))} |")
+                     f"{row['jobs_per_s'] / base:.2f}x | {', '.join(f'{t:.1f}' for t in row['seconds'])} | "
+                     f"{' / '.join(map(str, row['last_spread']))} |")
     publish("\n".join(lines) + "\n", rows, args.markdown, None)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
