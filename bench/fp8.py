@@ -31,6 +31,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--attention-backend", default="auto", help="both models' attention (e.g. fa4 where installed)")
+    parser.add_argument("--fp8-attention", default=None,
+                        help="the FP8 model's attention instead (e.g. triton_fp8: FP8 attention too)")
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -58,7 +60,7 @@ def main() -> int:
     if any(v.startswith("fp8") for v in args.variants.split(",")):
         models["fp8"], _ = build_models(cfg, device, need_diffusers=False)  # seeded: the same weights
         assert torch.equal(models["fp8"].proj_out.weight, bf16.proj_out.weight)
-        models["fp8"].set_attention_backend(args.attention_backend)
+        models["fp8"].set_attention_backend(args.fp8_attention or args.attention_backend)
         print(f"quantized {models['fp8'].quantize_fp8()} linear layers", flush=True)
 
     rows, compiled = [], set()

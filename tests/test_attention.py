@@ -478,3 +478,15 @@ def test_per_sample_backend_refuses_what_its_dense_kernel_refuses():
         "causal attention with different query and key lengths needs a mask, which torch's cudnn kernel does not take")
     assert backend.why_not(call._replace(causal=False), CPU) is None
     assert backend.why_not(call._replace(packed=False), CPU) == "only takes packed (varlen) batches"
+
+
+def test_lossy_fp8_attention_is_pinned_only():
+    """auto picks among exact kernels by speed; the FP8 kernel is a quality trade the user opts into by name."""
+    from ditserve.attention.selector import FALLBACK_ORDER
+
+    fp8 = create_backends()["triton_fp8"]
+    assert fp8.capabilities.lossy and "triton_fp8" not in FALLBACK_ORDER
+    assert all(not create_backends()[name].capabilities.lossy for name in FALLBACK_ORDER)
+    q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(AttentionBackendError, match=r"'triton_fp8' cannot serve this call .*runs on \['cuda'\], not cpu"):
+        Attention("triton_fp8")(q, q, q)

@@ -10,6 +10,7 @@ from ditserve.attention.backends.flash_attn import FlashAttnBackend
 from ditserve.attention.backends.per_sample import PerSampleBackend
 from ditserve.attention.backends.reference import ReferenceBackend
 from ditserve.attention.backends.sdpa import SdpaBackend
+from ditserve.attention.backends.triton_fp8 import TritonFp8Backend
 from ditserve.attention.backends.varlen import VarlenBackend
 
 __all__ = [
@@ -34,6 +35,7 @@ BACKEND_FACTORIES: dict[str, Callable[[], AttentionBackend]] = {
     "varlen": VarlenBackend,
     "sdpa_cudnn_per_sample": lambda: PerSampleBackend(SdpaBackend("cudnn")),
     "reference": ReferenceBackend,
+    "triton_fp8": TritonFp8Backend,  # lossy: pinned only (not in the selector's FALLBACK_ORDER)
 }
 
 

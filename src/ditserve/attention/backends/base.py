@@ -62,6 +62,8 @@ class Capabilities:
     # forward(..., return_lse=True) also returns the log-sum-exp of each query's scaled scores,
     # [batch, seq, heads] (dense) / [total, heads] (packed), float32 or wider: ring attention merges by it.
     returns_lse: bool = False
+    # trades accuracy for speed (FP8 products): pinned by name only, never chosen by `auto`
+    lossy: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 

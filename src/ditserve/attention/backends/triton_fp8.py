@@ -1,0 +1,38 @@
+"""FP8 attention (`kernels.fp8_attention`): pinned by name (`--attention-backend triton_fp8`), never `auto`.
+
+It trades accuracy for speed, so it is a lever the user opts into with its quality measured
+(docs/performance.md), not a kernel `auto` may pick because it times faster. Dense calls only
+(a packed batch would need it per sample), no mask, not causal, head_dim 64 or 128.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ditserve.attention.backends.base import AttentionBackend, Capabilities
+from ditserve.attention.metadata import AttentionMetadata
+from ditserve.kernels import fp8_attention as kernel
+
+
+class TritonFp8Backend(AttentionBackend):
+    name = "triton_fp8"
+    capabilities = Capabilities(
+        devices=frozenset({"cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16}),
+        head_dims=(64, 128),
+        head_dim_multiple=64,
+        causal=False,
+        lossy=True,
+    )
+
+    def unavailable_reason(self) -> str | None:
+        return None if kernel.triton_available() else "Triton is not installed (it ships with CUDA builds of torch)"
+
+    def device_reason(self, device: torch.device) -> str | None:
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            return f"FP8 attention needs FP8 tensor cores (compute capability 8.9 or newer), this GPU is sm{major}{minor}"
+        return None
+
+    def forward(self, query, key, value, metadata: AttentionMetadata, scale: float):
+        return kernel.fp8_attention(query, key, value, scale)

@@ -1,0 +1,161 @@
+"""Attention with FP8 (e4m3) matrix products: a Triton kernel of ours, for Hopper and newer.
+
+Attention is two thirds of a large video DiT's FLOPs, and no FP8 attention kernel for Hopper
+installs from the package index here (FlashAttention-4's FP8 path is Blackwell-only; FA3 needs a
+source build). This one quantizes q and k per block of 128 tokens of one head, v per block of
+tokens too (stored transposed, the layout Hopper's FP8 tensor-core product takes for its second
+operand), and the softmax probabilities per tile (scaled by 2^8 so that small ones keep e4m3's
+precision); both products accumulate in float32, the softmax statistics stay float32. Each key
+channel's mean over the tokens is taken out of k first: softmax does not see it, and the blocks
+left have a smaller range to quantize.
+
+`fp8_attention(q, k, v, scale)` takes ditserve's dense layout `[B, S, H, D]` (grouped-query K/V
+heads allowed, any query and key lengths, no mask, not causal) and returns `[B, Sq, H, D]` in q's
+dtype. It trades a measured amount of accuracy for speed; docs/performance.md has both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["BLOCK", "fp8_attention", "quantize_blocks", "triton_available"]
+
+try:  # Triton ships with CUDA builds of torch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+BLOCK = 128  # tokens per quantization block = the kernel's tile along both sequences
+_P_SCALE = 256.0  # probabilities in [0, 1] times 2^8: e4m3's normal range then reaches down to 2^-14
+_LOG2E = 1.4426950408889634
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _quantize_kernel(x_ptr, out_ptr, scale_ptr, seq, heads, s_b, s_s, s_h, multiplier,
+                         BLOCK_S: tl.constexpr, D: tl.constexpr, TRANSPOSE: tl.constexpr, FP8: tl.constexpr, blocks):
+        """One block of BLOCK_S tokens of one (batch, head): amax -> scale, then e4m3 values (or, without
+        FP8, the values in the output's dtype and scale 1), written `[B, H, S_pad, D]` (or `[B, H, D, S_pad]`
+        with TRANSPOSE); padding rows are zeros."""
+        block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        b, h = bh // heads, bh % heads
+        rows = block * BLOCK_S + tl.arange(0, BLOCK_S)
+        cols = tl.arange(0, D)
+        mask = (rows < seq)[:, None]
+        x = tl.load(x_ptr + b * s_b + h * s_h + rows[:, None].to(tl.int64) * s_s + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32) * multiplier
+        if FP8:
+            scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-30) / 448.0
+            values = (x / scale).to(tl.float8e4nv)
+            tl.store(scale_ptr + bh * blocks + block, scale)
+        else:  # the scales stay the ones the caller filled in
+            values = x.to(out_ptr.dtype.element_ty)
+        padded = blocks * BLOCK_S
+        base = out_ptr + bh * padded * D
+        if TRANSPOSE:
+            tl.store(base + cols[:, None] * padded + rows[None, :], tl.trans(values))
+        else:
+            tl.store(base + rows[:, None] * D + cols[None, :], values)
+
+    @triton.jit
+    def _attend_block(acc, m_i, l_i, q, q_scale, k_ptrs, v_ptrs, k_scale_ptr, v_scale_ptr, start, seq_k,
+                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr, P_SCALE: tl.constexpr):
+        """One key block: scores (log2 units), online softmax, probabilities x V."""
+        k = tl.load(k_ptrs)  # [BLOCK_N, D]
+        s = tl.dot(q, tl.trans(k)) * (q_scale * tl.load(k_scale_ptr))
+        if MASKED:
+            s = tl.where((start + tl.arange(0, BLOCK_N) < seq_k)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptrs)  # [D, BLOCK_N]: v transposed
+        pv = tl.dot((p * P_SCALE).to(v.dtype), tl.trans(v))
+        acc = acc * alpha[:, None] + pv * tl.load(v_scale_ptr)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
+                              seq_q, seq_k, heads, group, q_blocks, k_blocks, full_blocks, o_b, o_s, o_h,
+                              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              P_SCALE: tl.constexpr, TAIL: tl.constexpr):
+        block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        b, h = bh // heads, bh % heads
+        kv = b * (heads // group) + h // group
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, D)
+        q = tl.load(q_ptr + (bh * q_blocks * BLOCK_M + rows[:, None]) * D + cols[None, :])
+        q_scale = tl.load(q_scale_ptr + bh * q_blocks + block)
+        n = tl.arange(0, BLOCK_N)
+        k_ptrs = k_ptr + (kv * k_blocks * BLOCK_N + n[:, None]) * D + cols[None, :]
+        v_ptrs = v_ptr + kv * k_blocks * BLOCK_N * D + cols[:, None] * (k_blocks * BLOCK_N) + n[None, :]
+        k_scales, v_scales = k_scale_ptr + kv * k_blocks, v_scale_ptr + kv * k_blocks
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for j in tl.range(0, full_blocks):
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_scale, k_ptrs + j * BLOCK_N * D, v_ptrs + j * BLOCK_N,
+                                          k_scales + j, v_scales + j, j * BLOCK_N, seq_k, BLOCK_N, False, P_SCALE)
+        if TAIL:  # the last, partly filled key block
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_scale, k_ptrs + full_blocks * BLOCK_N * D,
+                                          v_ptrs + full_blocks * BLOCK_N, k_scales + full_blocks,
+                                          v_scales + full_blocks, full_blocks * BLOCK_N, seq_k, BLOCK_N, True, P_SCALE)
+        out = acc / (l_i * P_SCALE)[:, None]
+        o_ptrs = out_ptr + b * o_b + h * o_h + rows[:, None].to(tl.int64) * o_s + cols[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < seq_q)[:, None])
+
+
+def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
+                    fp8: bool = True) -> tuple[Tensor, Tensor]:
+    """`x` `[B, S, H, D]` (times `multiplier`) -> (e4m3 `[B, H, S_pad, D]`, or `[B, H, D, S_pad]` when
+    `transpose`; float32 scales `[B, H, S_pad / BLOCK]`), S_pad the next multiple of BLOCK. Without `fp8`,
+    the same layout in x's dtype, scales 1."""
+    batch, seq, heads, dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    blocks = -(-seq // BLOCK)
+    shape = (batch, heads, dim, blocks * BLOCK) if transpose else (batch, heads, blocks * BLOCK, dim)
+    out = torch.empty(shape, dtype=torch.float8_e4m3fn if fp8 else x.dtype, device=x.device)
+    scales = (torch.empty if fp8 else torch.ones)((batch, heads, blocks), dtype=torch.float32, device=x.device)
+    _quantize_kernel[(blocks, batch * heads)](x, out, scales, seq, heads, x.stride(0), x.stride(1), x.stride(2),
+                                              multiplier, BLOCK_S=BLOCK, D=dim, TRANSPOSE=transpose, FP8=fp8, blocks=blocks,
+                                              num_warps=4)
+    return out, scales
+
+
+def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool = True, num_warps: int = 8,
+                  num_stages: int = 3) -> Tensor:
+    """softmax(q kᵀ · scale) v with FP8 products; q `[B, Sq, H, D]`, k/v `[B, Sk, Hkv, D]` -> `[B, Sq, H, D]`.
+
+    `fp8_pv=False` keeps the probabilities x V product in q's dtype (only q kᵀ in FP8): about half the
+    error (V's and P's rounding go), about half the FP8 speed-up."""
+    if triton is None:
+        raise RuntimeError("fp8_attention needs Triton (it ships with CUDA builds of torch)")
+    batch, seq_q, heads, dim = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    if dim not in (64, 128) or v.shape[-1] != dim:
+        raise ValueError(f"fp8_attention takes head_dim 64 or 128 for q, k and v, got {dim} and {v.shape[-1]}")
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    q8, q_scales = quantize_blocks(q, scale * _LOG2E)  # scores come out in log2 units: exp2 in the kernel
+    # A key channel's mean adds the same to every score of a query, so softmax ignores it; taking it out
+    # leaves k's blocks a smaller range to quantize (SageAttention's smoothing of K).
+    k8, k_scales = quantize_blocks(k - k.mean(dim=1, keepdim=True, dtype=torch.float32).to(k.dtype))
+    v8, v_scales = quantize_blocks(v, transpose=True, fp8=fp8_pv)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    q_blocks, k_blocks = q8.shape[2] // BLOCK, k8.shape[2] // BLOCK
+    _fp8_attention_kernel[(q_blocks, batch * heads)](
+        q8, k8, v8, q_scales, k_scales, v_scales, out, seq_q, seq_k, heads, heads // kv_heads, q_blocks, k_blocks,
+        seq_k // BLOCK, out.stride(0), out.stride(1), out.stride(2),
+        D=dim, BLOCK_M=BLOCK, BLOCK_N=BLOCK, P_SCALE=_P_SCALE if fp8_pv else 1.0, TAIL=seq_k % BLOCK != 0,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
