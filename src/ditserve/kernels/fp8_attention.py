@@ -134,8 +134,9 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
                   num_stages: int = 3) -> Tensor:
     """softmax(q kᵀ · scale) v with FP8 products; q `[B, Sq, H, D]`, k/v `[B, Sk, Hkv, D]` -> `[B, Sq, H, D]`.
 
-    `fp8_pv=False` keeps the probabilities x V product in q's dtype (only q kᵀ in FP8): about half the
-    error (V's and P's rounding go), about half the FP8 speed-up."""
+    `fp8_pv=False` keeps the probabilities x V product in q's dtype (only q kᵀ in FP8): the rounding of P
+    and V goes, and so does that product's FP8 speed (docs/performance.md measures both). `num_warps` and
+    `num_stages` are Triton's launch options (a benchmark may sweep them)."""
     if triton is None:
         raise RuntimeError("fp8_attention needs Triton (it ships with CUDA builds of torch)")
     batch, seq_q, heads, dim = q.shape
@@ -155,7 +156,6 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
         q8, k8, v8, q_scales, k_scales, v_scales, out, seq_q, seq_k, heads, heads // kv_heads, q_blocks, k_blocks,
         seq_k // BLOCK, out.stride(0), out.stride(1), out.stride(2),
         D=dim, BLOCK_M=BLOCK, BLOCK_N=BLOCK, P_SCALE=_P_SCALE if fp8_pv else 1.0, TAIL=seq_k % BLOCK != 0,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out

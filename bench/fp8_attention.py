@@ -1,0 +1,99 @@
+"""FP8 attention (ours, Triton) against bf16 cuDNN attention at Wan's shapes: TFLOP/s and error, per launch option.
+
+For each shape: torch's cuDNN kernel in bf16 (the exact path `auto` takes there), then
+`kernels.fp8_attention` with both products in FP8 and with only q kᵀ in FP8, over a few
+(num_warps, num_stages) launch options; error = max |out - ref| / max |ref| and mean |out - ref| /
+mean |ref| on the first 512 queries, against float32 math. CUDA events, median of --repeats.
+
+    python bench/fp8_attention.py [--shapes 1.3b,14b] [--markdown docs/performance.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from report import publish, shown_args  # noqa: E402  (bench/report.py)
+
+SHAPES = {  # name -> (heads, tokens, head_dim): Wan2.1 self-attention, one sample
+    "1.3b": (12, 32760, 128),
+    "14b": (40, 75600, 128),
+}
+LAUNCH = ((8, 3), (8, 4), (4, 3), (8, 2))
+
+
+def time_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="1.3b,14b")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--markdown")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/fp8_attention.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from ditserve.attention.backends.reference import dense_attention_math
+    from ditserve.attention.backends.sdpa import SdpaBackend
+    from ditserve.attention.metadata import AttentionMetadata
+    from ditserve.kernels.fp8_attention import fp8_attention
+
+    cudnn = SdpaBackend("cudnn")
+    rows = []
+    for name in args.shapes.split(","):
+        heads, tokens, dim = SHAPES[name]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, tokens, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+        scale, flops = dim**-0.5, 4.0 * heads * tokens * tokens * dim
+        ref = dense_attention_math(q[:, :512].float(), k.float(), v.float(), scale, False)
+        md = AttentionMetadata.dense_for(q, k)
+        runs = {"bf16 cuDNN": lambda: cudnn.forward(q, k, v, md, scale)}
+        for pv in (True, False):
+            for warps, stages in LAUNCH:
+                runs[f"fp8 {'q·k + p·v' if pv else 'q·k only'}, {warps} warps, {stages} stages"] = (
+                    lambda pv=pv, w=warps, s=stages: fp8_attention(q, k, v, scale, fp8_pv=pv, num_warps=w, num_stages=s))
+        for variant, run in runs.items():
+            try:
+                out = run()
+                ms = time_ms(run, args.repeats)
+            except Exception as err:  # noqa: BLE001 - a launch option that does not fit is a result
+                print(f"{name} {variant}: {type(err).__name__}: {str(err)[:160]}", flush=True)
+                continue
+            err = (out[:, :512].float() - ref).abs()
+            row = {"shape": name, "variant": variant, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12,
+                   "max_err": (err.max() / ref.abs().max()).item(), "mean_err": (err.mean() / ref.abs().mean()).item()}
+            rows.append(row)
+            print(row, flush=True)
+            del out
+    lines = [f"#### FP8 attention (ours) vs bf16 cuDNN, Wan2.1 self-attention shapes — {datetime.date.today()}, "
+             f"{torch.cuda.get_device_name()}, torch {torch.__version__}", "",
+             f"Command: `python bench/fp8_attention.py {shown_args()}`. Random inputs, one sample; errors on the first "
+             "512 queries against float32 math.", "",
+             "| shape | variant | ms | TFLOP/s | vs bf16 cuDNN | max err | mean err |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        base = next(r for r in rows if r["shape"] == row["shape"] and r["variant"] == "bf16 cuDNN")
+        lines.append(f"| {row['shape']} | {row['variant']} | {row['ms']:.1f} | {row['tflops']:.0f} | "
+                     f"{base['ms'] / row['ms']:.2f}x | {row['max_err']:.2e} | {row['mean_err']:.2e} |")
+    publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
