@@ -88,9 +88,10 @@ def main() -> int:
              "512 queries against float32 math.", "",
              "| shape | variant | ms | TFLOP/s | vs bf16 cuDNN | max err | mean err |", "|---|---|---|---|---|---|---|"]
     for row in rows:
-        base = next(r for r in rows if r["shape"] == row["shape"] and r["variant"] == "bf16 cuDNN")
-        lines.append(f"| {row['shape']} | {row['variant']} | {row['ms']:.1f} | {row['tflops']:.0f} | "
-                     f"{base['ms'] / row['ms']:.2f}x | {row['max_err']:.2e} | {row['mean_err']:.2e} |")
+        base = next((r for r in rows if r["shape"] == row["shape"] and r["variant"] == "bf16 cuDNN"), None)
+        speed = "–" if base is None else f"{base['ms'] / row['ms']:.2f}x"
+        lines.append(f"| {row['shape']} | {row['variant']} | {row['ms']:.1f} | {row['tflops']:.0f} | {speed} | "
+                     f"{row['max_err']:.2e} | {row['mean_err']:.2e} |")
     publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
     return 0
 

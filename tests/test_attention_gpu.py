@@ -127,7 +127,7 @@ def test_every_lse_backend_returns_the_log_sum_exp(case, causal):
     assert failures == {}, f"over {TOL}: {failures} (tested {tested})"
 
 
-@pytest.mark.parametrize("case", ["self", "cross", "gqa-cross", "wan-14b-heads"])
+@pytest.mark.parametrize("case", ["self", "cross", "gqa", "gqa-cross", "wan-14b-heads"])
 @pytest.mark.parametrize("fp8_pv", [True, False], ids=["fp8-pv", "bf16-pv"])
 def test_fp8_attention_against_float32_math(case, fp8_pv):
     """The lossy FP8 kernel (pinned only) against float32 math: dense, cross, grouped-query, key lengths
@@ -153,3 +153,6 @@ def test_fp8_attention_against_float32_math(case, fp8_pv):
     assert torch.equal(out, fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv))  # deterministic
     if fp8_pv:
         assert torch.equal(Attention("triton_fp8")(q, k, v), out)  # the pinned backend is this kernel
+        md = AttentionMetadata.from_lengths([sq] * b, [sk] * b, "cuda")  # packed: one kernel call per sample
+        packed = Attention("triton_fp8")(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), md)
+        assert torch.equal(packed, out.flatten(0, 1))

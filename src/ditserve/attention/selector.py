@@ -142,9 +142,8 @@ class AttentionSelector:
         Not memoised: `backend_for` and the parallel wrappers keep their own memo.
         """
         reasons = self.capable(call, device)
-        able = [name for name in FALLBACK_ORDER  # (a lossy backend, such as FP8, is never chosen for speed)
-                if reasons[name] is None and not self._backends[name].capabilities.lossy
-                and (not needs_lse or self._backends[name].capabilities.returns_lse)]
+        able = [name for name in FALLBACK_ORDER  # (it lists no lossy backend, such as FP8: never chosen for speed)
+                if reasons[name] is None and (not needs_lse or self._backends[name].capabilities.returns_lse)]
         if not able:
             detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
             raise AttentionBackendError(f"no attention backend can serve this call ({_describe(call)}): {detail}")

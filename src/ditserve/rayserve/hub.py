@@ -41,7 +41,7 @@ __all__ = ["GENERATOR", "LIVE_S", "REPLICA_DIED", "JobHub"]
 log = logging.getLogger("ditserve.rayserve")
 
 GENERATOR = "Generator"  # the generator deployment's name
-LIVE_S = 3.0  # a replica not heard from for this long is no longer counted
+LIVE_S = 5.0  # a replica not heard from for this long is no longer counted (5 heartbeats: busy cores delay some)
 REDISPATCH_PAUSE_S = 0.5  # before sending again a job a replica declined (it was shutting down)
 REPLICA_DIED = ("replica_died", ("the replica running this job stopped (its process or node was lost) {n} time(s); "
                                  "submit it again"))
