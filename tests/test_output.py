@@ -121,3 +121,24 @@ def test_generation_output_save(tmp_path: Path) -> None:
     assert out.save(tmp_path / "a.gif", fps=4) == tmp_path / "a.gif"
     with pytest.raises(ValueError, match="fps must be a positive number"):
         out.save(tmp_path / "b.gif", fps=0)
+
+
+def test_mp4_frame_count_is_read_from_the_boxes_and_a_cut_file_is_incomplete(tmp_path: Path) -> None:
+    """The server's completeness check counts an MP4's video samples in-process; it agrees with ffmpeg's
+    count and refuses a file cut anywhere, a file of zeros and a wrong frame count, naming the file."""
+    from ditserve.server.output_check import IncompleteOutput, check_output, mp4_video_frames
+
+    path = write_frames(tmp_path / "clip.mp4", np.random.default_rng(0).random((17, 32, 48, 3)), fps=16)
+    assert mp4_video_frames(path) == imageio_ffmpeg.count_frames_and_secs(str(path))[0] == 17
+    check_output(path, num_frames=17, width=48, height=32)
+    with pytest.raises(IncompleteOutput, match=r"clip.mp4: 17 frame\(s\) in its video track, expected 21"):
+        check_output(path, num_frames=21, width=48, height=32)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    for size in (len(data) - 1, len(data) // 2, 40, 7):
+        cut.write_bytes(data[:size])
+        with pytest.raises(IncompleteOutput, match=r"cut.mp4: .*(runs past the end|cut short|not a whole MP4)"):
+            mp4_video_frames(cut)
+    cut.write_bytes(bytes(261))
+    with pytest.raises(IncompleteOutput, match="cut.mp4: not a whole MP4"):
+        check_output(cut, num_frames=17, width=48, height=32)
