@@ -140,3 +140,31 @@ def test_client_waits_while_the_server_loads(tiny_pipeline: Any, tmp_path: Path)
         assert loading.value.status_code == 503
         threading.Timer(0.2, loaded.set).start()
         assert client.wait_ready(timeout=30, poll_interval=0.05)["status"] == "ok"
+
+
+def test_files_of_a_batch_are_written_at_once(tiny_pipeline: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs that finish in one packed step have their files written side by side (`runner.WRITERS`), not
+    one after another: each write here takes 0.3 s longer, and the writes of 4 jobs overlap."""
+    from ditserve.server import runner
+
+    active, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow_write(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            threading.Event().wait(0.3)
+            return write(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    write = runner.write_output
+    monkeypatch.setattr(runner, "write_output", slow_write)
+    with serve_in_thread(create_app(tiny_pipeline, ServerSettings(output_dir=tmp_path))) as url, Client(url) as client:
+        jobs = [client.create_video("a red ball", **{**SMALL, "seed": i}) for i in range(4)]
+        done = [client.wait(job["id"], timeout=60) for job in jobs]
+    assert [d["status"] for d in done] == ["completed"] * 4
+    assert runner.WRITERS >= 4 and most[0] >= 2, most[0]  # the jobs batch, so their writes meet

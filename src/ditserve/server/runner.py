@@ -14,7 +14,7 @@ job at a time. Around the engine this module keeps what the server promises:
   starts), with step i of n from the engine's per-request callback;
 - cancel: a waiting job's future is cancelled at once (it never reaches the model); a running
   one stops at the next step boundary;
-- outputs: finished frames are checked and written atomically on a writer thread, so encoding
+- outputs: finished frames are checked and written atomically on writer threads (`WRITERS` at once), so encoding
   an MP4 never holds up the batch.
 
 The HTTP layer only calls `submit`, `cancel`, `stats`, `close` and `join`; the server state calls
@@ -47,6 +47,10 @@ if TYPE_CHECKING:  # torch is imported only once the model loads
 __all__ = ["JobRunner", "QueueFull", "RequestTooLarge", "RunnerClosed"]
 
 log = logging.getLogger("ditserve.server")
+
+# Files written at once. The requests of one packed step finish together; with one writer, each image's
+# PNG encode (or video's MP4 encode and check) waited for all before it, a tail after the batch's last step.
+WRITERS = 4
 
 
 class QueueFull(Exception):
@@ -95,7 +99,8 @@ class JobRunner:
         self._durations: deque[float] = deque(maxlen=16)
         self._engine: BatchingEngine | None = None
         self._outputs: queue.SimpleQueue[tuple[Job, GenerationOutput] | None] = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write_outputs, name="ditserve-writer", daemon=True)
+        self._writers = [threading.Thread(target=self._write_outputs, name=f"ditserve-writer-{i}", daemon=True)
+                         for i in range(WRITERS)]
 
     def start(self, pipeline: Family, leader: Leader | None = None) -> None:
         """Build the engine over the loaded pipeline (its default budget needs the model in memory) and start it.
@@ -112,7 +117,8 @@ class JobRunner:
             if self._closed:
                 return
             self._engine = engine
-        self._writer.start()
+        for writer in self._writers:
+            writer.start()
         engine.start()
         log.info("batching: at most %s jobs and %d tokens per step", self._max_batch_size or "any number of",
                  engine.max_batch_tokens)
@@ -218,11 +224,12 @@ class JobRunner:
         engine = self._engine
         if engine is not None and not engine.stop(cancel=True, timeout=timeout):
             return False
-        if not self._writer.is_alive():
-            return True
-        self._outputs.put(None)  # after the engine's last output: the writer drains and exits
-        self._writer.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not self._writer.is_alive()
+        alive = [writer for writer in self._writers if writer.is_alive()]
+        for _ in alive:  # after the engine's last output: the writers drain the queue, and each exits at a None
+            self._outputs.put(None)
+        for writer in alive:
+            writer.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(writer.is_alive() for writer in self._writers)
 
     # -- engine and writer threads ----------------------------------------------------------
 
