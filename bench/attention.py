@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from ditserve.attention import Attention, AttentionMetadata, AttentionSelector
 from ditserve.attention.backends import create_backends, describe_call
 from ditserve.attention.backends.reference import dense_attention_math
 from report import publish  # bench/report.py
+from wan import time_ms  # bench/wan.py
 
 SLOW = {"reference", "sdpa_math"}  # materialise Sq x Sk scores: out of reach at these sizes
 
@@ -83,20 +83,6 @@ def check(out: torch.Tensor, q, k, v, shape: Shape) -> float:
     return worst
 
 
-def time_ms(fn, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
-
-
 def run_shape(shape: Shape, device: torch.device, repeats: int) -> dict:
     q, k, v, md = make_inputs(shape, device, torch.bfloat16, seed=0)
     filled = (md or AttentionMetadata.dense_for(q, k)).filled(q, k)
@@ -113,7 +99,7 @@ def run_shape(shape: Shape, device: torch.device, repeats: int) -> dict:
         try:
             out = layer(q, k, v, md)
             row["errors"][name] = check(out, q, k, v, shape)
-            ms = time_ms(lambda: layer(q, k, v, md), repeats)
+            ms = time_ms(lambda: layer(q, k, v, md), repeats, warmup=1)
         except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch here is a result
             row["skipped"][name] = f"failed: {str(err).splitlines()[0][:160]}"
             continue
@@ -124,7 +110,7 @@ def run_shape(shape: Shape, device: torch.device, repeats: int) -> dict:
     auto = Attention(selector=selector)
     out = auto(q, k, v, md)  # first call: the selector's timed trial for this shape bucket
     row["errors"]["auto"] = check(out, q, k, v, shape)
-    ms = time_ms(lambda: auto(q, k, v, md), repeats)
+    ms = time_ms(lambda: auto(q, k, v, md), repeats, warmup=1)
     row["tflops"]["auto"] = shape.flops / (ms * 1e-3) / 1e12
     row["auto_choice"] = next(iter(selector.choices.values()))
     lossy = {n for n, b in create_backends().items() if b.capabilities.lossy}

@@ -12,32 +12,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from report import publish, shown_args  # noqa: E402  (bench/report.py)
+from wan import time_ms  # noqa: E402  (bench/wan.py)
 
 SHAPES = {  # name -> (heads, tokens, head_dim): Wan2.1 self-attention, one sample
     "1.3b": (12, 32760, 128),
     "14b": (40, 75600, 128),
 }
 LAUNCH = ((8, 3), (8, 4), (4, 3), (8, 2))
-
-
-def time_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -72,7 +59,7 @@ def main() -> int:
         for variant, run in runs.items():
             try:
                 out = run()
-                ms = time_ms(run, args.repeats)
+                ms = time_ms(run, args.repeats, warmup=1)
             except Exception as err:  # noqa: BLE001 - a launch option that does not fit is a result
                 print(f"{name} {variant}: {type(err).__name__}: {str(err)[:160]}", flush=True)
                 continue

@@ -8,6 +8,9 @@ lose to launch overhead, so this is one more candidate for `auto` to measure, no
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from ditserve.attention.backends.base import AttentionBackend, AttentionCall
@@ -41,18 +44,29 @@ class PerSampleBackend(AttentionBackend):
         return self.dense.why_not(per_sample, device)
 
     def forward(self, query, key, value, metadata: AttentionMetadata, scale: float, return_lse: bool = False):
-        out = query.new_empty(query.shape[:-1] + value.shape[-1:])
-        lse = query.new_empty(query.shape[:-1], dtype=torch.float32) if return_lse else None
         extra = {"return_lse": True} if return_lse else {}
-        q0 = k0 = 0
-        for nq, nk in zip(metadata.seq_lens_q, metadata.seq_lens_k):
-            if nq:
-                sample = AttentionMetadata(max_seq_len_q=nq, max_seq_len_k=nk, causal=metadata.causal)
-                result = self.dense.forward(query[None, q0 : q0 + nq], key[None, k0 : k0 + nk],
-                                            value[None, k0 : k0 + nk], sample, scale, **extra)
-                if return_lse:
-                    out[q0 : q0 + nq], lse[q0 : q0 + nq] = result[0][0], result[1][0]
-                else:
-                    out[q0 : q0 + nq] = result[0]
-            q0, k0 = q0 + nq, k0 + nk
-        return (out, lse) if return_lse else out
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+            sample = AttentionMetadata(max_seq_len_q=q.shape[1], max_seq_len_k=k.shape[1], causal=metadata.causal)
+            return self.dense.forward(q, k, v, sample, scale, **extra)
+
+        return per_sample(attend, query, key, value, metadata, return_lse)
+
+
+def per_sample(attend: Callable[..., Any], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               metadata: AttentionMetadata, return_lse: bool = False):
+    """A packed batch through `attend(q, k, v)` once per sample, on `[1, n, heads, dim]` slices (dense
+    layout); `attend` returns the output, or (output, log-sum-exp) with `return_lse`. The packed output
+    (and log-sum-exp, float32 or wider)."""
+    out = query.new_empty(query.shape[:-1] + value.shape[-1:])
+    lse = query.new_empty(query.shape[:-1], dtype=torch.promote_types(query.dtype, torch.float32)) if return_lse else None
+    q0 = k0 = 0
+    for nq, nk in zip(metadata.seq_lens_q, metadata.seq_lens_k):
+        if nq:
+            result = attend(query[None, q0 : q0 + nq], key[None, k0 : k0 + nk], value[None, k0 : k0 + nk])
+            if return_lse:
+                out[q0 : q0 + nq], lse[q0 : q0 + nq] = result[0][0], result[1][0]
+            else:
+                out[q0 : q0 + nq] = result[0]
+        q0, k0 = q0 + nq, k0 + nk
+    return (out, lse) if return_lse else out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ditserve.attention.backends.base import AttentionBackend, Capabilities
+from ditserve.attention.backends.per_sample import per_sample
 from ditserve.attention.metadata import AttentionMetadata
 
 
@@ -62,18 +63,5 @@ class ReferenceBackend(AttentionBackend):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not metadata.packed:
             return dense_attention_math(query, key, value, scale, metadata.causal, metadata.attn_mask, return_lse=return_lse)
-        out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
-        lse = query.new_full(query.shape[:-1], float("-inf"), dtype=torch.promote_types(query.dtype, torch.float32)) if return_lse else None
-        q0 = k0 = 0
-        for nq, nk in zip(metadata.seq_lens_q, metadata.seq_lens_k):
-            if nq:
-                result = dense_attention_math(
-                    query[None, q0 : q0 + nq], key[None, k0 : k0 + nk], value[None, k0 : k0 + nk], scale, metadata.causal,
-                    return_lse=return_lse,
-                )
-                if return_lse:
-                    out[q0 : q0 + nq], lse[q0 : q0 + nq] = result[0][0], result[1][0]
-                else:
-                    out[q0 : q0 + nq] = result[0]
-            q0, k0 = q0 + nq, k0 + nk
-        return (out, lse) if return_lse else out
+        return per_sample(lambda q, k, v: dense_attention_math(q, k, v, scale, metadata.causal, return_lse=return_lse),
+                          query, key, value, metadata, return_lse)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ditserve.attention.backends.base import AttentionBackend, Capabilities
+from ditserve.attention.backends.per_sample import per_sample
 from ditserve.attention.backends.reference import ReferenceBackend
 from ditserve.attention.metadata import AttentionMetadata
 
@@ -91,18 +92,12 @@ class VarlenBackend(AttentionBackend):
 
     @staticmethod
     def _per_segment(query, key, value, metadata, scale):
-        out = query.new_zeros(query.shape[:-1] + (value.shape[-1],))
-        group = query.shape[1] // key.shape[1]
-        q0 = k0 = 0
-        for nq, nk in zip(metadata.seq_lens_q, metadata.seq_lens_k):
-            if nq:
-                q = query[q0 : q0 + nq].transpose(0, 1)
-                k = key[k0 : k0 + nk].transpose(0, 1).repeat_interleave(group, dim=0)
-                v = value[k0 : k0 + nk].transpose(0, 1).repeat_interleave(group, dim=0)
-                mask = None
-                if metadata.causal:
-                    mask = torch.ones(nq, nk, dtype=torch.bool, device=query.device).tril(diagonal=nk - nq)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-                out[q0 : q0 + nq] = o.nan_to_num(0.0).transpose(0, 1)
-            q0, k0 = q0 + nq, k0 + nk
-        return out
+        def attend(q, k, v):  # one sample, [1, n, heads, dim]
+            group = q.shape[2] // k.shape[2]
+            q = q.transpose(1, 2)
+            k, v = (x.transpose(1, 2).repeat_interleave(group, dim=1) for x in (k, v))
+            nq, nk = q.shape[2], k.shape[2]
+            mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(diagonal=nk - nq) if metadata.causal else None
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).nan_to_num(0.0).transpose(1, 2)
+
+        return per_sample(attend, query, key, value, metadata)
