@@ -3,12 +3,9 @@
 Random weights from the published FLUX.1-dev transformer config (bf16), one 1024x1024 image
 (4,096 image tokens + 512 T5 tokens), guidance embedding on. Per variant: median of --repeats
 after warm-up, peak memory, MFU against the bf16 matrix rate measured in this run, and the
-attention backends `auto` chose. A variant is `LIB:BACKEND[:compile|:graphs]`; `graphs` compiles the
-blocks again with CUDA graphs (inductor's `triton.cudagraphs`; diffusers: `mode="reduce-overhead"`), which
-takes the host's launch gaps out (the compiled forward's GPU idles 8.7 ms of 128 between kernels).
+attention backends `auto` chose. A variant is `LIB:BACKEND[:compile]`.
 
     python bench/flux.py --markdown docs/performance.md
-    python bench/flux.py --variants ditserve:auto:compile,ditserve:auto:graphs,diffusers:native:compile,diffusers:native:graphs
 """
 
 from __future__ import annotations
@@ -93,18 +90,18 @@ def main() -> int:
     print(f"{flops / 1e12:.1f} TFLOP per forward; bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
 
     variants = [(v.split(":") + [""])[:3] for v in args.variants.split(",")]
-    variants.sort(key=lambda v: ("", "compile", "graphs").index(v[2]))  # compiling is in place: eager rows first
+    variants.sort(key=lambda v: v[2] == "compile")  # compiling is in place: eager rows first
     rows, outputs, compiled = [], {}, set()
     for lib, backend, mode in variants:
         model = ours if lib == "ditserve" else theirs
         try:
             model.set_attention_backend(backend)
-            if mode and (lib, mode) not in compiled:  # graphs: compiled again, with CUDA graphs (no launch gaps)
+            if mode and lib not in compiled:
                 if lib == "ditserve":
-                    model.compile_blocks(**({"options": {"triton.cudagraphs": True}} if mode == "graphs" else {}))
+                    model.compile_blocks()
                 else:
-                    model.compile_repeated_blocks(fullgraph=True, **({"mode": "reduce-overhead"} if mode == "graphs" else {}))
-                compiled.add((lib, mode))
+                    model.compile_repeated_blocks(fullgraph=True)
+                compiled.add(lib)
         except Exception as err:  # noqa: BLE001 - a peer's backend missing here is a result
             print(f"skip {lib}:{backend}: {err}", flush=True)
             continue
@@ -116,7 +113,7 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats()
             ms = time_ms(run, args.repeats, warmup=3 if mode else 2)
             outputs[(lib, backend, mode)] = run().float()
-        label = {"": "", "compile": ", compiled", "graphs": ", compiled, CUDA graphs"}[mode]
+        label = ", compiled" if mode else ""
         row = {"variant": f"{lib} ({backend}{label})", "forward_ms": ms,
                "mfu": flops / (ms * 1e-3) / rate, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
         if lib == "ditserve":

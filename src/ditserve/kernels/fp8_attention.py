@@ -28,7 +28,9 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 BLOCK = 128  # tokens per quantization block = the kernel's tile along both sequences
-_P_SCALE = 256.0  # probabilities in [0, 1] times 2^8: e4m3's normal range then reaches down to 2^-14
+_P_LOG2 = 8  # probabilities in [0, 1] times 2^8: e4m3's normal range then reaches down to 2^-14
+_ONE_WARPGROUP_PROGRAMS = 16384  # between Wan 1.3B's 3,072 tiles (8 warps faster) and 14B's 23,640 (4 faster)
+_V_AMAX_FLOOR = 1e-6  # a V block's amax floor: bounds the ratio of two blocks' scales in the kernel's rescale
 _LOG2E = 1.4426950408889634
 
 
@@ -39,7 +41,7 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _quantize_kernel(x_ptr, out_ptr, scale_ptr, seq, heads, s_b, s_s, s_h, multiplier,
+    def _quantize_kernel(x_ptr, out_ptr, scale_ptr, seq, heads, s_b, s_s, s_h, multiplier, amax_floor,
                          BLOCK_S: tl.constexpr, D: tl.constexpr, TRANSPOSE: tl.constexpr, FP8: tl.constexpr, blocks):
         """One block of BLOCK_S tokens of one (batch, head): amax -> scale, then e4m3 values (or, without
         FP8, the values in the output's dtype and scale 1), written `[B, H, S_pad, D]` (or `[B, H, D, S_pad]`
@@ -52,7 +54,7 @@ if triton is not None:
         x = tl.load(x_ptr + b * s_b + h * s_h + rows[:, None].to(tl.int64) * s_s + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32) * multiplier
         if FP8:
-            scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-30) / 448.0
+            scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), amax_floor) / 448.0
             values = (x / scale).to(tl.float8e4nv)
             tl.store(scale_ptr + bh * blocks + block, scale)
         else:  # the scales stay the ones the caller filled in
@@ -65,27 +67,34 @@ if triton is not None:
             tl.store(base + rows[:, None] * D + cols[None, :], values)
 
     @triton.jit
-    def _attend_block(acc, m_i, l_i, q, q_scale, k_ptrs, v_ptrs, k_scale_ptr, v_scale_ptr, start, seq_k,
-                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr, P_SCALE: tl.constexpr):
-        """One key block: scores (log2 units), online softmax, probabilities x V."""
+    def _attend_block(acc, m_i, l_i, v_prev, q, q_scale, k_ptrs, v_ptrs, k_scale_ptr, v_scale_ptr, start, seq_k,
+                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr, P_LOG2: tl.constexpr):
+        """One key block: scores, online softmax (log2 units), probabilities x V accumulated by the product.
+
+        Few passes over the [BLOCK_M, BLOCK_N] tile, because the softmax's elementwise work, not the
+        FP8 products, bounds this kernel: the scale of the scores rides in one fused multiply-add
+        with the row maximum, and 2^P_LOG2 of the probabilities' scaling in the exponent. `acc`
+        is kept in units of the current V block's scale (`v_prev`), so the P·V product adds into
+        it directly; the rescale to a new block's scale is one factor per row."""
         k = tl.load(k_ptrs)  # [BLOCK_N, D]
-        s = tl.dot(q, tl.trans(k)) * (q_scale * tl.load(k_scale_ptr))
+        raw = tl.dot(q, tl.trans(k))
         if MASKED:
-            s = tl.where((start + tl.arange(0, BLOCK_N) < seq_k)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            raw = tl.where((start + tl.arange(0, BLOCK_N) < seq_k)[None, :], raw, float("-inf"))
+        qk_scale = q_scale * tl.load(k_scale_ptr)
+        m_new = tl.maximum(m_i, tl.max(raw, axis=1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.math.exp2(raw * qk_scale - (m_new - P_LOG2)[:, None])  # 2^P_LOG2 x the probabilities
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_scale = tl.load(v_scale_ptr)
         v = tl.load(v_ptrs)  # [D, BLOCK_N]: v transposed
-        pv = tl.dot((p * P_SCALE).to(v.dtype), tl.trans(v))
-        acc = acc * alpha[:, None] + pv * tl.load(v_scale_ptr)
-        return acc, m_new, l_i
+        acc = tl.dot(p.to(v.dtype), tl.trans(v), acc * (alpha * (v_prev / v_scale))[:, None])
+        return acc, m_new, l_i, v_scale
 
     @triton.jit
     def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
                               seq_q, seq_k, heads, group, q_blocks, k_blocks, full_blocks, o_b, o_s, o_h,
                               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              P_SCALE: tl.constexpr, TAIL: tl.constexpr):
+                              P_LOG2: tl.constexpr, TAIL: tl.constexpr):
         block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // heads, bh % heads
         kv = b * (heads // group) + h // group
@@ -100,20 +109,23 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
+        v_prev = tl.load(v_scales)  # acc's unit: the scale of the last V block added
         for j in tl.range(0, full_blocks):
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_scale, k_ptrs + j * BLOCK_N * D, v_ptrs + j * BLOCK_N,
-                                          k_scales + j, v_scales + j, j * BLOCK_N, seq_k, BLOCK_N, False, P_SCALE)
+            acc, m_i, l_i, v_prev = _attend_block(acc, m_i, l_i, v_prev, q, q_scale, k_ptrs + j * BLOCK_N * D,
+                                                  v_ptrs + j * BLOCK_N, k_scales + j, v_scales + j, j * BLOCK_N, seq_k,
+                                                  BLOCK_N, False, P_LOG2)
         if TAIL:  # the last, partly filled key block
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, q_scale, k_ptrs + full_blocks * BLOCK_N * D,
-                                          v_ptrs + full_blocks * BLOCK_N, k_scales + full_blocks,
-                                          v_scales + full_blocks, full_blocks * BLOCK_N, seq_k, BLOCK_N, True, P_SCALE)
-        out = acc / (l_i * P_SCALE)[:, None]
+            acc, m_i, l_i, v_prev = _attend_block(acc, m_i, l_i, v_prev, q, q_scale, k_ptrs + full_blocks * BLOCK_N * D,
+                                                  v_ptrs + full_blocks * BLOCK_N, k_scales + full_blocks,
+                                                  v_scales + full_blocks, full_blocks * BLOCK_N, seq_k, BLOCK_N, True,
+                                                  P_LOG2)
+        out = acc * (v_prev / l_i)[:, None]
         o_ptrs = out_ptr + b * o_b + h * o_h + rows[:, None].to(tl.int64) * o_s + cols[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < seq_q)[:, None])
 
 
 def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
-                    fp8: bool = True) -> tuple[Tensor, Tensor]:
+                    fp8: bool = True, amax_floor: float = 1e-30) -> tuple[Tensor, Tensor]:
     """`x` `[B, S, H, D]` (times `multiplier`) -> (e4m3 `[B, H, S_pad, D]`, or `[B, H, D, S_pad]` when
     `transpose`; float32 scales `[B, H, S_pad / BLOCK]`), S_pad the next multiple of BLOCK. Without `fp8`,
     the same layout in x's dtype, scales 1."""
@@ -125,12 +137,12 @@ def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
     out = torch.empty(shape, dtype=torch.float8_e4m3fn if fp8 else x.dtype, device=x.device)
     scales = (torch.empty if fp8 else torch.ones)((batch, heads, blocks), dtype=torch.float32, device=x.device)
     _quantize_kernel[(blocks, batch * heads)](x, out, scales, seq, heads, x.stride(0), x.stride(1), x.stride(2),
-                                              multiplier, BLOCK_S=BLOCK, D=dim, TRANSPOSE=transpose, FP8=fp8, blocks=blocks,
-                                              num_warps=4)
+                                              multiplier, amax_floor, BLOCK_S=BLOCK, D=dim, TRANSPOSE=transpose, FP8=fp8,
+                                              blocks=blocks, num_warps=4)
     return out, scales
 
 
-def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool = True, num_warps: int = 8,
+def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool = True, num_warps: int | None = None,
                   num_stages: int = 3) -> Tensor:
     """softmax(q kᵀ · scale) v with FP8 products; q `[B, Sq, H, D]`, k/v `[B, Sk, Hkv, D]` -> `[B, Sq, H, D]`.
 
@@ -149,13 +161,15 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
     # A key channel's mean adds the same to every score of a query, so softmax ignores it; taking it out
     # leaves k's blocks a smaller range to quantize (SageAttention's smoothing of K).
     k8, k_scales = quantize_blocks(k - k.mean(dim=1, keepdim=True, dtype=torch.float32).to(k.dtype))
-    v8, v_scales = quantize_blocks(v, transpose=True, fp8=fp8_pv)
+    v8, v_scales = quantize_blocks(v, transpose=True, fp8=fp8_pv, amax_floor=_V_AMAX_FLOOR)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     q_blocks, k_blocks = q8.shape[2] // BLOCK, k8.shape[2] // BLOCK
+    if num_warps is None:  # measured on an H200 (docs/performance.md): one warp group wins on large grids only
+        num_warps = 4 if q_blocks * batch * heads >= _ONE_WARPGROUP_PROGRAMS else 8
     _fp8_attention_kernel[(q_blocks, batch * heads)](
         q8, k8, v8, q_scales, k_scales, v_scales, out, seq_q, seq_k, heads, heads // kv_heads, q_blocks, k_blocks,
         seq_k // BLOCK, out.stride(0), out.stride(1), out.stride(2),
-        D=dim, BLOCK_M=BLOCK, BLOCK_N=BLOCK, P_SCALE=_P_SCALE if fp8_pv else 1.0, TAIL=seq_k % BLOCK != 0,
+        D=dim, BLOCK_M=BLOCK, BLOCK_N=BLOCK, P_LOG2=_P_LOG2 if fp8_pv else 0, TAIL=seq_k % BLOCK != 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
