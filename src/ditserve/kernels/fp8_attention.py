@@ -93,15 +93,15 @@ if triton is not None:
     @triton.jit
     def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
                               seq_q, seq_k, heads, group, q_blocks, k_blocks, full_blocks, o_b, o_s, o_h,
-                              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr,
                               P_LOG2: tl.constexpr, TAIL: tl.constexpr):
         block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // heads, bh % heads
         kv = b * (heads // group) + h // group
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, D)
-        q = tl.load(q_ptr + (bh * q_blocks * BLOCK_M + rows[:, None]) * D + cols[None, :])
-        q_scale = tl.load(q_scale_ptr + bh * q_blocks + block)
+        q = tl.load(q_ptr + (bh * q_blocks * Q_BLOCK + rows[:, None]) * D + cols[None, :])
+        q_scale = tl.load(q_scale_ptr + bh * q_blocks + block * BLOCK_M // Q_BLOCK)  # tiles of BLOCK_M <= Q_BLOCK
         n = tl.arange(0, BLOCK_N)
         k_ptrs = k_ptr + (kv * k_blocks * BLOCK_N + n[:, None]) * D + cols[None, :]
         v_ptrs = v_ptr + kv * k_blocks * BLOCK_N * D + cols[:, None] * (k_blocks * BLOCK_N) + n[None, :]
@@ -143,12 +143,13 @@ def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
 
 
 def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool = True, num_warps: int | None = None,
-                  num_stages: int = 3) -> Tensor:
+                  num_stages: int = 3, block_m: int = BLOCK) -> Tensor:
     """softmax(q kᵀ · scale) v with FP8 products; q `[B, Sq, H, D]`, k/v `[B, Sk, Hkv, D]` -> `[B, Sq, H, D]`.
 
     `fp8_pv=False` keeps the probabilities x V product in q's dtype (only q kᵀ in FP8): the rounding of P
-    and V goes, and so does that product's FP8 speed (docs/performance.md measures both). `num_warps` and
-    `num_stages` are Triton's launch options (a benchmark may sweep them)."""
+    and V goes, and so does that product's FP8 speed (docs/performance.md measures both). `num_warps`,
+    `num_stages` and `block_m` (queries per tile: 128, or 64 for more tiles per SM) are launch options a
+    benchmark may sweep."""
     if triton is None:
         raise RuntimeError("fp8_attention needs Triton (it ships with CUDA builds of torch)")
     batch, seq_q, heads, dim = q.shape
@@ -157,6 +158,8 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
         raise ValueError(f"fp8_attention takes head_dim 64 or 128 for q, k and v, got {dim} and {v.shape[-1]}")
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    if block_m not in (64, BLOCK):
+        raise ValueError(f"block_m must be 64 or {BLOCK}, got {block_m}")
     q8, q_scales = quantize_blocks(q, scale * _LOG2E)  # scores come out in log2 units: exp2 in the kernel
     # A key channel's mean adds the same to every score of a query, so softmax ignores it; taking it out
     # leaves k's blocks a smaller range to quantize (SageAttention's smoothing of K).
@@ -166,10 +169,10 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
     q_blocks, k_blocks = q8.shape[2] // BLOCK, k8.shape[2] // BLOCK
     if num_warps is None:  # measured on an H200 (docs/performance.md): one warp group wins on large grids only
         num_warps = 4 if q_blocks * batch * heads >= _ONE_WARPGROUP_PROGRAMS else 8
-    _fp8_attention_kernel[(q_blocks, batch * heads)](
+    _fp8_attention_kernel[(q_blocks * BLOCK // block_m, batch * heads)](
         q8, k8, v8, q_scales, k_scales, v_scales, out, seq_q, seq_k, heads, heads // kv_heads, q_blocks, k_blocks,
         seq_k // BLOCK, out.stride(0), out.stride(1), out.stride(2),
-        D=dim, BLOCK_M=BLOCK, BLOCK_N=BLOCK, P_LOG2=_P_LOG2 if fp8_pv else 0, TAIL=seq_k % BLOCK != 0,
+        D=dim, BLOCK_M=block_m, BLOCK_N=BLOCK, Q_BLOCK=BLOCK, P_LOG2=_P_LOG2 if fp8_pv else 0, TAIL=seq_k % BLOCK != 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
