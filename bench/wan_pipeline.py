@@ -15,6 +15,8 @@ Variant `ditserve:fp8` quantizes our DiT's block linear layers to FP8 (`quantize
 list it after the exact variants. Variant part `vae=bf16` turns the shared VAE to bf16 (the opt-in
 decode) for that variant and every later one (diffusers' too): list those last. Parts combine, with
 `compile` last: `ditserve:cache=uniform;3:vae=bf16:compile` is every lever that pays at this size.
+Variant part `attn=BACKEND` pins our DiT's attention for that variant only (e.g. `ditserve:fp8:attn=triton_fp8:compile`,
+FP8 linear layers and FP8 attention).
 Every ditserve variant's PSNR and max error against the first exact ditserve variant (`ditserve`
 or `ditserve:compile`) are reported too (the exact path on the same seed).
 
@@ -187,8 +189,13 @@ def main() -> int:
                 out, total, steps = dense_loop(ours, request)
             else:
                 cache = next((part[len("cache="):] for part in variant.split(":") if part.startswith("cache=")), None)
+                attn = next((part[len("attn="):] for part in variant.split(":") if part.startswith("attn=")), None)
                 ours.step_cache = parse_step_cache(cache and cache.replace(";", ":"))  # ditserve:cache=uniform;3
+                for denoiser in ours.denoisers() if attn else ():
+                    denoiser.set_attention_backend(attn)
                 result = ours.generate(**request, seed=0)
+                for denoiser in ours.denoisers() if attn else ():
+                    denoiser.set_attention_backend("auto")
                 ours.step_cache = None
                 out, total, steps = result.frames, result.timings["total_s"], result.timings["per_step_s"]
                 decode = result.timings.get("decode_s", float("nan"))
