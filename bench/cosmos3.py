@@ -15,6 +15,8 @@ computes against the bf16 matrix rate measured in this run, max relative error v
 
     python bench/cosmos3.py --markdown docs/performance.md --json docs/cosmos3-nano-h200.json
     python bench/cosmos3.py --tiny     # a CPU smoke run: tiny config, 64x64x5
+    python bench/cosmos3.py --variants ditserve:auto:compile,diffusers:native:compile --profile
+                                       # and where each compiled forward's GPU time goes, by kernel kind
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from report import publish, shown_args
 from wan import matmul_rate, time_ms  # bench/wan.py: timing and the matrix rate, on a GPU or CPU
+from profile_flux import breakdown  # bench/profile_flux.py: GPU time by kernel kind
 
 TINY = {"hidden_size": 64, "head_dim": 16, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 96, "num_hidden_layers": 2, "vocab_size": 1000, "rope_axes_dim": [4, 2, 2]}
@@ -93,6 +96,7 @@ def main() -> int:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
     parser.add_argument("--tiny", action="store_true", help="tiny config at 64x64x5 (CPU smoke run)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--profile", action="store_true", help="GPU time by kernel kind of each compiled variant")
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -181,6 +185,9 @@ def main() -> int:
             row["attention_choices"] = sorted(set(ours.attention_selector.choices.values()))
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.profile and mode and device.type == "cuda":
+            with torch.inference_mode():
+                breakdown(row["variant"], runs[lib], repeats=3, top=20)
         gc.collect()
 
     ref = next((out for (lib, _, mode), out in outputs.items() if lib == "diffusers" and not mode), None)

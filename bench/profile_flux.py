@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -22,10 +23,11 @@ from flux import build_models, forward_inputs  # noqa: E402  (bench/flux.py)
 from profile_wan import kind, time_forward  # noqa: E402  (bench/profile_wan.py)
 
 
-def breakdown(name: str, model, kwargs: dict, repeats: int, top: int) -> None:
-    median, low, high = time_forward(lambda: model(**kwargs), (), repeats)
+def breakdown(name: str, run: Callable[[], object], repeats: int, top: int) -> None:
+    """Time `run` (one forward), then profile one call: GPU time by kind and the top kernels."""
+    median, low, high = time_forward(run, (), repeats)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model(**kwargs)
+        run()
         torch.cuda.synchronize()
     totals: dict[str, float] = defaultdict(float)
     rows = []
@@ -58,9 +60,9 @@ def main() -> int:
     theirs.compile_repeated_blocks(fullgraph=True)
     kwargs = dict(forward_inputs(args.side // 16, device), return_dict=False)
     with torch.inference_mode():
-        breakdown(f"ditserve ({args.ours}, compiled)", ours, kwargs, args.repeats, args.top)
+        breakdown(f"ditserve ({args.ours}, compiled)", lambda: ours(**kwargs), args.repeats, args.top)
         print("attention choices:", sorted(set(ours.attention_selector.choices.values())))
-        breakdown(f"diffusers ({args.theirs}, compiled)", theirs, kwargs, args.repeats, args.top)
+        breakdown(f"diffusers ({args.theirs}, compiled)", lambda: theirs(**kwargs), args.repeats, args.top)
     return 0
 
 
