@@ -482,6 +482,7 @@ def test_per_sample_backend_refuses_what_its_dense_kernel_refuses():
 
 def test_lossy_fp8_attention_is_pinned_only():
     """auto picks among exact kernels by speed; the FP8 kernel is a quality trade the user opts into by name."""
+    from ditserve.attention.backends.base import AttentionCall
     from ditserve.attention.selector import FALLBACK_ORDER
 
     fp8 = create_backends()["triton_fp8"]
@@ -490,3 +491,13 @@ def test_lossy_fp8_attention_is_pinned_only():
     q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
     with pytest.raises(AttentionBackendError, match=r"'triton_fp8' cannot serve this call .*runs on \['cuda'\], not cpu"):
         Attention("triton_fp8")(q, q, q)
+
+    fp8.unavailable_reason = lambda: None  # Triton and an FP8 GPU, as far as the shape checks go
+    fp8.device_reason = lambda device: None
+    call = AttentionCall(device_type="cuda", dtype=torch.bfloat16, head_dim=32, head_dim_v=32, num_heads_q=4,
+                         num_heads_kv=4, packed=False, causal=False, has_mask=False, max_seq_len_q=64, max_seq_len_k=64,
+                         batch_size=1)
+    cuda = torch.device("cuda")
+    assert fp8.why_not(call, cuda) is None  # the embedded model's head_dim
+    assert fp8.why_not(call._replace(head_dim=96, head_dim_v=96), cuda) == "takes head_dim 32, 64, 128, not 96"
+    assert fp8.why_not(call._replace(head_dim_v=64), cuda) == "takes the same head_dim for q, k and v, not 32 and 64"

@@ -127,7 +127,7 @@ def test_every_lse_backend_returns_the_log_sum_exp(case, causal):
     assert failures == {}, f"over {TOL}: {failures} (tested {tested})"
 
 
-@pytest.mark.parametrize("case", ["self", "cross", "gqa", "gqa-cross", "wan-14b-heads"])
+@pytest.mark.parametrize("case", ["self", "cross", "gqa", "gqa-cross", "wan-14b-heads", "head-dim-32"])
 @pytest.mark.parametrize("fp8_pv", [True, False], ids=["fp8-pv", "bf16-pv"])
 def test_fp8_attention_against_float32_math(case, fp8_pv):
     """The lossy FP8 kernel (pinned only) against float32 math: dense, cross, grouped-query, key lengths
@@ -139,7 +139,8 @@ def test_fp8_attention_against_float32_math(case, fp8_pv):
 
     if fp8_unsupported_reason(torch.device("cuda")) is not None:
         pytest.skip("this GPU has no FP8 tensor cores")
-    b, sq, hq, hkv, sk, d = {**DENSE_CASES, "wan-14b-heads": (1, 4100, 40, 40, 4100, 128)}[case]
+    b, sq, hq, hkv, sk, d = {**DENSE_CASES, "wan-14b-heads": (1, 4100, 40, 40, 4100, 128),
+                             "head-dim-32": (1, 300, 4, 4, 333, 32)}[case]
     gen = torch.Generator(device="cuda").manual_seed(2)
     q = torch.randn(b, sq, hq, d, device="cuda", generator=gen, dtype=torch.bfloat16)
     k = torch.randn(b, sk, hkv, d, device="cuda", generator=gen, dtype=torch.bfloat16) + 3.0  # a mean for smoothing to take

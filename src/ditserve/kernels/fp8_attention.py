@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "fp8_attention", "quantize_blocks", "triton_available"]
+__all__ = ["BLOCK", "HEAD_DIMS", "fp8_attention", "quantize_blocks", "triton_available"]
 
 try:  # Triton ships with CUDA builds of torch
     import triton
@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 BLOCK = 128  # tokens per quantization block = the kernel's tile along both sequences
+HEAD_DIMS = (32, 64, 128)  # powers of two (Triton's tiles), at least one FP8 product's depth (32)
 _P_LOG2 = 8  # probabilities in [0, 1] times 2^8: e4m3's normal range then reaches down to 2^-14
 _ONE_WARPGROUP_PROGRAMS = 16384  # between Wan 1.3B's 3,072 tiles (8 warps faster) and 14B's 23,640 (4 faster)
 _V_AMAX_FLOOR = 1e-6  # a V block's amax floor: bounds the ratio of two blocks' scales in the kernel's rescale
@@ -154,8 +155,9 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
         raise RuntimeError("fp8_attention needs Triton (it ships with CUDA builds of torch)")
     batch, seq_q, heads, dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
-    if dim not in (64, 128) or v.shape[-1] != dim:
-        raise ValueError(f"fp8_attention takes head_dim 64 or 128 for q, k and v, got {dim} and {v.shape[-1]}")
+    if dim not in HEAD_DIMS or v.shape[-1] != dim:
+        raise ValueError(f"fp8_attention takes head_dim {', '.join(map(str, HEAD_DIMS))} for q, k and v, "
+                         f"got {dim} and {v.shape[-1]}")
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
     if block_m not in (64, BLOCK):

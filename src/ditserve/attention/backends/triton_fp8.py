@@ -2,7 +2,7 @@
 
 It trades accuracy for speed, so it is a lever the user opts into with its quality measured
 (docs/performance.md), not a kernel `auto` may pick because it times faster. A packed batch runs
-one kernel call per sample; no mask, not causal, head_dim 64 or 128 (the same for q, k and v).
+one kernel call per sample; no mask, not causal, head_dim 32, 64 or 128 (the same for q, k and v).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ class TritonFp8Backend(AttentionBackend):
     capabilities = Capabilities(
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16}),
-        head_dims=(64, 128),
-        head_dim_multiple=64,
+        head_dims=(32, 128),
+        head_dim_multiple=32,
         packed=True,
         causal=False,
         lossy=True,
@@ -43,6 +43,8 @@ class TritonFp8Backend(AttentionBackend):
         reason = super().why_not(call, device)
         if reason is None and call.head_dim_v != call.head_dim:
             return f"takes the same head_dim for q, k and v, not {call.head_dim} and {call.head_dim_v}"
+        if reason is None and call.head_dim not in kernel.HEAD_DIMS:
+            return f"takes head_dim {', '.join(map(str, kernel.HEAD_DIMS))}, not {call.head_dim}"
         return reason
 
     def forward(self, query, key, value, metadata: AttentionMetadata, scale: float):
