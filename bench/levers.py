@@ -7,11 +7,12 @@ prompts with the same seeds, the settings alternating prompt by prompt; PSNR is 
 first setting's clip of the same prompt; time is the median seconds per clip (on a CPU: FP8
 products are emulated there, so read FP8's time on a GPU, bench/fp8.py).
 
-A setting is `key=value` pairs joined by `;` (`cache`, `quantize`, `vae_dtype`, as
+A setting is `key=value` pairs joined by `;` (`cache`, `quantize`, `vae_dtype`, `attention_backend`, as
 `Pipeline.from_pretrained` takes them), `off` for none, or a bare `--cache` value.
 
     python bench/levers.py --settings "off,0.1,uniform:3,quantize=fp8,vae_dtype=bf16,quantize=fp8;cache=0.1" \
         --steps 50 --markdown docs/performance.md
+    python bench/levers.py --device cuda --settings "off,attention_backend=triton_fp8,quantize=fp8;attention_backend=triton_fp8"
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> int:
                         help="comma-separated settings (see above); the first is the reference")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--limit", type=int, default=None, help="only the first N held-out prompts")
+    parser.add_argument("--device", default="cpu", help="cuda: every setting in bf16 there (FP8 attention needs a GPU)")
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -56,7 +58,8 @@ def main() -> int:
     for options in levers.values():
         key = tuple(sorted((k, v) for k, v in options.items() if k != "cache"))
         if key not in pipes:
-            pipe = Pipeline.from_pretrained(default_model_path(), device="cpu", dtype="float32", **dict(key))
+            dtype = "float32" if args.device == "cpu" else "bfloat16"
+            pipe = Pipeline.from_pretrained(default_model_path(), device=args.device, dtype=dtype, **dict(key))
             predict = pipe.predict
             pipe.predict = lambda samples, interrupt=None, predict=predict: calls.append(1) or predict(samples, interrupt)
             pipe.generate(prompts[0], **dict(request, num_inference_steps=2), seed=0)  # warm-up
@@ -89,13 +92,14 @@ def main() -> int:
     base = rows[0]
     lines = [
         f"#### Speed levers on the embedded tiny model, {len(prompts)} held-out prompts, {args.steps} steps, "
-        f"guidance {g.guidance_scale} — {datetime.date.today()}, CPU ({torch.get_num_threads()} threads)",
+        f"guidance {g.guidance_scale} — {datetime.date.today()}, "
+        + (f"CPU ({torch.get_num_threads()} threads)" if args.device == "cpu" else torch.cuda.get_device_name()),
         "",
         f"Command: `python bench/levers.py {shown_args()}`. PSNR: mean over the prompts against the "
         f"`{base['setting']}` clip of the same prompt and seed; adherence: share of clips whose colour, background "
         "and motion match their prompt (`ditserve eval-tiny`'s score).",
         "",
-        "| setting | DiT calls per clip | time vs first row (CPU) | PSNR (dB) | max error | adherence | change |",
+        "| setting | DiT calls per clip | time vs first row | PSNR (dB) | max error | adherence | change |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -115,9 +119,10 @@ def _levers(setting: str) -> dict[str, str]:
     if "=" not in setting:
         return {"cache": setting}
     pairs = dict(part.split("=", 1) for part in setting.split(";"))
-    unknown = set(pairs) - {"cache", "quantize", "vae_dtype"}
+    unknown = set(pairs) - {"cache", "quantize", "vae_dtype", "attention_backend"}
     if unknown:
-        raise SystemExit(f"bench/levers.py: unknown lever(s) {sorted(unknown)} in {setting!r}; use cache, quantize, vae_dtype")
+        raise SystemExit(f"bench/levers.py: unknown lever(s) {sorted(unknown)} in {setting!r}; "
+                         "use cache, quantize, vae_dtype, attention_backend")
     return {key: str(value) for key, value in check_config(pairs, f"setting {setting!r}").items()}
 
 
