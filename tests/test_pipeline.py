@@ -408,3 +408,33 @@ def test_text_of_requests_prepared_together_is_encoded_in_one_batch(wan_pipe: Wa
         for a, b in zip(one.conditions, both.conditions):
             assert torch.allclose(a.text, b.text, rtol=1e-5, atol=1e-6)
         assert torch.equal(one.latents, both.latents)
+
+
+def test_text_encoded_to_the_longest_prompt_equals_diffusers_padding_to_512(wan_pipe: WanPipeline,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encoder runs only up to the batch's longest prompt (its attention mask hides the pads), then the
+    embeddings are zero-padded to 512: the same as diffusers' Wan text stage, which pads the tokens to 512
+    before the encoder. Prompts of very different lengths, one truncated at 512 tokens."""
+    from ditserve.pipelines.text import encode_prompts, prompt_clean
+
+    prompts = ["a cat", "a red ball rolling on the street, " * 3, "", "blue " * 600]
+    ours = encode_prompts(wan_pipe.tokenizer, wan_pipe.text_encoder, prompts, max_sequence_length=512,
+                          device=torch.device("cpu"))
+    inputs = wan_pipe.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=512,
+                                truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                return_tensors="pt")
+    with torch.no_grad():
+        full = wan_pipe.text_encoder(inputs.input_ids, inputs.attention_mask).last_hidden_state
+    lengths = inputs.attention_mask.sum(dim=1).tolist()
+    reference = torch.stack([torch.cat([u[:n], u.new_zeros(512 - n, u.shape[1])]) for u, n in zip(full, lengths)])
+    assert ours.shape == reference.shape == (4, 512, full.shape[-1])
+    assert max(lengths) == 512 and min(lengths) <= 2  # the batch spans both ends
+    assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6)
+    assert ours[0, lengths[0]:].abs().max() == 0
+    seen: list[int] = []
+    real = wan_pipe.text_encoder.forward
+    monkeypatch.setattr(wan_pipe.text_encoder, "forward", lambda ids, *a, **k: seen.append(ids.shape[1]) or real(ids, *a, **k))
+    short = encode_prompts(wan_pipe.tokenizer, wan_pipe.text_encoder, prompts[:2], max_sequence_length=512,
+                           device=torch.device("cpu"))
+    assert seen == [max(lengths[:2])] and short.shape[1] == 512  # the encoder ran over the longest prompt only
+    assert torch.allclose(short, ours[:2], rtol=1e-5, atol=1e-6)
