@@ -56,8 +56,9 @@ def encode_prompts(
 ) -> Tensor:
     """Embeddings `[len(prompts), max_sequence_length, d_model]`, zero past each prompt's tokens.
 
-    All prompts go through the encoder in one batch (diffusers encodes prompt and negative
-    prompt separately; the padded shapes are equal, so this is the same math).
+    All prompts go through the encoder in one batch, padded to the longest (diffusers encodes
+    prompt and negative prompt separately, each padded to `max_sequence_length`; the mask makes
+    both the same math).
     """
     inputs = tokenizer(
         [prompt_clean(p) for p in prompts],
