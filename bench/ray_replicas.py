@@ -1,15 +1,16 @@
 """Throughput of `ditserve serve --ray` on a burst of small jobs: one replica vs several, over HTTP.
 
-For each replica count it starts a real `ditserve serve --ray --replicas N` (a local Ray cluster,
-one torch thread and one CPU per replica, the embedded tiny model unless --model), waits until
-every replica reports, pays one-off costs with a small warm-up burst, then sends `--jobs` video
-jobs at once from 8 client threads and times the burst from the first POST until the last job is
-finished (its completion time in the job hub's records, so no poll interval is in the figure),
-`--rounds` times, then stops it before the next count starts: an idle Ray cluster beside the
-measured one takes about a seventh of a core (its controller, GCS, proxy and agents), which on
-a small machine falls on the larger replica count, whose replicas use every core. Run it on a
-quiet machine. Reports jobs/s per replica count (median of the rounds), the speed-up over one
-replica and each round's time; every job must complete.
+Each round starts, for each replica count in turn, a real `ditserve serve --ray --replicas N` (a
+local Ray cluster, one torch thread and one CPU per replica, the embedded tiny model unless
+--model), waits until every replica reports, pays one-off costs with a small warm-up burst, sends
+`--jobs` video jobs at once from 8 client threads, times the burst from the first POST until the
+last job is finished (its completion time in the job hub's records, so no poll interval is in the
+figure), and stops the server before the next one starts: an idle Ray cluster beside the measured
+one takes about a seventh of a core. The counts alternate within each round, in an order flipped
+every round, because a small shared machine's speed drifts by more than the effect measured over
+the minutes one count's rounds would take back to back. Run it on a quiet machine. Reports jobs/s
+per replica count (median of the rounds), the speed-up over one replica and each round's time;
+every job must complete.
 
     python bench/ray_replicas.py                            # CPU: 1 vs 2 replicas of the tiny model
     python bench/ray_replicas.py --replicas 1,2,4 --model /tmp/wan13 --replica-gpus 1 --size 832x480 --frames 17
@@ -144,21 +145,21 @@ def main() -> int:
     times: dict[int, list[float]] = {n: [] for n in counts}
     spread: dict[int, dict[str, int]] = {}
     with tempfile.TemporaryDirectory(prefix="ditserve-bench-ray-") as scratch:
-        for n in counts:
-            out = Path(scratch) / str(n)
-            proc, url = start(n, args, out)
-            try:
-                with httpx.Client(base_url=url, timeout=60) as client:
-                    burst(client, out, 4 * n, body, seed=10_000)  # warm-up: first calls, first MP4s
-                    for r in range(args.rounds):
+        for r in range(args.rounds):  # servers in turn, the order flipped every round: the host's drift falls on all
+            for n in counts if r % 2 == 0 else counts[::-1]:
+                out = Path(scratch) / f"{n}-{r}"
+                proc, url = start(n, args, out)
+                try:
+                    with httpx.Client(base_url=url, timeout=60) as client:
+                        burst(client, out, 4 * n, body, seed=10_000)  # warm-up: first calls, first MP4s
                         elapsed, spread[n] = burst(client, out, args.jobs, body, seed=r * args.jobs)
                         times[n].append(elapsed)
                         print(f"{n} replica(s), round {r + 1}: {args.jobs} jobs in {elapsed:.2f} s "
                               f"({args.jobs / elapsed:.2f} jobs/s), per replica {sorted(spread[n].values())}",
                               file=sys.stderr)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(120)
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(120)
     rows = []
     for n in counts:
         median = statistics.median(times[n])
@@ -173,8 +174,9 @@ def main() -> int:
          f"--replicas N` per row (local Ray cluster, {args.replica_cpus:g} CPU and {args.replica_threads} torch "
          f"thread(s) per replica, {'the embedded tiny model' if not args.model else args.model}); each job "
          f"{args.size}, {args.frames} frames, {args.steps} steps; {args.jobs} jobs posted at once from 8 client "
-         f"threads, timed from the first POST until the job hub recorded the last one completed; median of {args.rounds} bursts after a warm-up; "
-         f"one server at a time."),
+         f"threads, timed from the first POST until the job hub recorded the last one completed; median of {args.rounds} "
+         "rounds; each round starts each server in turn (order flipped every round), warms it up, times one burst and "
+         "stops it: one server at a time."),
         "",
         "| replicas | burst (s), median | jobs/s | vs 1 replica | bursts (s) | jobs per replica (last burst) |",
         "|---|---|---|---|---|---|",
