@@ -55,10 +55,10 @@ def main() -> int:
     settings = args.settings.split(",")
     levers = {setting: _levers(setting) for setting in settings}
     pipes = {}  # one pipeline per set of load options; the step cache is set per generation
+    dtype = "float32" if args.device == "cpu" else "bfloat16"
     for options in levers.values():
         key = tuple(sorted((k, v) for k, v in options.items() if k != "cache"))
         if key not in pipes:
-            dtype = "float32" if args.device == "cpu" else "bfloat16"
             pipe = Pipeline.from_pretrained(default_model_path(), device=args.device, dtype=dtype, **dict(key))
             predict = pipe.predict
             pipe.predict = lambda samples, interrupt=None, predict=predict: calls.append(1) or predict(samples, interrupt)
