@@ -25,7 +25,6 @@ SHAPES = {  # name -> (heads, tokens, head_dim): Wan2.1 self-attention, one samp
     "14b": (40, 75600, 128),
 }
 # (queries per tile, warps, stages); the first two are fp8_attention's defaults (8 warps on small grids, 4 on large)
-# (queries per tile, warps, stages); the first two are fp8_attention's default launches (8 warps on small grids, 4 on large)
 LAUNCH = ((128, 8, 3), (128, 4, 3), (128, 4, 4), (128, 4, 2), (64, 4, 3), (64, 4, 4), (64, 4, 2))
 
 
