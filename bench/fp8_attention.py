@@ -2,7 +2,7 @@
 
 For each shape: torch's cuDNN kernel in bf16 (the exact path `auto` takes there), then
 `kernels.fp8_attention` with both products in FP8 over a few (queries per tile, num_warps, num_stages)
-launch options, and with only q kᵀ in FP8 once; error = max |out - ref| / max |ref| and mean |out - ref| /
+launch options (TMA: tiles loaded by tensor descriptors), and with only q kᵀ in FP8 once; error = max |out - ref| / max |ref| and mean |out - ref| /
 mean |ref| on the first 512 queries, against float32 math. CUDA events, median of --repeats.
 
     python bench/fp8_attention.py [--shapes 1.3b,14b] [--markdown docs/performance.md]
@@ -24,8 +24,10 @@ SHAPES = {  # name -> (heads, tokens, head_dim): Wan2.1 self-attention, one samp
     "1.3b": (12, 32760, 128),
     "14b": (40, 75600, 128),
 }
-# (queries per tile, warps, stages); the first two are fp8_attention's defaults (8 warps on small grids, 4 on large)
-LAUNCH = ((128, 8, 3), (128, 4, 3), (128, 4, 4), (128, 4, 2), (64, 4, 3), (64, 4, 4), (64, 4, 2))
+# (queries per tile, warps, stages, TMA loads); the first two are fp8_attention's defaults (8 warps on small grids,
+# 4 on large)
+LAUNCH = ((128, 8, 3, False), (128, 4, 3, False), (128, 4, 4, False), (128, 4, 2, False), (64, 4, 3, False),
+          (64, 4, 2, False), (128, 8, 3, True), (128, 4, 3, True), (128, 4, 2, True), (64, 4, 3, True))
 
 
 def main() -> int:
@@ -54,9 +56,11 @@ def main() -> int:
         md = AttentionMetadata.dense_for(q, k)
         runs = {"bf16 cuDNN": lambda: cudnn.forward(q, k, v, md, scale)}
         runs["fp8 q·k only, default launch"] = lambda: fp8_attention(q, k, v, scale, fp8_pv=False)
-        for block_m, warps, stages in LAUNCH:
-            runs[f"fp8 q·k + p·v, {block_m} queries, {warps} warps, {stages} stages"] = (
-                lambda m=block_m, w=warps, s=stages: fp8_attention(q, k, v, scale, num_warps=w, num_stages=s, block_m=m))
+        for block_m, warps, stages, tma in LAUNCH:
+            loads = ", TMA" if tma else ""
+            runs[f"fp8 q·k + p·v, {block_m} queries, {warps} warps, {stages} stages{loads}"] = (
+                lambda m=block_m, w=warps, s=stages, t=tma: fp8_attention(q, k, v, scale, num_warps=w, num_stages=s,
+                                                                          block_m=m, tma=t))
         for variant, run in runs.items():
             try:
                 out = run()

@@ -68,7 +68,7 @@ if triton is not None:
             tl.store(base + rows[:, None] * D + cols[None, :], values)
 
     @triton.jit
-    def _attend_block(acc, m_i, l_i, v_prev, q, q_scale, k_ptrs, v_ptrs, k_scale_ptr, v_scale_ptr, start, seq_k,
+    def _attend_block(acc, m_i, l_i, v_prev, q, q_scale, k, v, k_scale_ptr, v_scale_ptr, start, seq_k,
                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, P_LOG2: tl.constexpr):
         """One key block: scores, online softmax (log2 units), probabilities x V accumulated by the product.
 
@@ -76,9 +76,9 @@ if triton is not None:
         FP8 products, bounds this kernel: the scale of the scores rides in one fused multiply-add
         with the row maximum, and 2^P_LOG2 of the probabilities' scaling in the exponent. `acc`
         is kept in units of the current V block's scale (`v_prev`), so the P·V product adds into
-        it directly; the rescale to a new block's scale is one factor per row."""
-        k = tl.load(k_ptrs)  # [BLOCK_N, D]
-        raw = tl.dot(q, tl.trans(k))
+        it directly; the rescale to a new block's scale is one factor per row. v comes transposed,
+        [D, BLOCK_N]."""
+        raw = tl.dot(q, tl.trans(k))  # k [BLOCK_N, D]
         if MASKED:
             raw = tl.where((start + tl.arange(0, BLOCK_N) < seq_k)[None, :], raw, float("-inf"))
         qk_scale = q_scale * tl.load(k_scale_ptr)
@@ -87,43 +87,57 @@ if triton is not None:
         p = tl.math.exp2(raw * qk_scale - (m_new - P_LOG2)[:, None])  # 2^P_LOG2 x the probabilities
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_scale = tl.load(v_scale_ptr)
-        v = tl.load(v_ptrs)  # [D, BLOCK_N]: v transposed
         acc = tl.dot(p.to(v.dtype), tl.trans(v), acc * (alpha * (v_prev / v_scale))[:, None])
         return acc, m_new, l_i, v_scale
 
     @triton.jit
-    def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
-                              seq_q, seq_k, heads, group, q_blocks, k_blocks, full_blocks, o_b, o_s, o_h,
+    def _load_k_v(k_ptrs, v_ptrs, k_desc, v_desc, kv, j, k_blocks, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  TMA: tl.constexpr):
+        """Key block j of K/V head `kv`: by tensor-memory-accelerator descriptors or by pointers."""
+        if TMA:
+            k = k_desc.load([(kv * k_blocks + j) * BLOCK_N, 0])
+            v = v_desc.load([(kv * D).to(tl.int32), j * BLOCK_N])
+        else:
+            k = tl.load(k_ptrs + j * BLOCK_N * D)
+            v = tl.load(v_ptrs + j * BLOCK_N)
+        return k, v
+
+    @triton.jit
+    def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+                              out_ptr, seq_q, seq_k, heads, group, q_blocks, k_blocks, full_blocks, o_b, o_s, o_h,
                               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr,
-                              P_LOG2: tl.constexpr, TAIL: tl.constexpr):
+                              P_LOG2: tl.constexpr, TAIL: tl.constexpr, TMA: tl.constexpr):
         block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // heads, bh % heads
         kv = b * (heads // group) + h // group
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, D)
-        q = tl.load(q_ptr + (bh * q_blocks * Q_BLOCK + rows[:, None]) * D + cols[None, :])
+        if TMA:
+            q = q_desc.load([(bh * q_blocks * Q_BLOCK + block * BLOCK_M).to(tl.int32), 0])
+        else:
+            q = tl.load(q_ptr + (bh * q_blocks * Q_BLOCK + rows[:, None]) * D + cols[None, :])
         q_scale = tl.load(q_scale_ptr + bh * q_blocks + block * BLOCK_M // Q_BLOCK)  # tiles of BLOCK_M <= Q_BLOCK
         n = tl.arange(0, BLOCK_N)
         k_ptrs = k_ptr + (kv * k_blocks * BLOCK_N + n[:, None]) * D + cols[None, :]
         v_ptrs = v_ptr + kv * k_blocks * BLOCK_N * D + cols[:, None] * (k_blocks * BLOCK_N) + n[None, :]
+        kv32 = kv.to(tl.int32)
         k_scales, v_scales = k_scale_ptr + kv * k_blocks, v_scale_ptr + kv * k_blocks
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         v_prev = tl.load(v_scales)  # acc's unit: the scale of the last V block added
         for j in tl.range(0, full_blocks):
-            acc, m_i, l_i, v_prev = _attend_block(acc, m_i, l_i, v_prev, q, q_scale, k_ptrs + j * BLOCK_N * D,
-                                                  v_ptrs + j * BLOCK_N, k_scales + j, v_scales + j, j * BLOCK_N, seq_k,
-                                                  BLOCK_N, False, P_LOG2)
+            k, v = _load_k_v(k_ptrs, v_ptrs, k_desc, v_desc, kv32, j, k_blocks, D, BLOCK_N, TMA)
+            acc, m_i, l_i, v_prev = _attend_block(acc, m_i, l_i, v_prev, q, q_scale, k, v, k_scales + j, v_scales + j,
+                                                  j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2)
         if TAIL:  # the last, partly filled key block
-            acc, m_i, l_i, v_prev = _attend_block(acc, m_i, l_i, v_prev, q, q_scale, k_ptrs + full_blocks * BLOCK_N * D,
-                                                  v_ptrs + full_blocks * BLOCK_N, k_scales + full_blocks,
+            k, v = _load_k_v(k_ptrs, v_ptrs, k_desc, v_desc, kv32, full_blocks, k_blocks, D, BLOCK_N, TMA)
+            acc, m_i, l_i, v_prev = _attend_block(acc, m_i, l_i, v_prev, q, q_scale, k, v, k_scales + full_blocks,
                                                   v_scales + full_blocks, full_blocks * BLOCK_N, seq_k, BLOCK_N, True,
                                                   P_LOG2)
         out = acc * (v_prev / l_i)[:, None]
         o_ptrs = out_ptr + b * o_b + h * o_h + rows[:, None].to(tl.int64) * o_s + cols[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < seq_q)[:, None])
-
 
 def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
                     fp8: bool = True, amax_floor: float = 1e-30) -> tuple[Tensor, Tensor]:
@@ -144,13 +158,14 @@ def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
 
 
 def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool = True, num_warps: int | None = None,
-                  num_stages: int = 3, block_m: int = BLOCK) -> Tensor:
+                  num_stages: int = 3, block_m: int = BLOCK, tma: bool = False) -> Tensor:
     """softmax(q kᵀ · scale) v with FP8 products; q `[B, Sq, H, D]`, k/v `[B, Sk, Hkv, D]` -> `[B, Sq, H, D]`.
 
     `fp8_pv=False` keeps the probabilities x V product in q's dtype (only q kᵀ in FP8): the rounding of P
     and V goes, and so does that product's FP8 speed (docs/performance.md measures both). `num_warps`,
-    `num_stages` and `block_m` (queries per tile: 128, or 64 for more tiles per SM) are launch options a
-    benchmark may sweep."""
+    `num_stages`, `block_m` (queries per tile: 128, or 64 for more tiles per SM) and `tma` (tiles loaded by
+    Hopper's tensor memory accelerator instead of per-thread pointers) are launch options a benchmark may
+    sweep."""
     if triton is None:
         raise RuntimeError("fp8_attention needs Triton (it ships with CUDA builds of torch)")
     batch, seq_q, heads, dim = q.shape
@@ -171,10 +186,22 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
     q_blocks, k_blocks = q8.shape[2] // BLOCK, k8.shape[2] // BLOCK
     if num_warps is None:  # measured on an H200 (docs/performance.md): one warp group wins on large grids only
         num_warps = 4 if q_blocks * batch * heads >= _ONE_WARPGROUP_PROGRAMS else 8
+    descriptors = _descriptors(q8, k8, v8, block_m) if tma else (None, None, None)
     _fp8_attention_kernel[(q_blocks * BLOCK // block_m, batch * heads)](
-        q8, k8, v8, q_scales, k_scales, v_scales, out, seq_q, seq_k, heads, heads // kv_heads, q_blocks, k_blocks,
-        seq_k // BLOCK, out.stride(0), out.stride(1), out.stride(2),
+        q8, k8, v8, *descriptors, q_scales, k_scales, v_scales, out, seq_q, seq_k, heads, heads // kv_heads, q_blocks,
+        k_blocks, seq_k // BLOCK, out.stride(0), out.stride(1), out.stride(2),
         D=dim, BLOCK_M=block_m, BLOCK_N=BLOCK, Q_BLOCK=BLOCK, P_LOG2=_P_LOG2 if fp8_pv else 0, TAIL=seq_k % BLOCK != 0,
-        num_warps=num_warps, num_stages=num_stages,
+        TMA=tma, num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+def _descriptors(q8: Tensor, k8: Tensor, v8: Tensor, block_m: int) -> tuple:
+    """Host-side tensor descriptors over the quantized buffers seen as 2-D: q and k `[B·H·S_pad, D]`,
+    v (transposed) `[B·H·D, S_pad]`."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    dim = q8.shape[-1]
+    return (TensorDescriptor.from_tensor(q8.view(-1, dim), [block_m, dim]),
+            TensorDescriptor.from_tensor(k8.view(-1, dim), [BLOCK, dim]),
+            TensorDescriptor.from_tensor(v8.view(-1, v8.shape[-1]), [dim, BLOCK]))
