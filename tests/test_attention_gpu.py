@@ -152,7 +152,7 @@ def test_fp8_attention_against_float32_math(case, fp8_pv):
     worst, mean = (err.max() / ref.abs().max()).item(), (err.mean() / ref.abs().mean()).item()
     assert worst <= 0.15 and mean <= (0.08 if fp8_pv else 0.04), (worst, mean)
     assert torch.equal(out, fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv))  # deterministic
-    for block_m, warps, tma in ((128, 4, False), (64, 4, False), (128, 8, True), (64, 4, True)):  # other launches:
+    for block_m, warps, tma in ((128, 4, False), (64, 4, False), (128, 8, True), (128, 8, False)):  # other launches:
         other = fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv, num_warps=warps, block_m=block_m, tma=tma)  # same math
         assert (other.float() - out.float()).abs().max().item() <= 0.02 * ref.abs().max().item(), (block_m, warps, tma)
     if fp8_pv:

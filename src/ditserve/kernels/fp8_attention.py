@@ -30,7 +30,6 @@ except ImportError:  # pragma: no cover - depends on the install
 BLOCK = 128  # tokens per quantization block = the kernel's tile along both sequences
 HEAD_DIMS = (32, 64, 128)  # powers of two (Triton's tiles), at least one FP8 product's depth (32)
 _P_LOG2 = 8  # probabilities in [0, 1] times 2^8: e4m3's normal range then reaches down to 2^-14
-_ONE_WARPGROUP_PROGRAMS = 16384  # between Wan 1.3B's 3,072 tiles (8 warps faster) and 14B's 23,640 (4 faster)
 _V_AMAX_FLOOR = 1e-6  # a V block's amax floor: bounds the ratio of two blocks' scales in the kernel's rescale
 _LOG2E = 1.4426950408889634
 
@@ -157,15 +156,15 @@ def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
     return out, scales
 
 
-def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool = True, num_warps: int | None = None,
-                  num_stages: int = 3, block_m: int = BLOCK, tma: bool = False) -> Tensor:
+def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool = True, num_warps: int = 4,
+                  num_stages: int = 3, block_m: int = 64, tma: bool | None = None) -> Tensor:
     """softmax(q kᵀ · scale) v with FP8 products; q `[B, Sq, H, D]`, k/v `[B, Sk, Hkv, D]` -> `[B, Sq, H, D]`.
 
     `fp8_pv=False` keeps the probabilities x V product in q's dtype (only q kᵀ in FP8): the rounding of P
     and V goes, and so does that product's FP8 speed (docs/performance.md measures both). `num_warps`,
-    `num_stages`, `block_m` (queries per tile: 128, or 64 for more tiles per SM) and `tma` (tiles loaded by
-    Hopper's tensor memory accelerator instead of per-thread pointers) are launch options a benchmark may
-    sweep."""
+    `num_stages`, `block_m` (queries per tile: 64, or 128) and `tma` (tiles loaded by the tensor memory
+    accelerator instead of per-thread pointers; None: where the GPU has one, Hopper and newer) are launch
+    options a benchmark may sweep; the defaults are the fastest measured on an H200 (docs/performance.md)."""
     if triton is None:
         raise RuntimeError("fp8_attention needs Triton (it ships with CUDA builds of torch)")
     batch, seq_q, heads, dim = q.shape
@@ -184,8 +183,8 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
     v8, v_scales = quantize_blocks(v, transpose=True, fp8=fp8_pv, amax_floor=_V_AMAX_FLOOR)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     q_blocks, k_blocks = q8.shape[2] // BLOCK, k8.shape[2] // BLOCK
-    if num_warps is None:  # measured on an H200 (docs/performance.md): one warp group wins on large grids only
-        num_warps = 4 if q_blocks * batch * heads >= _ONE_WARPGROUP_PROGRAMS else 8
+    if tma is None:
+        tma = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
     descriptors = _descriptors(q8, k8, v8, block_m) if tma else (None, None, None)
     _fp8_attention_kernel[(q_blocks * BLOCK // block_m, batch * heads)](
         q8, k8, v8, *descriptors, q_scales, k_scales, v_scales, out, seq_q, seq_k, heads, heads // kv_heads, q_blocks,
