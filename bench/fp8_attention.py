@@ -2,8 +2,10 @@
 
 For each shape: torch's cuDNN kernel in bf16 (the exact path `auto` takes there), then
 `kernels.fp8_attention` with both products in FP8 over a few (queries per tile, num_warps, num_stages)
-launch options (TMA: tiles loaded by tensor descriptors), and with only q kᵀ in FP8 once; error = max |out - ref| / max |ref| and mean |out - ref| /
-mean |ref| on the first 512 queries, against float32 math. CUDA events, median of --repeats.
+launch options (TMA: tiles loaded by tensor descriptors), and with only q kᵀ in FP8 once; SageAttention 1
+(a peer's Triton kernel: INT8 q kᵀ, fp16 P·V) where `sageattention` is installed. Error = max |out - ref| /
+max |ref| and mean |out - ref| / mean |ref| on the first 512 queries, against float32 math. CUDA events,
+median of --repeats.
 
     python bench/fp8_attention.py [--shapes 1.3b,14b] [--markdown docs/performance.md]
 """
@@ -44,6 +46,10 @@ def main() -> int:
     from ditserve.attention.metadata import AttentionMetadata
     from ditserve.kernels.fp8_attention import fp8_attention
 
+    try:
+        from sageattention import sageattn
+    except ImportError:
+        sageattn = None
     cudnn = SdpaBackend("cudnn")
     rows = []
     for name in args.shapes.split(","):
@@ -55,6 +61,8 @@ def main() -> int:
         md = AttentionMetadata.dense_for(q, k)
         runs = {"bf16 cuDNN": lambda: cudnn.forward(q, k, v, md, scale)}
         runs["fp8 q·k only, default launch"] = lambda: fp8_attention(q, k, v, scale, fp8_pv=False)
+        if sageattn is not None:  # a peer's quantized kernel where it installs: SageAttention 1 (Triton, INT8 q·k)
+            runs["SageAttention 1.0.6: int8 q·k, fp16 p·v"] = lambda: sageattn(q, k, v, tensor_layout="NHD", sm_scale=scale)
         for block_m, warps, stages, tma in LAUNCH:
             loads = ", TMA" if tma else ""
             runs[f"fp8 q·k + p·v, {block_m} queries, {warps} warps, {stages} stages{loads}"] = (
