@@ -1,7 +1,7 @@
 """Choosing a backend per call: pinned by name, or `auto` = the fastest measured for this shape.
 
-No kernel wins everywhere (on an H100, FlashAttention-4 wins at 32k+ tokens and packed
-batches, cuDNN at 4.6k tokens and head_dim 64), so `auto` times every backend that can serve
+No kernel wins everywhere (the fastest depends on the GPU, the sequence lengths, packing and
+head_dim: docs/performance.md), so `auto` times every backend that can serve
 a shape bucket on the call's own inputs the first time the bucket is seen, and remembers the
 winner in this selector. Where timing is impossible (CPU, CUDA-graph capture, torch.compile
 tracing) it takes the first capable backend in `FALLBACK_ORDER`.

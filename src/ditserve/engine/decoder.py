@@ -1,8 +1,8 @@
 """VAE decodes of finished requests on a worker thread (and CUDA stream) of their own.
 
 Decoding between two denoising steps would stall every other request in the batch for as
-long as the VAE takes (3.6 s for an 81-frame 480p Wan2.1 video on an H100, against ~1.2 s
-per step). The batching engine instead hands the clean latents of a finished request to a
+long as the VAE takes, which for a long video is worth several steps (docs/performance.md).
+The batching engine instead hands the clean latents of a finished request to a
 `Decoder` and goes on stepping: the worker waits for the step that produced them (a CUDA
 event, not a host sync), decodes on its own stream, and calls back with the frames.
 

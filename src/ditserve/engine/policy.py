@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 __all__ = ["Candidate", "DEFAULT_FILL_TOKENS", "DEFAULT_MAX_SKIPPED", "select_step"]
 
-DEFAULT_FILL_TOKENS = 16_384  # Wan2.1-1.3B: ~55 ms of H100 matrix work per step, enough to keep it busy
+DEFAULT_FILL_TOKENS = 16_384  # a step's worth of matrix work that keeps a GPU busy (sized on Wan2.1-1.3B)
 DEFAULT_MAX_SKIPPED = 8
 
 

@@ -2,8 +2,8 @@
 
 Wan's self-attention normalises q and k across the whole model width (a reduction over all
 heads) and then rotates channel pairs (2i, 2i+1) of every head. torch.compile turns this into
-a looped reduction kernel that reads q and k twice and gathers the pairs with strided loads:
-13 ms per 1.3B forward at 480x832x81 on an H100, ~3x the memory floor. This Triton kernel
+a looped reduction kernel that reads q and k twice and gathers the pairs with strided loads,
+several times the memory floor (docs/performance.md). This Triton kernel
 keeps one token's row in registers, splits it into (even, odd) pairs once, and writes q and k
 rotated, so each byte is read and written once.
 

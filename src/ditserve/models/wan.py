@@ -280,8 +280,8 @@ class WanAttention(nn.Module):
     def fuse_qkv(self) -> None:
         """Project q, k and v with one `[3 * dim, dim]` matrix product (self-attention).
 
-        One wide product runs closer to the GPU's peak than three narrow ones (-7 ms per
-        Wan2.1-1.3B forward at 480x832x81 on an H100). `to_q`/`to_k`/`to_v` keep their names
+        One wide product runs closer to the GPU's peak than three narrow ones (measured in
+        docs/performance.md). `to_q`/`to_k`/`to_v` keep their names
         and become views of the fused weight, so there is no extra memory, `state_dict` keeps
         diffusers' keys and `load_state_dict` writes through to the fused weight. `.to()`
         re-fuses (see `_apply`). Idempotent. Call it after loading: a loader that assigns new parameter
