@@ -2,8 +2,9 @@
 
 For each shape: torch's cuDNN kernel in bf16 (the exact path `auto` takes there), then
 `kernels.fp8_attention` with both products in FP8 over a few (queries per tile, num_warps, num_stages)
-launch options (TMA: tiles loaded by tensor descriptors), and with only q kᵀ in FP8 once; SageAttention 1
-(a peer's Triton kernel: INT8 q kᵀ, fp16 P·V) where `sageattention` is installed. Error = max |out - ref| /
+launch options (TMA: tiles loaded by tensor descriptors; overlapped: the next key block's q kᵀ issued
+before this block's softmax), and with only q kᵀ in FP8 once; SageAttention 1 (a peer's Triton kernel:
+INT8 q kᵀ, fp16 P·V) where `sageattention` is installed. Error = max |out - ref| /
 max |ref| and mean |out - ref| / mean |ref| on the first 512 queries, against float32 math. CUDA events,
 median of --repeats.
 
@@ -26,9 +27,11 @@ SHAPES = {  # name -> (heads, tokens, head_dim): Wan2.1 self-attention, one samp
     "1.3b": (12, 32760, 128),
     "14b": (40, 75600, 128),
 }
-# (queries per tile, warps, stages, TMA loads); the first is fp8_attention's default on Hopper
-LAUNCH = ((64, 4, 3, True), (64, 4, 2, True), (64, 8, 3, True), (128, 8, 3, True), (128, 4, 3, True),
-          (128, 4, 3, False), (128, 8, 3, False), (64, 4, 3, False))
+# (queries per tile, warps, stages, TMA loads, next block's q·kᵀ before this block's softmax); the first is
+# fp8_attention's default on Hopper
+LAUNCH = ((64, 4, 3, True, False), (64, 4, 3, True, True), (64, 4, 2, True, True), (64, 8, 3, True, True),
+          (128, 8, 3, True, True), (128, 8, 3, True, False), (64, 4, 2, True, False), (128, 4, 3, False, False),
+          (64, 4, 3, False, True))
 
 
 def main() -> int:
@@ -63,11 +66,11 @@ def main() -> int:
         runs["fp8 q·k only, default launch"] = lambda: fp8_attention(q, k, v, scale, fp8_pv=False)
         if sageattn is not None:  # a peer's quantized kernel where it installs: SageAttention 1 (Triton, INT8 q·k)
             runs["SageAttention 1.0.6: int8 q·k, fp16 p·v"] = lambda: sageattn(q, k, v, tensor_layout="NHD", sm_scale=scale)
-        for block_m, warps, stages, tma in LAUNCH:
-            loads = ", TMA" if tma else ""
-            runs[f"fp8 q·k + p·v, {block_m} queries, {warps} warps, {stages} stages{loads}"] = (
-                lambda m=block_m, w=warps, s=stages, t=tma: fp8_attention(q, k, v, scale, num_warps=w, num_stages=s,
-                                                                          block_m=m, tma=t))
+        for block_m, warps, stages, tma, overlap in LAUNCH:
+            options = (", TMA" if tma else "") + (", overlapped" if overlap else "")
+            runs[f"fp8 q·k + p·v, {block_m} queries, {warps} warps, {stages} stages{options}"] = (
+                lambda m=block_m, w=warps, s=stages, t=tma, o=overlap: fp8_attention(
+                    q, k, v, scale, num_warps=w, num_stages=s, block_m=m, tma=t, overlap=o))
         for variant, run in runs.items():
             try:
                 out = run()

@@ -67,9 +67,10 @@ if triton is not None:
             tl.store(base + rows[:, None] * D + cols[None, :], values)
 
     @triton.jit
-    def _attend_block(acc, m_i, l_i, v_prev, q, q_scale, k, v, k_scale_ptr, v_scale_ptr, start, seq_k,
-                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr, P_LOG2: tl.constexpr):
-        """One key block: scores, online softmax (log2 units), probabilities x V accumulated by the product.
+    def _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scale_ptr, v_scale_ptr, start, seq_k,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, P_LOG2: tl.constexpr):
+        """One key block's raw scores q kᵀ -> online softmax (log2 units), probabilities x V accumulated
+        by the product.
 
         Few passes over the [BLOCK_M, BLOCK_N] tile, because the softmax's elementwise work, not the
         FP8 products, bounds this kernel: the scale of the scores rides in one fused multiply-add
@@ -77,7 +78,6 @@ if triton is not None:
         is kept in units of the current V block's scale (`v_prev`), so the P·V product adds into
         it directly; the rescale to a new block's scale is one factor per row. v comes transposed,
         [D, BLOCK_N]."""
-        raw = tl.dot(q, tl.trans(k))  # k [BLOCK_N, D]
         if MASKED:
             raw = tl.where((start + tl.arange(0, BLOCK_N) < seq_k)[None, :], raw, float("-inf"))
         qk_scale = q_scale * tl.load(k_scale_ptr)
@@ -90,22 +90,24 @@ if triton is not None:
         return acc, m_new, l_i, v_scale
 
     @triton.jit
-    def _load_k_v(k_ptrs, v_ptrs, k_desc, v_desc, kv, j, k_blocks, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  TMA: tl.constexpr):
-        """Key block j of K/V head `kv`: by tensor-memory-accelerator descriptors or by pointers."""
+    def _load_k(k_ptrs, k_desc, kv, j, k_blocks, BLOCK_N: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+        """Key block j of K/V head `kv`, [BLOCK_N, D]: by tensor-memory-accelerator descriptor or by pointers."""
         if TMA:
-            k = k_desc.load([(kv * k_blocks + j) * BLOCK_N, 0])
-            v = v_desc.load([(kv * D).to(tl.int32), j * BLOCK_N])
-        else:
-            k = tl.load(k_ptrs + j * BLOCK_N * D)
-            v = tl.load(v_ptrs + j * BLOCK_N)
-        return k, v
+            return k_desc.load([(kv * k_blocks + j) * BLOCK_N, 0])
+        return tl.load(k_ptrs + j * BLOCK_N * D)
+
+    @triton.jit
+    def _load_v(v_ptrs, v_desc, kv, j, BLOCK_N: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+        """Value block j of K/V head `kv`, transposed: [D, BLOCK_N]."""
+        if TMA:
+            return v_desc.load([(kv * D).to(tl.int32), j * BLOCK_N])
+        return tl.load(v_ptrs + j * BLOCK_N)
 
     @triton.jit
     def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr,
                               out_ptr, seq_q, seq_k, heads, group, q_blocks, k_blocks, full_blocks, o_b, o_s, o_h,
                               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr,
-                              P_LOG2: tl.constexpr, TAIL: tl.constexpr, TMA: tl.constexpr):
+                              P_LOG2: tl.constexpr, TAIL: tl.constexpr, TMA: tl.constexpr, OVERLAP: tl.constexpr):
         block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // heads, bh % heads
         kv = b * (heads // group) + h // group
@@ -125,15 +127,32 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         v_prev = tl.load(v_scales)  # acc's unit: the scale of the last V block added
-        for j in tl.range(0, full_blocks):
-            k, v = _load_k_v(k_ptrs, v_ptrs, k_desc, v_desc, kv32, j, k_blocks, D, BLOCK_N, TMA)
-            acc, m_i, l_i, v_prev = _attend_block(acc, m_i, l_i, v_prev, q, q_scale, k, v, k_scales + j, v_scales + j,
-                                                  j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2)
+        if OVERLAP:  # block j+1's q kᵀ is issued before block j's softmax, so the two can overlap (FA3's
+            # intra-warpgroup pipelining); the same operations in the same order as the plain loop
+            raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, 0, k_blocks, BLOCK_N, D, TMA)))
+            for j in tl.range(0, full_blocks - 1):
+                raw_next = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, j + 1, k_blocks, BLOCK_N, D, TMA)))
+                v = _load_v(v_ptrs, v_desc, kv32, j, BLOCK_N, D, TMA)
+                acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + j, v_scales + j,
+                                                    j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2)
+                raw = raw_next
+            if full_blocks > 0:
+                last = full_blocks - 1
+                v = _load_v(v_ptrs, v_desc, kv32, last, BLOCK_N, D, TMA)
+                acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + last,
+                                                    v_scales + last, last * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2)
+        else:
+            for j in tl.range(0, full_blocks):
+                raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, j, k_blocks, BLOCK_N, D, TMA)))
+                v = _load_v(v_ptrs, v_desc, kv32, j, BLOCK_N, D, TMA)
+                acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + j, v_scales + j,
+                                                    j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2)
         if TAIL:  # the last, partly filled key block
-            k, v = _load_k_v(k_ptrs, v_ptrs, k_desc, v_desc, kv32, full_blocks, k_blocks, D, BLOCK_N, TMA)
-            acc, m_i, l_i, v_prev = _attend_block(acc, m_i, l_i, v_prev, q, q_scale, k, v, k_scales + full_blocks,
-                                                  v_scales + full_blocks, full_blocks * BLOCK_N, seq_k, BLOCK_N, True,
-                                                  P_LOG2)
+            raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, full_blocks, k_blocks, BLOCK_N, D, TMA)))
+            v = _load_v(v_ptrs, v_desc, kv32, full_blocks, BLOCK_N, D, TMA)
+            acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + full_blocks,
+                                                v_scales + full_blocks, full_blocks * BLOCK_N, seq_k, BLOCK_N, True,
+                                                P_LOG2)
         out = acc * (v_prev / l_i)[:, None]
         o_ptrs = out_ptr + b * o_b + h * o_h + rows[:, None].to(tl.int64) * o_s + cols[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < seq_q)[:, None])
@@ -157,14 +176,15 @@ def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
 
 
 def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool = True, num_warps: int = 4,
-                  num_stages: int = 3, block_m: int = 64, tma: bool | None = None) -> Tensor:
+                  num_stages: int = 3, block_m: int = 64, tma: bool | None = None, overlap: bool = False) -> Tensor:
     """softmax(q kᵀ · scale) v with FP8 products; q `[B, Sq, H, D]`, k/v `[B, Sk, Hkv, D]` -> `[B, Sq, H, D]`.
 
     `fp8_pv=False` keeps the probabilities x V product in q's dtype (only q kᵀ in FP8): the rounding of P
-    and V goes, and so does that product's FP8 speed (docs/performance.md measures both). `num_warps`,
-    `num_stages`, `block_m` (queries per tile: 64, or 128) and `tma` (tiles loaded by the tensor memory
-    accelerator instead of per-thread pointers; None: where the GPU has one, Hopper and newer) are launch
-    options a benchmark may sweep; the defaults are the fastest measured on an H200 (docs/performance.md)."""
+    and V goes, and so does that product's FP8 speed (docs/performance.md measures both). Launch options a
+    benchmark may sweep, each giving the same result: `num_warps`, `num_stages`, `block_m` (queries per tile:
+    64 or 128), `tma` (tiles loaded by the tensor memory accelerator instead of per-thread pointers; None:
+    where the GPU has one, Hopper and newer) and `overlap` (the next block's q kᵀ issued before this block's
+    softmax). The defaults are the fastest measured on an H200 (docs/performance.md)."""
     if triton is None:
         raise RuntimeError("fp8_attention needs Triton (it ships with CUDA builds of torch)")
     batch, seq_q, heads, dim = q.shape
@@ -190,7 +210,7 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
         q8, k8, v8, *descriptors, q_scales, k_scales, v_scales, out, seq_q, seq_k, heads, heads // kv_heads, q_blocks,
         k_blocks, seq_k // BLOCK, out.stride(0), out.stride(1), out.stride(2),
         D=dim, BLOCK_M=block_m, BLOCK_N=BLOCK, Q_BLOCK=BLOCK, P_LOG2=_P_LOG2 if fp8_pv else 0, TAIL=seq_k % BLOCK != 0,
-        TMA=tma, num_warps=num_warps, num_stages=num_stages,
+        TMA=tma, OVERLAP=overlap, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
