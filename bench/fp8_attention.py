@@ -1,12 +1,12 @@
 """FP8 attention (ours, Triton) against bf16 cuDNN attention at Wan's shapes: TFLOP/s and error, per launch option.
 
 For each shape: torch's cuDNN kernel in bf16 (the exact path `auto` takes there), then
-`kernels.fp8_attention` with both products in FP8 over a few (queries per tile, num_warps, num_stages)
-launch options (TMA: tiles loaded by tensor descriptors; overlapped: the next key block's q kᵀ issued
-before this block's softmax), and with only q kᵀ in FP8 once; SageAttention 1 (a peer's Triton kernel:
-INT8 q kᵀ, fp16 P·V) where `sageattention` is installed. Error = max |out - ref| /
-max |ref| and mean |out - ref| / mean |ref| on the first 512 queries, against float32 math. CUDA events,
-median of --repeats.
+`kernels.fp8_attention` with both products in FP8 over a few launch options (queries per tile, warps,
+stages; tma: tiles loaded by tensor descriptors; overlap: the next key block's q kᵀ issued before this
+block's softmax; ftz_exp: one flush-to-zero exponential instruction per probability), and with only q kᵀ
+in FP8 once; SageAttention 1 (a peer's Triton kernel: INT8 q kᵀ, fp16 P·V) where `sageattention` is
+installed. Error = max |out - ref| / max |ref| and mean |out - ref| / mean |ref| on the first 512 queries,
+against float32 math. CUDA events, median of --repeats.
 
     python bench/fp8_attention.py [--shapes 1.3b,14b] [--markdown docs/performance.md]
 """
@@ -27,11 +27,18 @@ SHAPES = {  # name -> (heads, tokens, head_dim): Wan2.1 self-attention, one samp
     "1.3b": (12, 32760, 128),
     "14b": (40, 75600, 128),
 }
-# (queries per tile, warps, stages, TMA loads, next block's q·kᵀ before this block's softmax); the first is
-# fp8_attention's default on Hopper
-LAUNCH = ((64, 4, 3, True, False), (64, 4, 3, True, True), (64, 4, 2, True, True), (64, 8, 3, True, True),
-          (128, 8, 3, True, True), (128, 8, 3, True, False), (64, 4, 2, True, False), (128, 4, 3, False, False),
-          (64, 4, 3, False, True))
+# fp8_attention's launch options per row; the first is its default on Hopper
+LAUNCH = (
+    dict(block_m=64, num_warps=4, num_stages=3, tma=True),
+    dict(block_m=64, num_warps=4, num_stages=3, tma=True, overlap=True),
+    dict(block_m=64, num_warps=4, num_stages=3, tma=True, ftz_exp=True),
+    dict(block_m=64, num_warps=4, num_stages=3, tma=True, overlap=True, ftz_exp=True),
+    dict(block_m=64, num_warps=4, num_stages=2, tma=True, overlap=True, ftz_exp=True),
+    dict(block_m=64, num_warps=8, num_stages=3, tma=True, overlap=True, ftz_exp=True),
+    dict(block_m=128, num_warps=8, num_stages=3, tma=True, overlap=True, ftz_exp=True),
+    dict(block_m=128, num_warps=8, num_stages=3, tma=True),
+    dict(block_m=128, num_warps=4, num_stages=3, tma=False),
+)
 
 
 def main() -> int:
@@ -66,11 +73,10 @@ def main() -> int:
         runs["fp8 q·k only, default launch"] = lambda: fp8_attention(q, k, v, scale, fp8_pv=False)
         if sageattn is not None:  # a peer's quantized kernel where it installs: SageAttention 1 (Triton, INT8 q·k)
             runs["SageAttention 1.0.6: int8 q·k, fp16 p·v"] = lambda: sageattn(q, k, v, tensor_layout="NHD", sm_scale=scale)
-        for block_m, warps, stages, tma, overlap in LAUNCH:
-            options = (", TMA" if tma else "") + (", overlapped" if overlap else "")
-            runs[f"fp8 q·k + p·v, {block_m} queries, {warps} warps, {stages} stages{options}"] = (
-                lambda m=block_m, w=warps, s=stages, t=tma, o=overlap: fp8_attention(
-                    q, k, v, scale, num_warps=w, num_stages=s, block_m=m, tma=t, overlap=o))
+        for launch in LAUNCH:
+            options = "".join(f", {name}" for name in ("tma", "overlap", "ftz_exp") if launch.get(name))
+            name = f"fp8 q·k + p·v, {launch['block_m']} queries, {launch['num_warps']} warps, {launch['num_stages']} stages"
+            runs[name + options] = lambda launch=launch: fp8_attention(q, k, v, scale, **launch)
         for variant, run in runs.items():
             try:
                 out = run()
