@@ -69,6 +69,8 @@ def test_generate_png_with_attention_backend(tiny_wan_path: Path, tmp_path: Path
         (["--output", "no/such/dir/clip.mp4"], "no/such/dir/clip.mp4: folder no/such/dir does not exist"),
         (["--dtype", "int8"], "dtype must be one of bf16, bfloat16, fp16, float16, fp32, float32 (or that torch.dtype), got 'int8'"),
         (["--attention-backend", "nope"], "unknown attention backend 'nope' (from argument)"),
+        (["--device", "cpu", "--attention-backend", "triton_fp8"],
+         "attention backend 'triton_fp8' cannot run on cpu in float32: runs on ['cuda'], not cpu; choose 'auto' or one of ["),
         (["--fps", "0"], "argument --fps: fps must be a finite number, in [1, 120], got 0"),
     ],
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -26,7 +27,7 @@ from ditserve.loading import PipelineFolderError, UnknownModelError
 from ditserve.models.wan import WanTransformer3DModel
 from ditserve.pipelines import GenerationCancelled, GenerationOutput, PipelineConfigError
 from ditserve.pipelines.wan import WanPipeline
-from ditserve.pipelines.options import resolve_device, resolve_dtype
+from ditserve.pipelines.options import resolve_device, resolve_dtype, resolve_load_options
 from helpers.checkpoints import build_tiny_wan_pipeline
 
 diffusers = pytest.importorskip("diffusers")
@@ -135,6 +136,15 @@ def test_device_and_dtype_options() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(PipelineConfigError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_a_pinned_attention_backend_that_cannot_run_here_is_refused_before_loading(tiny_wan_path: Path) -> None:
+    with pytest.raises(PipelineConfigError, match=re.escape(
+            "attention backend 'fa4' cannot run on cpu in float32: runs on ['cuda'], not cpu; choose 'auto' or one of [")):
+        ditserve.Pipeline.from_pretrained(tiny_wan_path, device="cpu", attention_backend="fa4")
+    with pytest.raises(PipelineConfigError, match="attention backend 'sdpa_cudnn' cannot run on cpu"):
+        resolve_load_options("cpu", None, "sdpa_cudnn")
+    assert resolve_load_options("cpu", None, "sdpa_math")[2] == "sdpa_math"
 
 
 # ----------------------------------------------------------------------------- parity with diffusers

@@ -535,7 +535,8 @@ def test_sigterm_cancels_the_running_job_and_exits_cleanly(tiny_wan_path: Path, 
     assert decoded_frames(out / f"{kept}.mp4") == (5, (32, 32))
 
 
-def test_serve_refuses_bad_options_before_opening_the_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_refuses_bad_options_before_opening_the_port(tmp_path: Path, tiny_wan_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from ditserve.cli import main
 
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
@@ -549,6 +550,9 @@ def test_serve_refuses_bad_options_before_opening_the_port(tmp_path: Path, capsy
     assert "max_batch_size must be >= 1 (1 runs one job at a time), got 0" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path), "--max-batch-tokens", "-5"]) == 2
     assert "max_batch_tokens must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_wan_path), "--device", "cpu", "--attention-backend", "triton_fp8"]) == 2
+    assert ("attention backend 'triton_fp8' cannot run on cpu in float32: runs on ['cuda'], not cpu; choose 'auto' or one "
+            "of [") in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path), "--shutdown-timeout", "0"]) == 2
     assert "shutdown_timeout_s (--shutdown-timeout) must be a number of seconds > 0, got 0.0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as not_a_number:

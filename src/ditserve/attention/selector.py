@@ -36,6 +36,20 @@ def resolve_backend_name(name: str | None) -> str:
     return resolved
 
 
+def check_pinned_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """A pinned backend that cannot run on `device` in `dtype` (wrong device kind, missing package, GPU
+    generation, dtype) is a ValueError naming the backends that can, before a model loads; the
+    shape-dependent reasons (head_dim, masks...) can only show at the first call."""
+    if name == "auto":
+        return
+    backends = create_backends()
+    reason = backends[name].why_not_on(device, dtype)
+    if reason is not None:
+        able = sorted(other for other, backend in backends.items() if backend.why_not_on(device, dtype) is None)
+        raise ValueError(f"attention backend {name!r} cannot run on {device} in {str(dtype).removeprefix('torch.')}: "
+                         f"{reason}; choose 'auto' or one of {able}")
+
+
 def _seq_bucket(n: int) -> int:
     """Round up to a power of two: calls in one bucket share one measured choice."""
     return 1 << max(0, (n - 1).bit_length())

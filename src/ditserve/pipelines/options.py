@@ -58,12 +58,13 @@ def resolve_load_options(device: str | torch.device | None, dtype: str | torch.d
                          attention_backend: str | None) -> tuple[torch.device, torch.dtype, str]:
     """`from_pretrained`'s device, dtype and attention backend, resolved; each bad one is a
     `PipelineConfigError` now, before anything loads."""
-    from ditserve.attention import resolve_backend_name
+    from ditserve.attention.selector import check_pinned_backend, resolve_backend_name
 
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     try:
         backend = resolve_backend_name(attention_backend)
+        check_pinned_backend(backend, resolved_device, resolved_dtype)
     except ValueError as e:
         raise PipelineConfigError(str(e)) from None
     return resolved_device, resolved_dtype, backend

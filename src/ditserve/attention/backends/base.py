@@ -144,16 +144,30 @@ class AttentionBackend(ABC):
         """Why this backend cannot run on this particular device (e.g. GPU generation), or None."""
         return None
 
+    def why_not_on(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why this backend cannot serve any call on `device` in `dtype`, or None: the part of `why_not`
+        that a pipeline can check when it loads, before any call exists."""
+        if device.type not in self.capabilities.devices:
+            return f"runs on {sorted(self.capabilities.devices)}, not {device.type}"
+        return self._why_not_with(device, dtype)
+
+    def _why_not_with(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        reason = self.unavailable_reason() or self.device_reason(device)
+        if reason:
+            return reason
+        dtypes = self.capabilities.dtypes
+        if dtype not in dtypes:
+            return f"supports dtypes {sorted(str(d).removeprefix('torch.') for d in dtypes)}, not {str(dtype).removeprefix('torch.')}"
+        return None
+
     def why_not(self, call: AttentionCall, device: torch.device) -> str | None:
         """The reason this backend cannot serve `call`, or None if it can."""
         caps = self.capabilities
         if call.device_type not in caps.devices:
             return f"runs on {sorted(caps.devices)}, not {call.device_type}"
-        reason = self.unavailable_reason() or self.device_reason(device)
+        reason = self._why_not_with(device, call.dtype)
         if reason:
             return reason
-        if call.dtype not in caps.dtypes:
-            return f"supports dtypes {sorted(str(d).removeprefix('torch.') for d in caps.dtypes)}, not {str(call.dtype).removeprefix('torch.')}"
         lo, hi = caps.head_dims
         for d in {call.head_dim, call.head_dim_v}:
             if not lo <= d <= hi or d % caps.head_dim_multiple:
