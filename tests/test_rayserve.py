@@ -167,7 +167,8 @@ class TestAutoscaling:
             stop.set()
             submitter.join(10)
         jobs = wait_finished(http, ids, timeout=60)
-        assert Counter(j["status"] for j in jobs.values()) == {"completed": len(ids)}
+        not_completed = {i: (j["status"], j.get("error")) for i, j in jobs.items() if j["status"] != "completed"}
+        assert not not_completed, not_completed
         assert len({j["timings"]["replica"] for j in jobs.values()}) == 2
         wait_for(lambda: autoscaled.running_replicas() == 1, 60, "scaling back to one replica")
         assert Counter(j["status"] for j in wait_finished(http, ids, timeout=5).values()) == {"completed": len(ids)}

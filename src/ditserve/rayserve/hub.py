@@ -229,12 +229,12 @@ class JobHub:
                     continue
                 self._apply(job_id, result)
                 return
-        except Exception:  # Serve could not take the call at all (e.g. the application was deleted)
+        except Exception as e:  # Serve could not take the call at all (e.g. the application was deleted)
             log.exception("job %s: could not be dispatched", job_id)
             job = self._store.get(job_id)
             if job is not None:
-                job.fail("generation_failed", "no replica could take this job; the server's log has the details "
-                                              "under this job's id")
+                job.fail("generation_failed", f"no replica could take this job ({type(e).__name__}); the server's log "
+                                              "has the details under this job's id")
         finally:
             self._tasks.pop(job_id, None)
             self._cancel_reasons.pop(job_id, None)
