@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -67,22 +68,46 @@ def test_overwrite_keeps_permissions(tmp_path: Path) -> None:
     assert target.read_bytes()[:4] == b"\x89PNG" and target.stat().st_mode & 0o777 == 0o600
 
 
-def test_failing_writer_leaves_nothing_and_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_writer(path: str, *args, **kwargs):
-        Path(path).write_bytes(b"half a video")
-        yield
-        raise RuntimeError("ffmpeg died")
+def _fake_ffmpeg(tmp_path: Path, body: str) -> str:
+    """An executable standing in for ffmpeg: Python `body` runs with `out` = the output path (the last
+    argument) and stdin holding the raw frames."""
+    script = tmp_path / "fake_ffmpeg"
+    script.write_text(f"#!{sys.executable}\nimport os, sys\nout = sys.argv[-1]\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
 
-    monkeypatch.setattr(imageio_ffmpeg, "write_frames", broken_writer)
-    with pytest.raises(RuntimeError, match="ffmpeg died"):
-        write_frames(tmp_path / "new.mp4", _frames())
-    assert _only(tmp_path) == []
 
-    previous = tmp_path / "old.mp4"
+def test_failing_ffmpeg_leaves_nothing_keeps_previous_file_and_says_why(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    fake = _fake_ffmpeg(tmp_path, "sys.stdin.buffer.read(); open(out, 'wb').write(b'half a video'); "
+                                  "sys.stderr.write('Unknown encoder libx264'); sys.exit(1)")
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: fake)
+    with pytest.raises(OSError, match="ffmpeg exited with status 1 writing .*: Unknown encoder libx264"):
+        write_frames(folder / "new.mp4", _frames())
+    assert _only(folder) == []
+
+    previous = folder / "old.mp4"
     previous.write_bytes(b"previous video")
-    with pytest.raises(RuntimeError, match="ffmpeg died"):
+    with pytest.raises(OSError, match="Unknown encoder libx264"):
         write_frames(previous, _frames())
-    assert _only(tmp_path) == ["old.mp4"] and previous.read_bytes() == b"previous video"
+    assert _only(folder) == ["old.mp4"] and previous.read_bytes() == b"previous video"
+
+
+def test_ffmpeg_runs_in_its_own_session_away_from_a_terminals_ctrl_c(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C goes to the terminal's foreground process group: ffmpeg must not be in ours, or a server's
+    graceful stop would kill the encodes of the jobs it is draining."""
+    ids = tmp_path / "ids"
+    fake = _fake_ffmpeg(tmp_path, f"frames = sys.stdin.buffer.read(); open({str(ids)!r}, 'w').write("
+                                  "f'{os.getsid(0)} {os.getpgrp()} {len(frames)}'); open(out, 'wb').write(b'video')")
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: fake)
+    (tmp_path / "out").mkdir()
+    write_frames(tmp_path / "out" / "clip.mp4", _frames(5, 32, 48))
+    session, group, size = map(int, ids.read_text().split())
+    assert session != os.getsid(0) and group != os.getpgrp()
+    assert size == 5 * 32 * 48 * 3  # every frame reached it
 
 
 @pytest.mark.parametrize("name", ["out.avi", "out.webm", "out", "out.mp4.tmp"])

@@ -15,6 +15,7 @@ Formats (chosen by extension; check with `output_format` before generating):
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -73,26 +74,26 @@ def _pad_even(frames: np.ndarray) -> np.ndarray:
 
 
 def _write_mp4(path: str, frames: np.ndarray, fps: float) -> None:
+    """H.264 through imageio-ffmpeg's bundled binary, started here rather than by its `write_frames`.
+
+    That helper starts ffmpeg with `preexec_fn=os.setpgrp` (so a Ctrl-C does not reach it), which runs
+    Python in the forked child: unsafe in a process with other threads (a server's writer threads, a Ray
+    worker's gRPC threads), where the child can die before ffmpeg starts and the write fails with a broken
+    pipe. `start_new_session` keeps ffmpeg away from the terminal's Ctrl-C the same way, done by the C
+    code between fork and exec."""
     import imageio_ffmpeg
 
     frames = _pad_even(frames)
     height, width = frames.shape[1:3]
-    writer = imageio_ffmpeg.write_frames(
-        path,
-        (width, height),
-        fps=fps,
-        codec="libx264",
-        pix_fmt_out="yuv420p",
-        quality=None,
-        macro_block_size=1,  # sizes are even already; never let ffmpeg rescale
-        output_params=["-crf", str(MP4_CRF), "-movflags", "+faststart"],
-    )
-    writer.send(None)  # start ffmpeg
-    try:
-        for frame in frames:
-            writer.send(frame)
-    finally:
-        writer.close()  # waits for ffmpeg; raises if it failed
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}",
+               "-pix_fmt", "rgb24", "-r", f"{fps:.02f}", "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
+               "-v", "warning", "-crf", str(MP4_CRF), "-movflags", "+faststart", path]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    _, stderr = process.communicate(memoryview(frames).cast("B"))
+    if process.returncode != 0:
+        message = stderr.decode(errors="replace").strip()[-2000:] or "no message"
+        raise OSError(f"ffmpeg exited with status {process.returncode} writing {path}: {message}")
 
 
 def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
