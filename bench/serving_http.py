@@ -1,8 +1,9 @@
 """A burst of image requests over HTTP against `ditserve serve`: batched vs one at a time.
 
 Starts a real server process per mode (the default continuous batching, then
-`--max-batch-size 1`), waits for /health, sends `--requests` image requests of mixed sizes
-at once from as many client threads, and reports throughput, p50/p95/max latency and how many
+`--max-batch-size 1`), waits for /health, warms it up with the same burst at 2 steps (twice
+with `--server-args=--compile`), sends `--requests` image requests of mixed sizes at once from
+as many client threads, and reports throughput, p50/p95/max latency and how many
 were refused (429). Everything a client sees is measured: HTTP, admission, text encoding,
 denoising, VAE decode, PNG encoding and base64.
 
