@@ -168,6 +168,7 @@ if triton is not None:
         o_ptrs = out_ptr + b * o_b + h * o_h + rows[:, None].to(tl.int64) * o_s + cols[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < seq_q)[:, None])
 
+
 def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
                     fp8: bool = True, amax_floor: float = 1e-30) -> tuple[Tensor, Tensor]:
     """`x` `[B, S, H, D]` (times `multiplier`) -> (e4m3 `[B, H, S_pad, D]`, or `[B, H, D, S_pad]` when
