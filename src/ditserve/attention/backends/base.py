@@ -147,27 +147,25 @@ class AttentionBackend(ABC):
     def why_not_on(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this backend cannot serve any call on `device` in `dtype`, or None: the part of `why_not`
         that a pipeline can check when it loads, before any call exists."""
-        if device.type not in self.capabilities.devices:
-            return f"runs on {sorted(self.capabilities.devices)}, not {device.type}"
-        return self._why_not_with(device, dtype)
+        return self._why_not_for(device.type, device, dtype)
 
-    def _why_not_with(self, device: torch.device, dtype: torch.dtype) -> str | None:
+    def _why_not_for(self, device_type: str, device: torch.device, dtype: torch.dtype) -> str | None:
+        caps = self.capabilities
+        if device_type not in caps.devices:
+            return f"runs on {sorted(caps.devices)}, not {device_type}"
         reason = self.unavailable_reason() or self.device_reason(device)
         if reason:
             return reason
-        dtypes = self.capabilities.dtypes
-        if dtype not in dtypes:
-            return f"supports dtypes {sorted(str(d).removeprefix('torch.') for d in dtypes)}, not {str(dtype).removeprefix('torch.')}"
+        if dtype not in caps.dtypes:
+            return f"supports dtypes {sorted(str(d).removeprefix('torch.') for d in caps.dtypes)}, not {str(dtype).removeprefix('torch.')}"
         return None
 
     def why_not(self, call: AttentionCall, device: torch.device) -> str | None:
         """The reason this backend cannot serve `call`, or None if it can."""
-        caps = self.capabilities
-        if call.device_type not in caps.devices:
-            return f"runs on {sorted(caps.devices)}, not {call.device_type}"
-        reason = self._why_not_with(device, call.dtype)
+        reason = self._why_not_for(call.device_type, device, call.dtype)
         if reason:
             return reason
+        caps = self.capabilities
         lo, hi = caps.head_dims
         for d in {call.head_dim, call.head_dim_v}:
             if not lo <= d <= hi or d % caps.head_dim_multiple:
