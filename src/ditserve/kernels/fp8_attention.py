@@ -67,18 +67,8 @@ if triton is not None:
             tl.store(base + rows[:, None] * D + cols[None, :], values)
 
     @triton.jit
-    def _exp2(x, FTZ: tl.constexpr):
-        """2^x. With FTZ, PTX's `ex2.approx.ftz.f32` (results below 2^-126 flush to zero, far under e4m3's
-        range) instead of Triton's lowering, which keeps subnormal results and may cost instructions more
-        per element in a kernel whose elementwise work is its bound."""
-        if FTZ:
-            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                             is_pure=True, pack=1)
-        return tl.math.exp2(x)
-
-    @triton.jit
     def _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scale_ptr, v_scale_ptr, start, seq_k,
-                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, P_LOG2: tl.constexpr, FTZ: tl.constexpr):
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, P_LOG2: tl.constexpr):
         """One key block's raw scores q kᵀ -> online softmax (log2 units), probabilities x V accumulated
         by the product.
 
@@ -93,7 +83,7 @@ if triton is not None:
         qk_scale = q_scale * tl.load(k_scale_ptr)
         m_new = tl.maximum(m_i, tl.max(raw, axis=1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        p = _exp2(raw * qk_scale - (m_new - P_LOG2)[:, None], FTZ)  # 2^P_LOG2 x the probabilities
+        p = tl.math.exp2(raw * qk_scale - (m_new - P_LOG2)[:, None])  # 2^P_LOG2 x the probabilities
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_scale = tl.load(v_scale_ptr)
         acc = tl.dot(p.to(v.dtype), tl.trans(v), acc * (alpha * (v_prev / v_scale))[:, None])
@@ -117,8 +107,7 @@ if triton is not None:
     def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr,
                               out_ptr, seq_q, seq_k, heads, group, q_blocks, k_blocks, full_blocks, o_b, o_s, o_h,
                               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr,
-                              P_LOG2: tl.constexpr, TAIL: tl.constexpr, TMA: tl.constexpr, OVERLAP: tl.constexpr,
-                              FTZ: tl.constexpr):
+                              P_LOG2: tl.constexpr, TAIL: tl.constexpr, TMA: tl.constexpr):
         block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // heads, bh % heads
         kv = b * (heads // group) + h // group
@@ -138,32 +127,17 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         v_prev = tl.load(v_scales)  # acc's unit: the scale of the last V block added
-        if OVERLAP:  # block j+1's q kᵀ is issued before block j's softmax, so the two can overlap (FA3's
-            # intra-warpgroup pipelining); the same operations in the same order as the plain loop
-            raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, 0, k_blocks, BLOCK_N, D, TMA)))
-            for j in tl.range(0, full_blocks - 1):
-                raw_next = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, j + 1, k_blocks, BLOCK_N, D, TMA)))
-                v = _load_v(v_ptrs, v_desc, kv32, j, BLOCK_N, D, TMA)
-                acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + j, v_scales + j,
-                                                    j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2, FTZ)
-                raw = raw_next
-            if full_blocks > 0:
-                last = full_blocks - 1
-                v = _load_v(v_ptrs, v_desc, kv32, last, BLOCK_N, D, TMA)
-                acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + last,
-                                                    v_scales + last, last * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2, FTZ)
-        else:
-            for j in tl.range(0, full_blocks):
-                raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, j, k_blocks, BLOCK_N, D, TMA)))
-                v = _load_v(v_ptrs, v_desc, kv32, j, BLOCK_N, D, TMA)
-                acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + j, v_scales + j,
-                                                    j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2, FTZ)
+        for j in tl.range(0, full_blocks):
+            raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, j, k_blocks, BLOCK_N, D, TMA)))
+            v = _load_v(v_ptrs, v_desc, kv32, j, BLOCK_N, D, TMA)
+            acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + j, v_scales + j,
+                                                j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2)
         if TAIL:  # the last, partly filled key block
             raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, full_blocks, k_blocks, BLOCK_N, D, TMA)))
             v = _load_v(v_ptrs, v_desc, kv32, full_blocks, BLOCK_N, D, TMA)
             acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + full_blocks,
                                                 v_scales + full_blocks, full_blocks * BLOCK_N, seq_k, BLOCK_N, True,
-                                                P_LOG2, FTZ)
+                                                P_LOG2)
         out = acc * (v_prev / l_i)[:, None]
         o_ptrs = out_ptr + b * o_b + h * o_h + rows[:, None].to(tl.int64) * o_s + cols[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < seq_q)[:, None])
@@ -188,17 +162,14 @@ def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
 
 
 def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool = True, num_warps: int = 4,
-                  num_stages: int = 3, block_m: int = 64, tma: bool | None = None, overlap: bool = False,
-                  ftz_exp: bool = False) -> Tensor:
+                  num_stages: int = 3, block_m: int = 64, tma: bool | None = None) -> Tensor:
     """softmax(q kᵀ · scale) v with FP8 products; q `[B, Sq, H, D]`, k/v `[B, Sk, Hkv, D]` -> `[B, Sq, H, D]`.
 
     `fp8_pv=False` keeps the probabilities x V product in q's dtype (only q kᵀ in FP8): the rounding of P
     and V goes, and so does that product's FP8 speed (docs/performance.md measures both). Launch options a
     benchmark may sweep, each giving the same result: `num_warps`, `num_stages`, `block_m` (queries per tile:
-    64 or 128), `tma` (tiles loaded by the tensor memory accelerator instead of per-thread pointers; None:
-    where the GPU has one, Hopper and newer), `overlap` (the next block's q kᵀ issued before this block's
-    softmax) and `ftz_exp` (the probabilities' exponentials as one flush-to-zero instruction each; GPU only,
-    and equal unless a probability falls below 2^-126). The defaults are the fastest measured on an H200 (docs/performance.md)."""
+    64 or 128) and `tma` (tiles loaded by the tensor memory accelerator instead of per-thread pointers; None:
+    where the GPU has one, Hopper and newer). The defaults are the fastest measured on an H200 (docs/performance.md)."""
     if triton is None:
         raise RuntimeError("fp8_attention needs Triton (it ships with CUDA builds of torch)")
     batch, seq_q, heads, dim = q.shape
@@ -224,7 +195,7 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
         q8, k8, v8, *descriptors, q_scales, k_scales, v_scales, out, seq_q, seq_k, heads, heads // kv_heads, q_blocks,
         k_blocks, seq_k // BLOCK, out.stride(0), out.stride(1), out.stride(2),
         D=dim, BLOCK_M=block_m, BLOCK_N=BLOCK, Q_BLOCK=BLOCK, P_LOG2=_P_LOG2 if fp8_pv else 0, TAIL=seq_k % BLOCK != 0,
-        TMA=tma, OVERLAP=overlap, FTZ=ftz_exp, num_warps=num_warps, num_stages=num_stages,
+        TMA=tma, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
