@@ -2,7 +2,7 @@
 
 For each shape: torch's cuDNN kernel in bf16 (the exact path `auto` takes there), then
 `kernels.fp8_attention` with both products in FP8 over a few launch options (queries per tile, warps,
-stages; tma: tiles loaded by tensor descriptors), and with only q kᵀ in FP8 once; SageAttention 1 (a peer's Triton kernel: INT8 q kᵀ, fp16 P·V) where `sageattention` is
+stages; tma: tiles loaded by tensor descriptors; V scaled per channel, with or without the lazy rescale), and with only q kᵀ in FP8 once; SageAttention 1 (a peer's Triton kernel: INT8 q kᵀ, fp16 P·V) where `sageattention` is
 installed. Error = max |out - ref| / max |ref| and mean |out - ref| / mean |ref| on the first 512 queries,
 against float32 math. CUDA events, median of --repeats.
 
@@ -28,7 +28,10 @@ SHAPES = {  # name -> (heads, tokens, head_dim): Wan2.1 self-attention, one samp
 # fp8_attention's launch options per row; the first is its default on Hopper
 LAUNCH = (
     dict(block_m=64, num_warps=4, num_stages=3, tma=True),
-    dict(block_m=64, num_warps=4, num_stages=2, tma=True),
+    dict(block_m=64, num_warps=4, num_stages=3, tma=True, channel_v=True),
+    dict(block_m=64, num_warps=4, num_stages=3, tma=True, channel_v=True, lazy_rescale=True),
+    dict(block_m=128, num_warps=8, num_stages=3, tma=True, channel_v=True, lazy_rescale=True),
+    dict(block_m=64, num_warps=4, num_stages=2, tma=True, channel_v=True, lazy_rescale=True),
     dict(block_m=128, num_warps=8, num_stages=3, tma=True),
     dict(block_m=128, num_warps=4, num_stages=3, tma=False),
 )
@@ -68,7 +71,8 @@ def main() -> int:
             runs["SageAttention 1.0.6: int8 q·k, fp16 p·v"] = lambda: sageattn(q, k, v, tensor_layout="NHD", sm_scale=scale)
         for launch in LAUNCH:
             label = (f"fp8 q·k + p·v, {launch['block_m']} queries, {launch['num_warps']} warps, "
-                     f"{launch['num_stages']} stages{', tma' if launch['tma'] else ''}")
+                     f"{launch['num_stages']} stages{', tma' if launch['tma'] else ''}"
+                     f"{', V per channel' if launch.get('channel_v') else ''}{', lazy rescale' if launch.get('lazy_rescale') else ''}")
             runs[label] = lambda launch=launch: fp8_attention(q, k, v, scale, **launch)
         for variant, run in runs.items():
             try:
