@@ -41,19 +41,23 @@ def _free_port() -> int:
 
 
 def start_server(model: str | None, extra: list[str], out: Path) -> tuple[subprocess.Popen, str]:
+    """A `ditserve serve` process writing into `out` (its log: `out/server.log`), once /health answers."""
     port = _free_port()
     command = [sys.executable, "-m", "ditserve.cli", "serve", "--port", str(port), "--output-dir", str(out),
                "--log-level", "warning", *extra]  # the default --max-queue: a burst it admits gets no 429
     if model:
         command += ["--model", model]
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "server.log"  # a file, not a pipe: a pipe nobody reads would stall a chatty server
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     with httpx.Client(base_url=url, timeout=5) as http:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {proc.communicate()[0][-2000:]}")
+                raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
             try:
                 if http.get("/health").status_code == 200:
                     return proc, url
