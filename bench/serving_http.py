@@ -3,8 +3,8 @@
 Starts a real server process per mode (the default continuous batching, then
 `--max-batch-size 1`), waits for /health, warms it up with the same burst at 2 steps (twice
 with `--server-args=--compile`), sends `--requests` image requests of mixed sizes at once from
-as many client threads, and reports throughput, p50/p95/max latency and how many
-were refused (429). Everything a client sees is measured: HTTP, admission, text encoding,
+as many client threads, and reports throughput, p50/p95/max latency, how many
+were refused (429), and where the server spent the time (from its job records). Everything a client sees is measured: HTTP, admission, text encoding,
 denoising, VAE decode, PNG encoding and base64.
 
     python bench/serving_http.py --model /tmp/wan13 --sizes 512x512,832x480 --steps 8 --requests 32 \\
@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from report import publish, shown_args  # noqa: E402  (bench/report.py)
 
 SRC = Path(__file__).resolve().parent.parent / "src"
+JOB_DB = Path(".ditserve") / "jobs.sqlite3"  # in the output folder: the server's job records (ditserve.server.jobdb)
 
 
 def _free_port() -> int:
@@ -98,6 +100,27 @@ def burst(url: str, sizes: list[str], steps: int, count: int) -> dict:
             "max_s": done[-1] if done else None}
 
 
+def server_breakdown(out: Path, count: int) -> dict:
+    """Where the server spent the last `count` jobs' wall time, from its job records (read-only): seconds from
+    the first job's arrival to its admission, the denoising window (first admission to the last job's last step),
+    the tail after that step (VAE decodes and writes nobody overlaps), and per-job means of text encoding,
+    denoising, the wait for the decoder, the decode and the write."""
+    with sqlite3.connect(f"{(out / JOB_DB).as_uri()}?mode=ro", uri=True, timeout=30) as db:
+        rows = db.execute("SELECT created_at, started_at, finished_at, timings FROM jobs WHERE status = 'completed' "
+                          "ORDER BY seq DESC LIMIT ?", (count,)).fetchall()
+    if not rows:
+        return {}
+    jobs = [(created, started, finished, json.loads(timings)) for created, started, finished, timings in rows]
+    denoised = [started + t["text_encode_s"] + t["denoise_s"] for _, started, _, t in jobs]
+    first_started = min(started for _, started, _, _ in jobs)
+    result = {"admission_s": first_started - min(created for created, _, _, _ in jobs),
+              "denoise_window_s": max(denoised) - first_started,
+              "tail_s": max(finished for _, _, finished, _ in jobs) - max(denoised)}
+    for key in ("text_encode_s", "denoise_s", "decode_wait_s", "decode_s", "save_s"):
+        result[f"mean_{key}"] = statistics.fmean(t.get(key, 0.0) for _, _, _, t in jobs)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded tiny model)")
@@ -120,6 +143,7 @@ def main() -> int:
             for _ in range(2 if "--compile" in args.server_args.split() else 1):
                 burst(url, sizes, steps=min(2, args.steps), count=args.requests)
             row = {"mode": mode, **burst(url, sizes, args.steps, args.requests)}
+            row["server"] = server_breakdown(Path(args.out) / mode.replace(" ", "-"), row["completed"])
         finally:
             proc.terminate()
             proc.wait(60)
@@ -148,7 +172,17 @@ def main() -> int:
     for r in rows:
         cells = [f"{r[k]:.1f}" if r[k] is not None else "–" for k in ("wall_s", "per_min", "p50_s", "p95_s", "max_s")]
         lines.append(f"| {r['mode']} | {r['completed']} | {r['refused_429']} | " + " | ".join(cells) + " |")
-    lines += ["", f"Batched: {speedup:.2f}x the throughput of one at a time (burst wall time, one at a time / batched)."]
+    lines += ["", f"Batched: {speedup:.2f}x the throughput of one at a time (burst wall time, one at a time / batched).",
+              "", "Where the server's time went (its job records): first admission after the first arrival; the "
+              "denoising window from it to the last job's last step; the tail after that (decodes and writes); "
+              "per-job means.", "",
+              "| mode | admission (s) | denoising window (s) | tail (s) | text encode (s) | denoise (s) | "
+              "decode wait (s) | decode (s) | write (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r["server"]
+        keys = ("admission_s", "denoise_window_s", "tail_s", "mean_text_encode_s", "mean_denoise_s",
+                "mean_decode_wait_s", "mean_decode_s", "mean_save_s")
+        lines.append(f"| {r['mode']} | " + " | ".join(f"{b[k]:.2f}" if k in b else "–" for k in keys) + " |")
     publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
     return 0
 
