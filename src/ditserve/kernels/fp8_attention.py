@@ -178,7 +178,7 @@ def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
     scales = (torch.empty if fp8 else torch.ones)((batch, heads, blocks), dtype=torch.float32, device=x.device)
     channel_scales = None
     if per_channel:
-        amax = x.abs().amax(dim=1).to(torch.float32) * abs(multiplier)  # [B, H, D]
+        amax = torch.linalg.vector_norm(x, float("inf"), dim=1).to(torch.float32) * abs(multiplier)  # [B, H, D], no |x| copy
         channel_scales = amax.clamp_min(amax_floor).div_(448.0).contiguous()
     _quantize_kernel[(blocks, batch * heads)](x, out, scales, channel_scales, seq, heads, x.stride(0), x.stride(1),
                                               x.stride(2), multiplier, amax_floor, BLOCK_S=BLOCK, D=dim,
