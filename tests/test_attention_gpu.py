@@ -160,6 +160,11 @@ def test_fp8_attention_against_float32_math(case, fp8_pv):
         channel_err = (channel.float() - ref).abs()
         assert channel_err.max() / ref.abs().max() <= 0.15 and channel_err.mean() / ref.abs().mean() <= 0.08
         assert torch.equal(fp8_attention(q, k, v, d**-0.5, channel_v=True, lazy_rescale=True), channel)
+    for share in ("half", "all"):  # exponentials by a polynomial (7.5e-5 relative): the probabilities round alike
+        other = fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv, fma_exp2=share)
+        assert (other.float() - out.float()).abs().max().item() <= 0.02 * ref.abs().max().item(), share
+    with pytest.raises(ValueError, match=r"fma_exp2 must be one of none, half, all, got 'most'"):
+        fp8_attention(q, k, v, d**-0.5, fma_exp2="most")
     if fp8_pv:
         assert torch.equal(Attention("triton_fp8")(q, k, v), out)  # the pinned backend is this kernel
         md = AttentionMetadata.from_lengths([sq] * b, [sk] * b, "cuda")  # packed: one kernel call per sample

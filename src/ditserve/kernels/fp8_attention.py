@@ -32,6 +32,7 @@ HEAD_DIMS = (32, 64, 128)  # powers of two (Triton's tiles), at least one FP8 pr
 _P_LOG2 = 8  # probabilities in [0, 1] times 2^8: e4m3's normal range then reaches down to 2^-14
 _V_AMAX_FLOOR = 1e-6  # a V block's amax floor: bounds the ratio of two blocks' scales in the kernel's rescale
 _LOG2E = 1.4426950408889634
+_FMA_EXP2 = ("none", "half", "all")  # fma_exp2's values, in the kernel's FMA_EXP2 numbering
 
 
 def triton_available() -> bool:
@@ -70,9 +71,33 @@ if triton is not None:
             tl.store(base + rows[:, None] * D + cols[None, :], values)
 
     @triton.jit
+    def _exp2_fma(x):
+        """2^x on the FMA and integer units instead of the special-function unit (FlashAttention-4's trick):
+        x rounds to j by the 1.5 * 2^23 addition, 2^(x - j) is a cubic on [-0.5, 0.5] (relative error 7.5e-5,
+        far below e4m3's rounding of the probabilities), and j goes into the exponent bits. x below -125
+        gives 2^-125 (zero once the probabilities are in e4m3)."""
+        x = tl.maximum(x, -125.0)
+        t = x + 12582912.0
+        f = x - (t - 12582912.0)
+        poly = 0.99992807 + f * (0.69326103 + f * (0.24261112 + f * 0.05517145))
+        bits = poly.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _probabilities(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FMA_EXP2: tl.constexpr):
+        """2^x of a [BLOCK_M, BLOCK_N] tile: FMA_EXP2 0 all on the special-function unit, 1 every other
+        column on the FMA units (the two halves run on different units), 2 all on the FMA units."""
+        if FMA_EXP2 == 2:
+            return _exp2_fma(x)
+        if FMA_EXP2 == 1:
+            even, odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))
+            return tl.reshape(tl.join(tl.math.exp2(even), _exp2_fma(odd)), [BLOCK_M, BLOCK_N])
+        return tl.math.exp2(x)
+
+    @triton.jit
     def _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scale_ptr, v_scale_ptr, start, seq_k,
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, P_LOG2: tl.constexpr, CHANNEL_V: tl.constexpr,
-                    LAZY: tl.constexpr):
+                    LAZY: tl.constexpr, FMA_EXP2: tl.constexpr):
         """One key block's raw scores q kᵀ -> online softmax (log2 units), probabilities x V accumulated
         by the product.
 
@@ -89,7 +114,7 @@ if triton is not None:
         qk_scale = q_scale * tl.load(k_scale_ptr)
         m_new = tl.maximum(m_i, tl.max(raw, axis=1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(raw * qk_scale - (m_new - P_LOG2)[:, None])  # 2^P_LOG2 x the probabilities
+        p = _probabilities(raw * qk_scale - (m_new - P_LOG2)[:, None], raw.shape[0], BLOCK_N, FMA_EXP2)  # 2^P_LOG2 x
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if CHANNEL_V:
             if LAZY:
@@ -121,7 +146,7 @@ if triton is not None:
                               out_ptr, seq_q, seq_k, heads, group, q_blocks, k_blocks, full_blocks, o_b, o_s, o_h,
                               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr,
                               P_LOG2: tl.constexpr, TAIL: tl.constexpr, TMA: tl.constexpr, CHANNEL_V: tl.constexpr,
-                              LAZY: tl.constexpr):
+                              LAZY: tl.constexpr, FMA_EXP2: tl.constexpr):
         block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // heads, bh % heads
         kv = b * (heads // group) + h // group
@@ -148,13 +173,13 @@ if triton is not None:
             raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, j, k_blocks, BLOCK_N, D, TMA)))
             v = _load_v(v_ptrs, v_desc, kv32, j, BLOCK_N, D, TMA)
             acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + j, v_scales + j,
-                                                j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2, CHANNEL_V, LAZY)
+                                                j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2, CHANNEL_V, LAZY, FMA_EXP2)
         if TAIL:  # the last, partly filled key block
             raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, full_blocks, k_blocks, BLOCK_N, D, TMA)))
             v = _load_v(v_ptrs, v_desc, kv32, full_blocks, BLOCK_N, D, TMA)
             acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + full_blocks,
                                                 v_scales + full_blocks, full_blocks * BLOCK_N, seq_k, BLOCK_N, True,
-                                                P_LOG2, CHANNEL_V, LAZY)
+                                                P_LOG2, CHANNEL_V, LAZY, FMA_EXP2)
         if CHANNEL_V:
             out = acc / l_i[:, None] * tl.load(v_scale_ptr + kv * D + cols)[None, :]
         else:
@@ -189,7 +214,7 @@ def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
 
 def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool = True, num_warps: int = 4,
                   num_stages: int = 3, block_m: int = 64, tma: bool | None = None, channel_v: bool = False,
-                  lazy_rescale: bool = False) -> Tensor:
+                  lazy_rescale: bool = False, fma_exp2: str = "none") -> Tensor:
     """softmax(q kᵀ · scale) v with FP8 products; q `[B, Sq, H, D]`, k/v `[B, Sk, Hkv, D]` -> `[B, Sq, H, D]`.
 
     `fp8_pv=False` keeps the probabilities x V product in q's dtype (only q kᵀ in FP8): the rounding of P
@@ -198,7 +223,8 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
     64 or 128) and `tma` (tiles loaded by the tensor memory accelerator instead of per-thread pointers; None:
     where the GPU has one, Hopper and newer). `channel_v` quantizes V with one scale per channel (over all
     tokens of a head) instead of per block, and `lazy_rescale` (with it) skips a tile's output rescale when
-    no row's maximum rose. The defaults are the fastest measured on an H200 (docs/performance.md)."""
+    no row's maximum rose. `fma_exp2` ("none", "half", "all") computes that share of the probabilities'
+    exponentials by a polynomial on the FMA units instead of the special-function unit. The defaults are the fastest measured on an H200 (docs/performance.md)."""
     if triton is None:
         raise RuntimeError("fp8_attention needs Triton (it ships with CUDA builds of torch)")
     batch, seq_q, heads, dim = q.shape
@@ -210,6 +236,8 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
     if block_m not in (64, BLOCK):
         raise ValueError(f"block_m must be 64 or {BLOCK}, got {block_m}")
+    if fma_exp2 not in _FMA_EXP2:
+        raise ValueError(f"fma_exp2 must be one of {', '.join(_FMA_EXP2)}, got {fma_exp2!r}")
     q8, q_scales = quantize_blocks(q, scale * _LOG2E)  # scores come out in log2 units: exp2 in the kernel
     # A key channel's mean adds the same to every score of a query, so softmax ignores it; taking it out
     # leaves k's blocks a smaller range to quantize (SageAttention's smoothing of K).
@@ -225,7 +253,7 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
         q8, k8, v8, *descriptors, q_scales, k_scales, v_scales, out, seq_q, seq_k, heads, heads // kv_heads, q_blocks,
         k_blocks, seq_k // BLOCK, out.stride(0), out.stride(1), out.stride(2),
         D=dim, BLOCK_M=block_m, BLOCK_N=BLOCK, Q_BLOCK=BLOCK, P_LOG2=_P_LOG2 if fp8_pv else 0, TAIL=seq_k % BLOCK != 0,
-        TMA=tma, CHANNEL_V=channel_v, LAZY=lazy_rescale and channel_v, num_warps=num_warps, num_stages=num_stages,
+        TMA=tma, CHANNEL_V=channel_v, LAZY=lazy_rescale and channel_v, FMA_EXP2=_FMA_EXP2.index(fma_exp2), num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
