@@ -155,11 +155,9 @@ def test_fp8_attention_against_float32_math(case, fp8_pv):
     for block_m, warps, tma in ((128, 4, False), (64, 4, False), (128, 8, True), (128, 8, False)):  # other launches:
         other = fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv, num_warps=warps, block_m=block_m, tma=tma)  # same math
         assert (other.float() - out.float()).abs().max().item() <= 0.02 * ref.abs().max().item(), (block_m, warps, tma)
-    if fp8_pv:  # V with one scale per channel: its own rounding, the same bounds; the lazy rescale changes no bit
-        channel = fp8_attention(q, k, v, d**-0.5, channel_v=True)
-        channel_err = (channel.float() - ref).abs()
-        assert channel_err.max() / ref.abs().max() <= 0.15 and channel_err.mean() / ref.abs().mean() <= 0.08
-        assert torch.equal(fp8_attention(q, k, v, d**-0.5, channel_v=True, lazy_rescale=True), channel)
+    # a register cap (three tiles an SM) changes where values live, not the math
+    assert torch.equal(fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv, num_stages=2, max_registers=168),
+                       fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv, num_stages=2))
     for share in ("half", "all"):  # exponentials by a polynomial (7.5e-5 relative): the probabilities round alike
         other = fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv, fma_exp2=share)
         assert (other.float() - out.float()).abs().max().item() <= 0.02 * ref.abs().max().item(), share

@@ -42,12 +42,11 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _quantize_kernel(x_ptr, out_ptr, scale_ptr, channel_scale_ptr, seq, heads, s_b, s_s, s_h, multiplier,
-                         amax_floor, BLOCK_S: tl.constexpr, D: tl.constexpr, TRANSPOSE: tl.constexpr, FP8: tl.constexpr,
-                         CHANNEL: tl.constexpr, blocks):
-        """One block of BLOCK_S tokens of one (batch, head): amax -> scale, then e4m3 values (with CHANNEL,
-        values over the given per-channel scales instead; without FP8, the values in the output's dtype and
-        scale 1), written `[B, H, S_pad, D]` (or `[B, H, D, S_pad]` with TRANSPOSE); padding rows are zeros."""
+    def _quantize_kernel(x_ptr, out_ptr, scale_ptr, seq, heads, s_b, s_s, s_h, multiplier, amax_floor,
+                         BLOCK_S: tl.constexpr, D: tl.constexpr, TRANSPOSE: tl.constexpr, FP8: tl.constexpr, blocks):
+        """One block of BLOCK_S tokens of one (batch, head): amax -> scale, then e4m3 values (or, without
+        FP8, the values in the output's dtype and scale 1), written `[B, H, S_pad, D]` (or `[B, H, D, S_pad]`
+        with TRANSPOSE); padding rows are zeros."""
         block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // heads, bh % heads
         rows = block * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -55,9 +54,7 @@ if triton is not None:
         mask = (rows < seq)[:, None]
         x = tl.load(x_ptr + b * s_b + h * s_h + rows[:, None].to(tl.int64) * s_s + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32) * multiplier
-        if CHANNEL:
-            values = (x / tl.load(channel_scale_ptr + bh * D + cols)[None, :]).to(tl.float8e4nv)
-        elif FP8:
+        if FP8:
             scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), amax_floor) / 448.0
             values = (x / scale).to(tl.float8e4nv)
             tl.store(scale_ptr + bh * blocks + block, scale)
@@ -96,8 +93,7 @@ if triton is not None:
 
     @triton.jit
     def _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scale_ptr, v_scale_ptr, start, seq_k,
-                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, P_LOG2: tl.constexpr, CHANNEL_V: tl.constexpr,
-                    LAZY: tl.constexpr, FMA_EXP2: tl.constexpr):
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, P_LOG2: tl.constexpr, FMA_EXP2: tl.constexpr):
         """One key block's raw scores q kᵀ -> online softmax (log2 units), probabilities x V accumulated
         by the product.
 
@@ -105,10 +101,8 @@ if triton is not None:
         FP8 products, bounds this kernel: the scale of the scores rides in one fused multiply-add
         with the row maximum, and 2^P_LOG2 of the probabilities' scaling in the exponent. `acc`
         is kept in units of the current V block's scale (`v_prev`), so the P·V product adds into
-        it directly; the rescale to a new block's scale is one factor per row. With CHANNEL_V, V has one
-        scale per channel, applied to the output at the end, so `acc` changes unit only when a row's
-        maximum rises, and with LAZY the tile skips that rescale when no row's maximum rose (the same
-        bits: the factor would be 1). v comes transposed, [D, BLOCK_N]."""
+        it directly; the rescale to a new block's scale is one factor per row. v comes transposed,
+        [D, BLOCK_N]."""
         if MASKED:
             raw = tl.where((start + tl.arange(0, BLOCK_N) < seq_k)[None, :], raw, float("-inf"))
         qk_scale = q_scale * tl.load(k_scale_ptr)
@@ -116,13 +110,6 @@ if triton is not None:
         alpha = tl.math.exp2(m_i - m_new)
         p = _probabilities(raw * qk_scale - (m_new - P_LOG2)[:, None], raw.shape[0], BLOCK_N, FMA_EXP2)  # 2^P_LOG2 x
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if CHANNEL_V:
-            if LAZY:
-                if tl.max(m_new - m_i, axis=0) > 0:
-                    acc = acc * alpha[:, None]
-            else:
-                acc = acc * alpha[:, None]
-            return tl.dot(p.to(v.dtype), tl.trans(v), acc), m_new, l_i, v_prev
         v_scale = tl.load(v_scale_ptr)
         acc = tl.dot(p.to(v.dtype), tl.trans(v), acc * (alpha * (v_prev / v_scale))[:, None])
         return acc, m_new, l_i, v_scale
@@ -145,8 +132,7 @@ if triton is not None:
     def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr,
                               out_ptr, seq_q, seq_k, heads, group, q_blocks, k_blocks, full_blocks, o_b, o_s, o_h,
                               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr,
-                              P_LOG2: tl.constexpr, TAIL: tl.constexpr, TMA: tl.constexpr, CHANNEL_V: tl.constexpr,
-                              LAZY: tl.constexpr, FMA_EXP2: tl.constexpr):
+                              P_LOG2: tl.constexpr, TAIL: tl.constexpr, TMA: tl.constexpr, FMA_EXP2: tl.constexpr):
         block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // heads, bh % heads
         kv = b * (heads // group) + h // group
@@ -165,35 +151,28 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        if CHANNEL_V:  # acc's unit: the scale of the last V block added (per-channel scales: applied at the end)
-            v_prev = tl.full([], 1.0, tl.float32)
-        else:
-            v_prev = tl.load(v_scales)
+        v_prev = tl.load(v_scales)  # acc's unit: the scale of the last V block added
         for j in tl.range(0, full_blocks):
             raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, j, k_blocks, BLOCK_N, D, TMA)))
             v = _load_v(v_ptrs, v_desc, kv32, j, BLOCK_N, D, TMA)
             acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + j, v_scales + j,
-                                                j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2, CHANNEL_V, LAZY, FMA_EXP2)
+                                                j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2, FMA_EXP2)
         if TAIL:  # the last, partly filled key block
             raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, full_blocks, k_blocks, BLOCK_N, D, TMA)))
             v = _load_v(v_ptrs, v_desc, kv32, full_blocks, BLOCK_N, D, TMA)
             acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + full_blocks,
                                                 v_scales + full_blocks, full_blocks * BLOCK_N, seq_k, BLOCK_N, True,
-                                                P_LOG2, CHANNEL_V, LAZY, FMA_EXP2)
-        if CHANNEL_V:
-            out = acc / l_i[:, None] * tl.load(v_scale_ptr + kv * D + cols)[None, :]
-        else:
-            out = acc * (v_prev / l_i)[:, None]
+                                                P_LOG2, FMA_EXP2)
+        out = acc * (v_prev / l_i)[:, None]
         o_ptrs = out_ptr + b * o_b + h * o_h + rows[:, None].to(tl.int64) * o_s + cols[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < seq_q)[:, None])
 
 
 def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
-                    fp8: bool = True, amax_floor: float = 1e-30, per_channel: bool = False) -> tuple[Tensor, Tensor]:
+                    fp8: bool = True, amax_floor: float = 1e-30) -> tuple[Tensor, Tensor]:
     """`x` `[B, S, H, D]` (times `multiplier`) -> (e4m3 `[B, H, S_pad, D]`, or `[B, H, D, S_pad]` when
-    `transpose`; float32 scales `[B, H, S_pad / BLOCK]`, or `[B, H, D]` with `per_channel`: one scale per
-    channel over all tokens), S_pad the next multiple of BLOCK. Without `fp8`, the same layout in x's dtype,
-    scales 1."""
+    `transpose`; float32 scales `[B, H, S_pad / BLOCK]`), S_pad the next multiple of BLOCK. Without `fp8`,
+    the same layout in x's dtype, scales 1."""
     batch, seq, heads, dim = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -201,30 +180,25 @@ def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
     shape = (batch, heads, dim, blocks * BLOCK) if transpose else (batch, heads, blocks * BLOCK, dim)
     out = torch.empty(shape, dtype=torch.float8_e4m3fn if fp8 else x.dtype, device=x.device)
     scales = (torch.empty if fp8 else torch.ones)((batch, heads, blocks), dtype=torch.float32, device=x.device)
-    channel_scales = None
-    if per_channel:
-        amax = torch.linalg.vector_norm(x, float("inf"), dim=1).to(torch.float32) * abs(multiplier)  # [B, H, D], no |x| copy
-        channel_scales = amax.clamp_min(amax_floor).div_(448.0).contiguous()
-    _quantize_kernel[(blocks, batch * heads)](x, out, scales, channel_scales, seq, heads, x.stride(0), x.stride(1),
-                                              x.stride(2), multiplier, amax_floor, BLOCK_S=BLOCK, D=dim,
-                                              TRANSPOSE=transpose, FP8=fp8, CHANNEL=per_channel, blocks=blocks,
-                                              num_warps=4)
-    return out, (channel_scales if per_channel else scales)
+    _quantize_kernel[(blocks, batch * heads)](x, out, scales, seq, heads, x.stride(0), x.stride(1), x.stride(2),
+                                              multiplier, amax_floor, BLOCK_S=BLOCK, D=dim, TRANSPOSE=transpose, FP8=fp8,
+                                              blocks=blocks, num_warps=4)
+    return out, scales
 
 
 def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool = True, num_warps: int = 4,
-                  num_stages: int = 3, block_m: int = 64, tma: bool | None = None, channel_v: bool = False,
-                  lazy_rescale: bool = False, fma_exp2: str = "none") -> Tensor:
+                  num_stages: int = 3, block_m: int = 64, tma: bool | None = None, max_registers: int | None = None,
+                  fma_exp2: str = "none") -> Tensor:
     """softmax(q kᵀ · scale) v with FP8 products; q `[B, Sq, H, D]`, k/v `[B, Sk, Hkv, D]` -> `[B, Sq, H, D]`.
 
     `fp8_pv=False` keeps the probabilities x V product in q's dtype (only q kᵀ in FP8): the rounding of P
     and V goes, and so does that product's FP8 speed (docs/performance.md measures both). Launch options a
     benchmark may sweep, each giving the same result: `num_warps`, `num_stages`, `block_m` (queries per tile:
-    64 or 128) and `tma` (tiles loaded by the tensor memory accelerator instead of per-thread pointers; None:
-    where the GPU has one, Hopper and newer). `channel_v` quantizes V with one scale per channel (over all
-    tokens of a head) instead of per block, and `lazy_rescale` (with it) skips a tile's output rescale when
-    no row's maximum rose. `fma_exp2` ("none", "half", "all") computes that share of the probabilities'
-    exponentials by a polynomial on the FMA units instead of the special-function unit. The defaults are the fastest measured on an H200 (docs/performance.md)."""
+    64 or 128), `tma` (tiles loaded by the tensor memory accelerator instead of per-thread pointers; None:
+    where the GPU has one, Hopper and newer), `max_registers` (a cap per thread, so that more tiles share an
+    SM: with 2 stages and 168 registers, three 4-warp tiles fit an H100/H200 SM instead of two) and `fma_exp2`
+    ("none", "half", "all": that share of the probabilities' exponentials by a polynomial on the FMA units
+    instead of the special-function unit; equal to 7.5e-5 relative). The defaults are the fastest measured on an H200 (docs/performance.md)."""
     if triton is None:
         raise RuntimeError("fp8_attention needs Triton (it ships with CUDA builds of torch)")
     batch, seq_q, heads, dim = q.shape
@@ -242,8 +216,7 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
     # A key channel's mean adds the same to every score of a query, so softmax ignores it; taking it out
     # leaves k's blocks a smaller range to quantize (SageAttention's smoothing of K).
     k8, k_scales = quantize_blocks(k - k.mean(dim=1, keepdim=True, dtype=torch.float32).to(k.dtype))
-    channel_v = channel_v and fp8_pv
-    v8, v_scales = quantize_blocks(v, transpose=True, fp8=fp8_pv, amax_floor=_V_AMAX_FLOOR, per_channel=channel_v)
+    v8, v_scales = quantize_blocks(v, transpose=True, fp8=fp8_pv, amax_floor=_V_AMAX_FLOOR)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     q_blocks, k_blocks = q8.shape[2] // BLOCK, k8.shape[2] // BLOCK
     if tma is None:
@@ -253,7 +226,8 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
         q8, k8, v8, *descriptors, q_scales, k_scales, v_scales, out, seq_q, seq_k, heads, heads // kv_heads, q_blocks,
         k_blocks, seq_k // BLOCK, out.stride(0), out.stride(1), out.stride(2),
         D=dim, BLOCK_M=block_m, BLOCK_N=BLOCK, Q_BLOCK=BLOCK, P_LOG2=_P_LOG2 if fp8_pv else 0, TAIL=seq_k % BLOCK != 0,
-        TMA=tma, CHANNEL_V=channel_v, LAZY=lazy_rescale and channel_v, FMA_EXP2=_FMA_EXP2.index(fma_exp2), num_warps=num_warps, num_stages=num_stages,
+        TMA=tma, FMA_EXP2=_FMA_EXP2.index(fma_exp2), num_warps=num_warps, num_stages=num_stages,
+        **({} if max_registers is None else {"maxnreg": max_registers}),
     )
     return out
 
