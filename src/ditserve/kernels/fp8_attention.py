@@ -27,7 +27,7 @@ try:  # Triton ships with CUDA builds of torch
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-BLOCK = 128  # tokens per quantization block = the kernel's tile along both sequences
+BLOCK = 128  # tokens per quantization block; the kernel's tiles are this or 64 tokens
 HEAD_DIMS = (32, 64, 128)  # powers of two (Triton's tiles), at least one FP8 product's depth (32)
 _P_LOG2 = 8  # probabilities in [0, 1] times 2^8: e4m3's normal range then reaches down to 2^-14
 _V_AMAX_FLOOR = 1e-6  # a V block's amax floor: bounds the ratio of two blocks' scales in the kernel's rescale
@@ -115,10 +115,11 @@ if triton is not None:
         return acc, m_new, l_i, v_scale
 
     @triton.jit
-    def _load_k(k_ptrs, k_desc, kv, j, k_blocks, BLOCK_N: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
-        """Key block j of K/V head `kv`, [BLOCK_N, D]: by tensor-memory-accelerator descriptor or by pointers."""
+    def _load_k(k_ptrs, k_desc, kv, j, k_len, BLOCK_N: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+        """Key block j of K/V head `kv` (`k_len` padded keys a head), [BLOCK_N, D]: by tensor-memory-accelerator
+        descriptor or by pointers."""
         if TMA:
-            return k_desc.load([(kv * k_blocks + j) * BLOCK_N, 0])
+            return k_desc.load([kv * k_len + j * BLOCK_N, 0])
         return tl.load(k_ptrs + j * BLOCK_N * D)
 
     @triton.jit
@@ -132,6 +133,7 @@ if triton is not None:
     def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr,
                               out_ptr, seq_q, seq_k, heads, group, q_blocks, k_blocks, full_blocks, o_b, o_s, o_h,
                               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr,
+                              K_BLOCK: tl.constexpr,
                               P_LOG2: tl.constexpr, TAIL: tl.constexpr, TMA: tl.constexpr, FMA_EXP2: tl.constexpr):
         block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // heads, bh % heads
@@ -144,8 +146,9 @@ if triton is not None:
             q = tl.load(q_ptr + (bh * q_blocks * Q_BLOCK + rows[:, None]) * D + cols[None, :])
         q_scale = tl.load(q_scale_ptr + bh * q_blocks + block * BLOCK_M // Q_BLOCK)  # tiles of BLOCK_M <= Q_BLOCK
         n = tl.arange(0, BLOCK_N)
-        k_ptrs = k_ptr + (kv * k_blocks * BLOCK_N + n[:, None]) * D + cols[None, :]
-        v_ptrs = v_ptr + kv * k_blocks * BLOCK_N * D + cols[:, None] * (k_blocks * BLOCK_N) + n[None, :]
+        k_len = k_blocks * K_BLOCK  # padded keys a head; a quantization block holds K_BLOCK // BLOCK_N tiles
+        k_ptrs = k_ptr + (kv * k_len + n[:, None]) * D + cols[None, :]
+        v_ptrs = v_ptr + kv * k_len * D + cols[:, None] * k_len + n[None, :]
         kv32 = kv.to(tl.int32)
         k_scales, v_scales = k_scale_ptr + kv * k_blocks, v_scale_ptr + kv * k_blocks
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -153,15 +156,17 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         v_prev = tl.load(v_scales)  # acc's unit: the scale of the last V block added
         for j in tl.range(0, full_blocks):
-            raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, j, k_blocks, BLOCK_N, D, TMA)))
+            raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, j, k_len, BLOCK_N, D, TMA)))
             v = _load_v(v_ptrs, v_desc, kv32, j, BLOCK_N, D, TMA)
-            acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + j, v_scales + j,
-                                                j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2, FMA_EXP2)
+            scale_j = j // (K_BLOCK // BLOCK_N)  # the quantization block of key tile j
+            acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + scale_j,
+                                                v_scales + scale_j, j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2, FMA_EXP2)
         if TAIL:  # the last, partly filled key block
-            raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, full_blocks, k_blocks, BLOCK_N, D, TMA)))
+            raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, full_blocks, k_len, BLOCK_N, D, TMA)))
             v = _load_v(v_ptrs, v_desc, kv32, full_blocks, BLOCK_N, D, TMA)
-            acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + full_blocks,
-                                                v_scales + full_blocks, full_blocks * BLOCK_N, seq_k, BLOCK_N, True,
+            scale_j = full_blocks // (K_BLOCK // BLOCK_N)
+            acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + scale_j,
+                                                v_scales + scale_j, full_blocks * BLOCK_N, seq_k, BLOCK_N, True,
                                                 P_LOG2, FMA_EXP2)
         out = acc * (v_prev / l_i)[:, None]
         o_ptrs = out_ptr + b * o_b + h * o_h + rows[:, None].to(tl.int64) * o_s + cols[None, :]
@@ -187,18 +192,23 @@ def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
 
 
 def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool = True, num_warps: int = 4,
-                  num_stages: int = 3, block_m: int = 64, tma: bool | None = None, max_registers: int | None = None,
-                  fma_exp2: str = "none") -> Tensor:
+                  num_stages: int = 3, block_m: int = 64, block_n: int = BLOCK, tma: bool | None = None,
+                  max_registers: int | None = None, fma_exp2: str = "none") -> Tensor:
     """softmax(q kᵀ · scale) v with FP8 products; q `[B, Sq, H, D]`, k/v `[B, Sk, Hkv, D]` -> `[B, Sq, H, D]`.
 
     `fp8_pv=False` keeps the probabilities x V product in q's dtype (only q kᵀ in FP8): the rounding of P
-    and V goes, and so does that product's FP8 speed (docs/performance.md measures both). Launch options a
-    benchmark may sweep, each giving the same result: `num_warps`, `num_stages`, `block_m` (queries per tile:
-    64 or 128), `tma` (tiles loaded by the tensor memory accelerator instead of per-thread pointers; None:
-    where the GPU has one, Hopper and newer), `max_registers` (a cap per thread, so that more tiles share an
-    SM: with 2 stages and 168 registers, three 4-warp tiles fit an H100/H200 SM instead of two) and `fma_exp2`
-    ("none", "half", "all": that share of the probabilities' exponentials by a polynomial on the FMA units
-    instead of the special-function unit; equal to 7.5e-5 relative). The defaults are the fastest measured on an H200 (docs/performance.md)."""
+    and V goes, and so does that product's FP8 speed (docs/performance.md measures both).
+
+    Launch options a benchmark may sweep, each giving the same result up to rounding: `num_warps`,
+    `num_stages`, `block_m` (queries per tile: 64 or 128), `block_n` (keys per tile: 64 or 128; a
+    64-key tile needs fewer registers and less shared memory, and rescales the output twice as
+    often), `tma` (tiles loaded by the tensor memory accelerator instead of per-thread pointers;
+    None: where the GPU has one, Hopper and newer), `max_registers` (a cap per thread, so that more
+    tiles share an SM) and `fma_exp2` ("none", "half", "all": that share of the probabilities'
+    exponentials by a polynomial on the FMA units instead of the special-function unit; 7.5e-5
+    relative). The defaults are the fastest measured on an H200 (docs/performance.md);
+    `bench/fp8_attention_sass.py` shows what each option does to registers, shared memory and
+    tiles an SM without a GPU."""
     if triton is None:
         raise RuntimeError("fp8_attention needs Triton (it ships with CUDA builds of torch)")
     batch, seq_q, heads, dim = q.shape
@@ -208,8 +218,9 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
                          f"got {dim} and {v.shape[-1]}")
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
-    if block_m not in (64, BLOCK):
-        raise ValueError(f"block_m must be 64 or {BLOCK}, got {block_m}")
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if value not in (64, BLOCK):
+            raise ValueError(f"{name} must be 64 or {BLOCK}, got {value}")
     if fma_exp2 not in _FMA_EXP2:
         raise ValueError(f"fma_exp2 must be one of {', '.join(_FMA_EXP2)}, got {fma_exp2!r}")
     q8, q_scales = quantize_blocks(q, scale * _LOG2E)  # scores come out in log2 units: exp2 in the kernel
@@ -221,23 +232,24 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
     q_blocks, k_blocks = q8.shape[2] // BLOCK, k8.shape[2] // BLOCK
     if tma is None:
         tma = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-    descriptors = _descriptors(q8, k8, v8, block_m) if tma else (None, None, None)
+    descriptors = _descriptors(q8, k8, v8, block_m, block_n) if tma else (None, None, None)
     _fp8_attention_kernel[(q_blocks * BLOCK // block_m, batch * heads)](
         q8, k8, v8, *descriptors, q_scales, k_scales, v_scales, out, seq_q, seq_k, heads, heads // kv_heads, q_blocks,
-        k_blocks, seq_k // BLOCK, out.stride(0), out.stride(1), out.stride(2),
-        D=dim, BLOCK_M=block_m, BLOCK_N=BLOCK, Q_BLOCK=BLOCK, P_LOG2=_P_LOG2 if fp8_pv else 0, TAIL=seq_k % BLOCK != 0,
+        k_blocks, seq_k // block_n, out.stride(0), out.stride(1), out.stride(2),
+        D=dim, BLOCK_M=block_m, BLOCK_N=block_n, Q_BLOCK=BLOCK, K_BLOCK=BLOCK, P_LOG2=_P_LOG2 if fp8_pv else 0,
+        TAIL=seq_k % block_n != 0,
         TMA=tma, FMA_EXP2=_FMA_EXP2.index(fma_exp2), num_warps=num_warps, num_stages=num_stages,
         **({} if max_registers is None else {"maxnreg": max_registers}),
     )
     return out
 
 
-def _descriptors(q8: Tensor, k8: Tensor, v8: Tensor, block_m: int) -> tuple:
+def _descriptors(q8: Tensor, k8: Tensor, v8: Tensor, block_m: int, block_n: int) -> tuple:
     """Host-side tensor descriptors over the quantized buffers seen as 2-D: q and k `[B·H·S_pad, D]`,
     v (transposed) `[B·H·D, S_pad]`."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     dim = q8.shape[-1]
     return (TensorDescriptor.from_tensor(q8.view(-1, dim), [block_m, dim]),
-            TensorDescriptor.from_tensor(k8.view(-1, dim), [BLOCK, dim]),
-            TensorDescriptor.from_tensor(v8.view(-1, v8.shape[-1]), [dim, BLOCK]))
+            TensorDescriptor.from_tensor(k8.view(-1, dim), [block_n, dim]),
+            TensorDescriptor.from_tensor(v8.view(-1, v8.shape[-1]), [dim, block_n]))
