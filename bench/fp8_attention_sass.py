@@ -8,7 +8,7 @@ or "did the polynomial move the exponentials" before any device time is spent; s
 `bench/fp8_attention.py`'s job on the GPU.
 
 Needs Triton (`pip install triton==3.6.0`, the device's version); compiles through Triton's own
-ptxas and reads the cubin with its nvdisasm.
+ptxas (`ditserve.kernels.fp8_attention.compile_only`) and reads the cubin with its nvdisasm.
 
     python bench/fp8_attention_sass.py [--arch 90] [--head-dim 128]
 """
@@ -21,8 +21,6 @@ import re
 import subprocess
 import sys
 import tempfile
-
-import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from fp8_attention import LAUNCH  # noqa: E402  (bench/fp8_attention.py)
@@ -41,39 +39,10 @@ def tiles_per_sm(registers: int, warps: int, shared: int) -> tuple[int, int]:
 
 
 def compile_launch(arch: int, dim: int, launch: dict) -> object:
-    """The kernel compiled (not run) for sm_`arch` with `launch`'s options, through a driver stand-in."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.tools.tensor_descriptor import TensorDescriptor
+    """The kernel compiled (not run) for sm_`arch` with `launch`'s options."""
+    from ditserve.kernels.fp8_attention import compile_only
 
-    from ditserve.kernels import fp8_attention as kernel
-
-    class CompileOnly:  # what Triton's JIT asks of a driver before it compiles
-        def get_current_target(self):
-            return GPUTarget("cuda", arch, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-    triton.runtime.driver.set_active(CompileOnly())
-    seq, block_m, block_n = 1024, launch["block_m"], launch.get("block_n", 128)
-    q8, k8 = (torch.empty(1, 1, seq, dim, dtype=torch.float8_e4m3fn) for _ in range(2))
-    v8 = torch.empty(1, 1, dim, seq, dtype=torch.float8_e4m3fn)
-    scales = torch.empty(1, 1, seq // kernel.BLOCK, dtype=torch.float32)
-    out = torch.empty(1, seq, 1, dim, dtype=torch.bfloat16)
-    descriptors = (TensorDescriptor.from_tensor(q8.view(-1, dim), [block_m, dim]),
-                   TensorDescriptor.from_tensor(k8.view(-1, dim), [block_n, dim]),
-                   TensorDescriptor.from_tensor(v8.view(-1, seq), [dim, block_n])) if launch["tma"] else (None,) * 3
-    extra = {} if launch.get("max_registers") is None else {"maxnreg": launch["max_registers"]}
-    return kernel._fp8_attention_kernel.warmup(
-        q8, k8, v8, *descriptors, scales, scales, scales, out, seq, seq, 1, 1, seq // kernel.BLOCK, seq // kernel.BLOCK,
-        seq // block_n, out.stride(0), out.stride(1), out.stride(2), D=dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        Q_BLOCK=kernel.BLOCK, K_BLOCK=kernel.BLOCK, P_LOG2=8, TAIL=False, TMA=launch["tma"],
-        FMA_EXP2=kernel._FMA_EXP2.index(launch.get("fma_exp2", "none")), num_warps=launch["num_warps"],
-        num_stages=launch["num_stages"], grid=(1,), **extra)
+    return compile_only(arch, dim, **launch)
 
 
 def inspect(compiled: object, arch: int, launch: dict) -> dict:

@@ -16,10 +16,13 @@ dtype. It trades a measured amount of accuracy for speed; docs/performance.md ha
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "HEAD_DIMS", "fp8_attention", "quantize_blocks", "triton_available"]
+__all__ = ["BLOCK", "HEAD_DIMS", "LaunchOptions", "compile_only", "fp8_attention", "quantize_blocks", "triton_available"]
 
 try:  # Triton ships with CUDA builds of torch
     import triton
@@ -191,26 +194,17 @@ def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
     return out, scales
 
 
-def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool = True, num_warps: int = 4,
-                  num_stages: int = 3, block_m: int = 64, block_n: int = BLOCK, tma: bool | None = None,
-                  max_registers: int | None = None, fma_exp2: str = "none") -> Tensor:
+def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool = True, **launch: Any) -> Tensor:
     """softmax(q kᵀ · scale) v with FP8 products; q `[B, Sq, H, D]`, k/v `[B, Sk, Hkv, D]` -> `[B, Sq, H, D]`.
 
     `fp8_pv=False` keeps the probabilities x V product in q's dtype (only q kᵀ in FP8): the rounding of P
     and V goes, and so does that product's FP8 speed (docs/performance.md measures both).
 
-    Launch options a benchmark may sweep, each giving the same result up to rounding: `num_warps`,
-    `num_stages`, `block_m` (queries per tile: 64 or 128), `block_n` (keys per tile: 64 or 128; a
-    64-key tile needs fewer registers and less shared memory, and rescales the output twice as
-    often), `tma` (tiles loaded by the tensor memory accelerator instead of per-thread pointers;
-    None: where the GPU has one, Hopper and newer), `max_registers` (a cap per thread, so that more
-    tiles share an SM) and `fma_exp2` ("none", "half", "all": that share of the probabilities'
-    exponentials by a polynomial on the FMA units instead of the special-function unit; 7.5e-5
-    relative). The defaults are the fastest measured on an H200 (docs/performance.md);
-    `bench/fp8_attention_sass.py` shows what each option does to registers, shared memory and
-    tiles an SM without a GPU."""
+    `launch`: options a benchmark may sweep, each giving the same result up to rounding (`LaunchOptions`).
+    """
     if triton is None:
         raise RuntimeError("fp8_attention needs Triton (it ships with CUDA builds of torch)")
+    options = LaunchOptions(**launch)
     batch, seq_q, heads, dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     if dim not in HEAD_DIMS or v.shape[-1] != dim:
@@ -218,30 +212,103 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
                          f"got {dim} and {v.shape[-1]}")
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
-    for name, value in (("block_m", block_m), ("block_n", block_n)):
-        if value not in (64, BLOCK):
-            raise ValueError(f"{name} must be 64 or {BLOCK}, got {value}")
-    if fma_exp2 not in _FMA_EXP2:
-        raise ValueError(f"fma_exp2 must be one of {', '.join(_FMA_EXP2)}, got {fma_exp2!r}")
     q8, q_scales = quantize_blocks(q, scale * _LOG2E)  # scores come out in log2 units: exp2 in the kernel
     # A key channel's mean adds the same to every score of a query, so softmax ignores it; taking it out
     # leaves k's blocks a smaller range to quantize (SageAttention's smoothing of K).
     k8, k_scales = quantize_blocks(k - k.mean(dim=1, keepdim=True, dtype=torch.float32).to(k.dtype))
     v8, v_scales = quantize_blocks(v, transpose=True, fp8=fp8_pv, amax_floor=_V_AMAX_FLOOR)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    q_blocks, k_blocks = q8.shape[2] // BLOCK, k8.shape[2] // BLOCK
-    if tma is None:
-        tma = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-    descriptors = _descriptors(q8, k8, v8, block_m, block_n) if tma else (None, None, None)
-    _fp8_attention_kernel[(q_blocks * BLOCK // block_m, batch * heads)](
-        q8, k8, v8, *descriptors, q_scales, k_scales, v_scales, out, seq_q, seq_k, heads, heads // kv_heads, q_blocks,
-        k_blocks, seq_k // block_n, out.stride(0), out.stride(1), out.stride(2),
-        D=dim, BLOCK_M=block_m, BLOCK_N=block_n, Q_BLOCK=BLOCK, K_BLOCK=BLOCK, P_LOG2=_P_LOG2 if fp8_pv else 0,
-        TAIL=seq_k % block_n != 0,
-        TMA=tma, FMA_EXP2=_FMA_EXP2.index(fma_exp2), num_warps=num_warps, num_stages=num_stages,
-        **({} if max_registers is None else {"maxnreg": max_registers}),
-    )
+    tma = options.tma if options.tma is not None else q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    _launch(q8, k8, v8, (q_scales, k_scales, v_scales), out, seq_q, seq_k, heads // kv_heads, options, tma,
+            fp8_pv, compile_only=False)
     return out
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How `fp8_attention` launches its kernel; the defaults are the fastest measured on an H200
+    (docs/performance.md). `bench/fp8_attention_sass.py` shows what each does to registers, shared
+    memory and tiles an SM, without a GPU.
+
+    num_warps, num_stages: Triton's. block_m: queries per tile (64 or 128). block_n: keys per tile
+    (64 or 128; a 64-key tile needs fewer registers and less shared memory, and rescales the output
+    twice as often). tma: tiles loaded by the tensor memory accelerator instead of per-thread pointers
+    (None: where the GPU has one, Hopper and newer). max_registers: a cap per thread (ptxas's
+    maxnreg), so that more tiles share an SM. fma_exp2 ("none", "half", "all"): that share of the
+    probabilities' exponentials by a polynomial on the FMA units instead of the special-function unit
+    (7.5e-5 relative).
+    """
+
+    num_warps: int = 4
+    num_stages: int = 3
+    block_m: int = 64
+    block_n: int = BLOCK
+    tma: bool | None = None
+    max_registers: int | None = None
+    fma_exp2: str = "none"
+
+    def __post_init__(self) -> None:
+        for name, value in (("block_m", self.block_m), ("block_n", self.block_n)):
+            if value not in (64, BLOCK):
+                raise ValueError(f"{name} must be 64 or {BLOCK}, got {value}")
+        if self.fma_exp2 not in _FMA_EXP2:
+            raise ValueError(f"fma_exp2 must be one of {', '.join(_FMA_EXP2)}, got {self.fma_exp2!r}")
+
+
+def compile_only(arch: int = 90, head_dim: int = 128, *, keys: int = 1024, fp8_pv: bool = True, **launch: Any) -> Any:
+    """The attention kernel compiled for sm_`arch`, not run, on any machine (Triton's compiler and ptxas;
+    no GPU): its `.asm` (ptx, cubin) and `.metadata` (shared memory) for `launch`'s options, `keys` keys
+    (a partial last tile when not a multiple of block_n). Triton's compiled-kernel cache for the real
+    device is left alone: the compile runs under a device of its own."""
+    if triton is None:
+        raise RuntimeError("compile_only needs Triton (pip install triton)")
+    from triton.backends.compiler import GPUTarget
+
+    options = LaunchOptions(**launch)
+    device = ("compile-only", arch)
+
+    class CompileOnlyDriver:  # what Triton's JIT asks of a driver before it compiles
+        def get_current_target(self) -> GPUTarget:
+            return GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self) -> tuple:
+            return device
+
+        def get_current_stream(self, device: Any = None) -> int:
+            return 0
+
+    padded = -(-keys // BLOCK) * BLOCK
+    q8 = torch.empty(1, 1, BLOCK, head_dim, dtype=torch.float8_e4m3fn)
+    k8 = torch.empty(1, 1, padded, head_dim, dtype=torch.float8_e4m3fn)
+    v8 = torch.empty(1, 1, head_dim, padded, dtype=torch.float8_e4m3fn if fp8_pv else torch.bfloat16)
+    scales = tuple(torch.empty(1, 1, n, dtype=torch.float32) for n in (1, padded // BLOCK, padded // BLOCK))
+    out = torch.empty(1, BLOCK, 1, head_dim, dtype=torch.bfloat16)
+    previous = triton.runtime.driver._active  # the real driver (or None: not made yet), put back after
+    triton.runtime.driver.set_active(CompileOnlyDriver())
+    try:
+        return _launch(q8, k8, v8, scales, out, BLOCK, keys, 1, options, options.tma is not False, fp8_pv,
+                       compile_only=True)
+    finally:
+        triton.runtime.driver.set_active(previous)
+
+
+def _launch(q8: Tensor, k8: Tensor, v8: Tensor, scales: tuple[Tensor, Tensor, Tensor], out: Tensor, seq_q: int,
+            seq_k: int, group: int, options: LaunchOptions, tma: bool, fp8_pv: bool, *, compile_only: bool) -> Any:
+    """Launch (or, with `compile_only`, only compile) the kernel over quantized buffers from `quantize_blocks`."""
+    batch, heads = q8.shape[:2]
+    q_blocks, k_blocks = q8.shape[2] // BLOCK, k8.shape[2] // BLOCK
+    descriptors = _descriptors(q8, k8, v8, options.block_m, options.block_n) if tma else (None, None, None)
+    grid = (q_blocks * BLOCK // options.block_m, batch * heads)
+    args = (q8, k8, v8, *descriptors, *scales, out, seq_q, seq_k, heads, group, q_blocks, k_blocks,
+            seq_k // options.block_n, out.stride(0), out.stride(1), out.stride(2))
+    constants = dict(D=q8.shape[-1], BLOCK_M=options.block_m, BLOCK_N=options.block_n, Q_BLOCK=BLOCK, K_BLOCK=BLOCK,
+                     P_LOG2=_P_LOG2 if fp8_pv else 0, TAIL=seq_k % options.block_n != 0, TMA=tma,
+                     FMA_EXP2=_FMA_EXP2.index(options.fma_exp2), num_warps=options.num_warps,
+                     num_stages=options.num_stages,
+                     **({} if options.max_registers is None else {"maxnreg": options.max_registers}))
+    if compile_only:
+        return _fp8_attention_kernel.warmup(*args, grid=grid, **constants)
+    return _fp8_attention_kernel[grid](*args, **constants)
 
 
 def _descriptors(q8: Tensor, k8: Tensor, v8: Tensor, block_m: int, block_n: int) -> tuple:
