@@ -40,3 +40,8 @@ def test_compile_only_leaves_the_real_driver_in_place():
     before = triton.runtime.driver._active
     compile_only(90, 64)
     assert triton.runtime.driver._active is before
+
+
+def test_compile_only_refuses_a_head_dim_the_kernel_does_not_take():
+    with pytest.raises(ValueError, match=r"head_dim must be one of 32, 64, 128, got 96"):
+        compile_only(90, 96)

@@ -265,6 +265,8 @@ def compile_only(arch: int = 90, head_dim: int = 128, *, keys: int = 1024, fp8_p
     from triton.backends.compiler import GPUTarget
 
     options = LaunchOptions(**launch)
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {', '.join(map(str, HEAD_DIMS))}, got {head_dim}")
     device = ("compile-only", arch)
 
     class CompileOnlyDriver:  # what Triton's JIT asks of a driver before it compiles
