@@ -3,17 +3,22 @@
 Random weights from the published config (bench/wan.py's `build_models`, q/k/v fused as the
 pipeline does), bf16. Variants `bf16` and `fp8` (`quantize_fp8`: every linear layer of the
 blocks in e4m3, weights per output row, activations per token), each eager or `:compile`
-(`compile_blocks`, as shipped). Per variant: forward median over --repeats after warm-up, peak
+(`compile_blocks`, as shipped); a variant ending `+launch` runs the FP8 attention kernel
+(`--fp8-attention triton_fp8`) with `--fp8-launch`'s options instead of its defaults, to try a
+launch at full size before it becomes the default. Per variant: forward median over --repeats after warm-up, peak
 memory, MFU against the bf16 matrix rate measured in this run, and the output's error against
 the eager bf16 forward (max |diff| / max |ref|, and PSNR over the output's range).
 
     python bench/fp8.py --config 14b --variants bf16:compile,fp8:compile --markdown docs/performance.md
+    python bench/fp8.py --config 14b --fp8-attention triton_fp8 --variants bf16:compile,fp8:compile,fp8:compile+launch \
+        --fp8-launch block_n=64,fma_exp2=half
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import math
@@ -33,6 +38,8 @@ def main() -> int:
     parser.add_argument("--attention-backend", default="auto", help="both models' attention (e.g. fa4 where installed)")
     parser.add_argument("--fp8-attention", default=None,
                         help="the FP8 model's attention instead (e.g. triton_fp8: FP8 attention too)")
+    parser.add_argument("--fp8-launch", default="",
+                        help="FP8 attention kernel launch options for `+launch` variants, e.g. block_n=64,fma_exp2=half")
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -63,10 +70,17 @@ def main() -> int:
         models["fp8"].set_attention_backend(args.fp8_attention or args.attention_backend)
         print(f"quantized {models['fp8'].quantize_fp8()} linear layers", flush=True)
 
+    from ditserve.kernels import fp8_attention as fp8_kernel
+
+    launch = _launch_options(args.fp8_launch)
+    default_kernel = fp8_kernel.fp8_attention
     rows, compiled = [], set()
-    variants = sorted(args.variants.split(","), key=lambda v: v.endswith(":compile"))  # compiling is in place
+    variants = sorted(args.variants.split(","), key=lambda v: ":compile" in v)  # compiling is in place
     for variant in variants:
-        kind, _, mode = variant.partition(":")
+        name, _, extra = variant.partition("+")
+        kind, _, mode = name.partition(":")
+        # the attention backend looks the kernel up at each call, and attention runs outside the compiled graphs
+        fp8_kernel.fp8_attention = functools.partial(default_kernel, **launch) if extra == "launch" else default_kernel
         model = models[kind]
         if mode == "compile" and kind not in compiled:
             model.compile_blocks()
@@ -82,7 +96,7 @@ def main() -> int:
         err = ((out - reference).abs().max() / reference.abs().max()).item()
         mse = ((out - reference) ** 2).mean().item()
         span = (reference.max() - reference.min()).item()
-        row = {"variant": variant, "forward_ms": ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        row = {"variant": variant + (f" ({args.fp8_launch})" if extra == "launch" else ""), "forward_ms": ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                "mfu_of_bf16_rate": flops / (ms * 1e-3) / rate, "max_err_vs_bf16_eager": err,
                "psnr_vs_bf16_eager_db": math.inf if mse == 0 else 10 * math.log10(span**2 / mse),
                "attention": sorted(set(model.attention_selector.choices.values()))}
@@ -108,6 +122,25 @@ def main() -> int:
                      f"{r['psnr_vs_bf16_eager_db']:.1f} |")
     publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
     return 0
+
+
+def _launch_options(text: str) -> dict:
+    """'block_n=64,fma_exp2=half' -> {'block_n': 64, 'fma_exp2': 'half'} (ints, True/False/None, else strings),
+    checked by the kernel's own `LaunchOptions`."""
+    from ditserve.kernels.fp8_attention import LaunchOptions
+
+    options: dict = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--fp8-launch takes name=value pairs, got {item!r}")
+        literal = {"True": True, "False": False, "None": None}
+        options[key] = literal[value] if value in literal else int(value) if value.lstrip("-").isdigit() else value
+    try:
+        LaunchOptions(**options)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"--fp8-launch: {err}") from None
+    return options
 
 
 if __name__ == "__main__":
