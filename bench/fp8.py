@@ -96,7 +96,8 @@ def main() -> int:
         err = ((out - reference).abs().max() / reference.abs().max()).item()
         mse = ((out - reference) ** 2).mean().item()
         span = (reference.max() - reference.min()).item()
-        row = {"variant": variant + (f" ({args.fp8_launch})" if extra == "launch" else ""), "forward_ms": ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        row = {"variant": variant + (f" ({args.fp8_launch})" if extra == "launch" else ""), "forward_ms": ms,
+               "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                "mfu_of_bf16_rate": flops / (ms * 1e-3) / rate, "max_err_vs_bf16_eager": err,
                "psnr_vs_bf16_eager_db": math.inf if mse == 0 else 10 * math.log10(span**2 / mse),
                "attention": sorted(set(model.attention_selector.choices.values()))}

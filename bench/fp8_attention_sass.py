@@ -38,13 +38,6 @@ def tiles_per_sm(registers: int, warps: int, shared: int) -> tuple[int, int]:
     return by_registers, SHARED // (shared + SHARED_RESERVED)
 
 
-def compile_launch(arch: int, dim: int, launch: dict) -> object:
-    """The kernel compiled (not run) for sm_`arch` with `launch`'s options."""
-    from ditserve.kernels.fp8_attention import compile_only
-
-    return compile_only(arch, dim, **launch)
-
-
 def inspect(compiled: object, arch: int, launch: dict) -> dict:
     """ptxas's report and the disassembly's instruction counts."""
     import triton
@@ -79,6 +72,8 @@ def main() -> int:
     except ImportError:
         print("bench/fp8_attention_sass.py needs Triton: pip install triton==3.6.0", file=sys.stderr)
         return 2
+    from ditserve.kernels.fp8_attention import compile_only
+
     print(f"sm_{args.arch}a, head_dim {args.head_dim}; counts are instructions in the kernel's code, not executed\n")
     print("| launch | registers | spills (B) | shared (KiB) | tiles an SM (registers, shared) | "
           + " | ".join(INSTRUCTIONS) + " | ptxas warnings |")
@@ -86,7 +81,7 @@ def main() -> int:
     for launch in LAUNCH:
         label = ", ".join(f"{k}={v}" for k, v in launch.items())
         try:
-            r = inspect(compile_launch(args.arch, args.head_dim, launch), args.arch, launch)
+            r = inspect(compile_only(args.arch, args.head_dim, **launch), args.arch, launch)
         except Exception as err:  # noqa: BLE001 - a launch that does not compile is a result
             print(f"| {label} | {type(err).__name__}: {str(err)[:120]} |", flush=True)
             continue

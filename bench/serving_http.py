@@ -141,7 +141,8 @@ def main() -> int:
     if not chosen or any(m not in modes for m in chosen):
         parser.error(f"--modes takes {', '.join(modes)} (comma-separated), got {args.modes!r}")
     for mode, extra in ((m, modes[m]) for m in chosen):
-        proc, url = start_server(args.model, [*args.server_args.split(), *extra], Path(args.out) / mode.replace(" ", "-"))
+        out = Path(args.out) / mode.replace(" ", "-")
+        proc, url = start_server(args.model, [*args.server_args.split(), *extra], out)
         try:
             # Warm-up beyond the server's own: the burst itself at 2 steps, so that the packed shapes its
             # batching makes (attention choices, cuDNN plans) are met before the clock starts; twice when
@@ -149,7 +150,7 @@ def main() -> int:
             for _ in range(2 if "--compile" in args.server_args.split() else 1):
                 burst(url, sizes, steps=min(2, args.steps), count=args.requests)
             row = {"mode": mode, **burst(url, sizes, args.steps, args.requests)}
-            row["server"] = server_breakdown(Path(args.out) / mode.replace(" ", "-"), row["completed"])
+            row["server"] = server_breakdown(out, row["completed"])
         finally:
             proc.terminate()
             proc.wait(60)
