@@ -12,14 +12,23 @@ from torch import nn
 from ditserve.attention import Attention, AttentionSelector, run_attention_eagerly
 from ditserve.models.fp8 import quantize_linears
 
-__all__ = ["DiTModel", "compile_blocks"]
+__all__ = ["RECOMPILE_LIMIT", "DiTModel", "compile_blocks"]
+
+RECOMPILE_LIMIT = 64  # graphs a compiled block function may hold (torch's default: 8)
 
 
 def compile_blocks(model: nn.Module, blocks: Iterable[nn.Module], **compile_kwargs: Any) -> None:
     """torch.compile each of `blocks` in place (blocks of one class share a graph) and make every
     `Attention` in `model` a graph break (`run_attention_eagerly`). With inductor (the default
     backend) coordinate-descent tuning of the fused kernels' block sizes is on unless `options`
-    say otherwise: it makes compiling slower and the Wan2.1-1.3B forward 2-3% faster."""
+    say otherwise: it makes compiling slower and the Wan2.1-1.3B forward 2-3% faster.
+
+    A block's first shape of each kind (packed, one sample, several stacked; the one-token warm-up)
+    compiles static, later ones one graph with dynamic sizes: about ten graphs a block function in
+    a server. torch's default limit (8 a function) would send the shapes after it to eager, so the
+    limit is raised to `RECOMPILE_LIMIT` (process-wide; never lowered). All-dynamic compiling
+    (`dynamic=True`) needs fewer graphs but runs the Flux forward 4% slower (docs/performance.md)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     if compile_kwargs.get("backend", "inductor") == "inductor":
         compile_kwargs["options"] = {"coordinate_descent_tuning": True, **compile_kwargs.get("options", {})}
     run_attention_eagerly(model)
