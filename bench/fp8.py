@@ -11,7 +11,7 @@ the eager bf16 forward (max |diff| / max |ref|, and PSNR over the output's range
 
     python bench/fp8.py --config 14b --variants bf16:compile,fp8:compile --markdown docs/performance.md
     python bench/fp8.py --config 14b --fp8-attention triton_fp8 --variants bf16:compile,fp8:compile,fp8:compile+launch \
-        --fp8-launch block_n=64,fma_exp2=half
+        --fp8-launch max_registers=160,block_m=128
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> int:
     parser.add_argument("--fp8-attention", default=None,
                         help="the FP8 model's attention instead (e.g. triton_fp8: FP8 attention too)")
     parser.add_argument("--fp8-launch", default="",
-                        help="FP8 attention kernel launch options for `+launch` variants, e.g. block_n=64,fma_exp2=half")
+                        help="FP8 attention kernel launch options for `+launch` variants, e.g. max_registers=160,block_m=128")
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -126,7 +126,7 @@ def main() -> int:
 
 
 def _launch_options(text: str) -> dict:
-    """'block_n=64,fma_exp2=half' -> {'block_n': 64, 'fma_exp2': 'half'} (ints, True/False/None, else strings),
+    """'max_registers=None,block_m=128' -> {'max_registers': None, 'block_m': 128} (ints, True/False/None, else strings),
     checked by the kernel's own `LaunchOptions`."""
     from ditserve.kernels.fp8_attention import LaunchOptions
 

@@ -4,7 +4,7 @@ For each launch option of `bench/fp8_attention.py`: registers per thread, spills
 how many tiles (thread blocks) fit one SM by registers and by shared memory, ptxas's performance
 warnings, and the machine instructions of the kernel by kind (special-function exponentials,
 FP32 multiply-adds, FP8 tensor-core products). It answers "can this launch run three tiles an SM"
-or "did the polynomial move the exponentials" before any device time is spent; speed itself is
+before any device time is spent; speed itself is
 `bench/fp8_attention.py`'s job on the GPU.
 
 Needs Triton (`pip install triton==3.6.0`, the device's version); compiles through Triton's own

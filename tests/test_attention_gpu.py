@@ -155,13 +155,9 @@ def test_fp8_attention_against_float32_math(case, fp8_pv):
     for block_m, warps, tma in ((128, 4, False), (64, 4, False), (128, 8, True), (128, 8, False)):  # other launches:
         other = fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv, num_warps=warps, block_m=block_m, tma=tma)  # same math
         assert (other.float() - out.float()).abs().max().item() <= 0.02 * ref.abs().max().item(), (block_m, warps, tma)
-    # a register cap (three tiles an SM) changes where values live, not the math
-    assert torch.equal(fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv, num_stages=2, max_registers=168),
-                       fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv, num_stages=2))
-    for options in ({"fma_exp2": "half"}, {"fma_exp2": "all"}, {"block_n": 64}, {"block_n": 64, "tma": False}):
-        # a polynomial exponential (7.5e-5 relative), 64-key tiles (other rescales, the same quantization blocks)
-        other = fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv, **options)
-        assert (other.float() - out.float()).abs().max().item() <= 0.03 * ref.abs().max().item(), options
+    # the default register cap (three tiles an SM) and pipeline depth change where values live, not the math
+    for options in ({"max_registers": None}, {"num_stages": 3, "max_registers": None}):
+        assert torch.equal(fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv, **options), out), options
     if fp8_pv:
         assert torch.equal(Attention("triton_fp8")(q, k, v), out)  # the pinned backend is this kernel
         md = AttentionMetadata.from_lengths([sq] * b, [sk] * b, "cuda")  # packed: one kernel call per sample

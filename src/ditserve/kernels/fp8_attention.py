@@ -30,12 +30,11 @@ try:  # Triton ships with CUDA builds of torch
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-BLOCK = 128  # tokens per quantization block; the kernel's tiles are this or 64 tokens
+BLOCK = 128  # tokens per quantization block, and keys per tile of the kernel
 HEAD_DIMS = (32, 64, 128)  # powers of two (Triton's tiles), at least one FP8 product's depth (32)
 _P_LOG2 = 8  # probabilities in [0, 1] times 2^8: e4m3's normal range then reaches down to 2^-14
 _V_AMAX_FLOOR = 1e-6  # a V block's amax floor: bounds the ratio of two blocks' scales in the kernel's rescale
 _LOG2E = 1.4426950408889634
-_FMA_EXP2 = ("none", "half", "all")  # fma_exp2's values, in the kernel's FMA_EXP2 numbering
 
 
 def triton_available() -> bool:
@@ -71,32 +70,8 @@ if triton is not None:
             tl.store(base + rows[:, None] * D + cols[None, :], values)
 
     @triton.jit
-    def _exp2_fma(x):
-        """2^x on the FMA and integer units instead of the special-function unit (FlashAttention-4's trick):
-        x rounds to j by the 1.5 * 2^23 addition, 2^(x - j) is a cubic on [-0.5, 0.5] (relative error 7.5e-5,
-        far below e4m3's rounding of the probabilities), and j goes into the exponent bits. x below -125
-        gives 2^-125 (zero once the probabilities are in e4m3)."""
-        x = tl.maximum(x, -125.0)
-        t = x + 12582912.0
-        f = x - (t - 12582912.0)
-        poly = 0.99992807 + f * (0.69326103 + f * (0.24261112 + f * 0.05517145))
-        bits = poly.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-        return bits.to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _probabilities(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FMA_EXP2: tl.constexpr):
-        """2^x of a [BLOCK_M, BLOCK_N] tile: FMA_EXP2 0 all on the special-function unit, 1 every other
-        column on the FMA units (the two halves run on different units), 2 all on the FMA units."""
-        if FMA_EXP2 == 2:
-            return _exp2_fma(x)
-        if FMA_EXP2 == 1:
-            even, odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))
-            return tl.reshape(tl.join(tl.math.exp2(even), _exp2_fma(odd)), [BLOCK_M, BLOCK_N])
-        return tl.math.exp2(x)
-
-    @triton.jit
     def _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scale_ptr, v_scale_ptr, start, seq_k,
-                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, P_LOG2: tl.constexpr, FMA_EXP2: tl.constexpr):
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, P_LOG2: tl.constexpr):
         """One key block's raw scores q kᵀ -> online softmax (log2 units), probabilities x V accumulated
         by the product.
 
@@ -111,7 +86,7 @@ if triton is not None:
         qk_scale = q_scale * tl.load(k_scale_ptr)
         m_new = tl.maximum(m_i, tl.max(raw, axis=1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        p = _probabilities(raw * qk_scale - (m_new - P_LOG2)[:, None], raw.shape[0], BLOCK_N, FMA_EXP2)  # 2^P_LOG2 x
+        p = tl.math.exp2(raw * qk_scale - (m_new - P_LOG2)[:, None])  # 2^P_LOG2 x the probabilities
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_scale = tl.load(v_scale_ptr)
         acc = tl.dot(p.to(v.dtype), tl.trans(v), acc * (alpha * (v_prev / v_scale))[:, None])
@@ -136,8 +111,7 @@ if triton is not None:
     def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr,
                               out_ptr, seq_q, seq_k, heads, group, q_blocks, k_blocks, full_blocks, o_b, o_s, o_h,
                               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr,
-                              K_BLOCK: tl.constexpr,
-                              P_LOG2: tl.constexpr, TAIL: tl.constexpr, TMA: tl.constexpr, FMA_EXP2: tl.constexpr):
+                              P_LOG2: tl.constexpr, TAIL: tl.constexpr, TMA: tl.constexpr):
         block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // heads, bh % heads
         kv = b * (heads // group) + h // group
@@ -149,7 +123,7 @@ if triton is not None:
             q = tl.load(q_ptr + (bh * q_blocks * Q_BLOCK + rows[:, None]) * D + cols[None, :])
         q_scale = tl.load(q_scale_ptr + bh * q_blocks + block * BLOCK_M // Q_BLOCK)  # tiles of BLOCK_M <= Q_BLOCK
         n = tl.arange(0, BLOCK_N)
-        k_len = k_blocks * K_BLOCK  # padded keys a head; a quantization block holds K_BLOCK // BLOCK_N tiles
+        k_len = k_blocks * BLOCK_N  # padded keys a head; key tile j is quantization block j
         k_ptrs = k_ptr + (kv * k_len + n[:, None]) * D + cols[None, :]
         v_ptrs = v_ptr + kv * k_len * D + cols[:, None] * k_len + n[None, :]
         kv32 = kv.to(tl.int32)
@@ -161,16 +135,14 @@ if triton is not None:
         for j in tl.range(0, full_blocks):
             raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, j, k_len, BLOCK_N, D, TMA)))
             v = _load_v(v_ptrs, v_desc, kv32, j, BLOCK_N, D, TMA)
-            scale_j = j // (K_BLOCK // BLOCK_N)  # the quantization block of key tile j
-            acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + scale_j,
-                                                v_scales + scale_j, j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2, FMA_EXP2)
+            acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + j, v_scales + j,
+                                                j * BLOCK_N, seq_k, BLOCK_N, False, P_LOG2)
         if TAIL:  # the last, partly filled key block
             raw = tl.dot(q, tl.trans(_load_k(k_ptrs, k_desc, kv32, full_blocks, k_len, BLOCK_N, D, TMA)))
             v = _load_v(v_ptrs, v_desc, kv32, full_blocks, BLOCK_N, D, TMA)
-            scale_j = full_blocks // (K_BLOCK // BLOCK_N)
-            acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + scale_j,
-                                                v_scales + scale_j, full_blocks * BLOCK_N, seq_k, BLOCK_N, True,
-                                                P_LOG2, FMA_EXP2)
+            acc, m_i, l_i, v_prev = _softmax_pv(acc, m_i, l_i, v_prev, raw, q_scale, v, k_scales + full_blocks,
+                                                v_scales + full_blocks, full_blocks * BLOCK_N, seq_k, BLOCK_N, True,
+                                                P_LOG2)
         out = acc * (v_prev / l_i)[:, None]
         o_ptrs = out_ptr + b * o_b + h * o_h + rows[:, None].to(tl.int64) * o_s + cols[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < seq_q)[:, None])
@@ -230,35 +202,27 @@ class LaunchOptions:
     (docs/performance.md). `bench/fp8_attention_sass.py` shows what each does to registers, shared
     memory and tiles an SM, without a GPU.
 
-    num_warps, num_stages: Triton's. block_m: queries per tile (64 or 128). block_n: keys per tile
-    (64 or 128; a 64-key tile needs fewer registers and less shared memory, and rescales the output
-    twice as often). tma: tiles loaded by the tensor memory accelerator instead of per-thread pointers
-    (None: where the GPU has one, Hopper and newer). max_registers: a cap per thread (ptxas's
-    maxnreg), so that more tiles share an SM. fma_exp2 ("none", "half", "all"): that share of the
-    probabilities' exponentials by a polynomial on the FMA units instead of the special-function unit
-    (7.5e-5 relative).
+    num_warps, num_stages: Triton's. block_m: queries per tile (64 or 128). tma: tiles loaded by the
+    tensor memory accelerator instead of per-thread pointers (None: where the GPU has one, Hopper and
+    newer). max_registers: a cap per thread (ptxas's maxnreg; None: no cap). The default 168 with two
+    stages lets three tiles share a Hopper SM instead of two.
     """
 
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
     block_m: int = 64
-    block_n: int = BLOCK
     tma: bool | None = None
-    max_registers: int | None = None
-    fma_exp2: str = "none"
+    max_registers: int | None = 168
 
     def __post_init__(self) -> None:
-        for name, value in (("block_m", self.block_m), ("block_n", self.block_n)):
-            if value not in (64, BLOCK):
-                raise ValueError(f"{name} must be 64 or {BLOCK}, got {value}")
-        if self.fma_exp2 not in _FMA_EXP2:
-            raise ValueError(f"fma_exp2 must be one of {', '.join(_FMA_EXP2)}, got {self.fma_exp2!r}")
+        if self.block_m not in (64, BLOCK):
+            raise ValueError(f"block_m must be 64 or {BLOCK}, got {self.block_m}")
 
 
 def compile_only(arch: int = 90, head_dim: int = 128, *, keys: int = 1024, fp8_pv: bool = True, **launch: Any) -> Any:
     """The attention kernel compiled for sm_`arch`, not run, on any machine (Triton's compiler and ptxas;
     no GPU): its `.asm` (ptx, cubin) and `.metadata` (shared memory) for `launch`'s options, `keys` keys
-    (a partial last tile when not a multiple of block_n). Triton's compiled-kernel cache for the real
+    (a partial last tile when not a multiple of 128). Triton's compiled-kernel cache for the real
     device is left alone: the compile runs under a device of its own."""
     if triton is None:
         raise RuntimeError("compile_only needs Triton (pip install triton)")
@@ -299,26 +263,25 @@ def _launch(q8: Tensor, k8: Tensor, v8: Tensor, scales: tuple[Tensor, Tensor, Te
     """Launch (or, with `compile_only`, only compile) the kernel over quantized buffers from `quantize_blocks`."""
     batch, heads = q8.shape[:2]
     q_blocks, k_blocks = q8.shape[2] // BLOCK, k8.shape[2] // BLOCK
-    descriptors = _descriptors(q8, k8, v8, options.block_m, options.block_n) if tma else (None, None, None)
+    descriptors = _descriptors(q8, k8, v8, options.block_m) if tma else (None, None, None)
     grid = (q_blocks * BLOCK // options.block_m, batch * heads)
     args = (q8, k8, v8, *descriptors, *scales, out, seq_q, seq_k, heads, group, q_blocks, k_blocks,
-            seq_k // options.block_n, out.stride(0), out.stride(1), out.stride(2))
-    constants = dict(D=q8.shape[-1], BLOCK_M=options.block_m, BLOCK_N=options.block_n, Q_BLOCK=BLOCK, K_BLOCK=BLOCK,
-                     P_LOG2=_P_LOG2 if fp8_pv else 0, TAIL=seq_k % options.block_n != 0, TMA=tma,
-                     FMA_EXP2=_FMA_EXP2.index(options.fma_exp2), num_warps=options.num_warps,
-                     num_stages=options.num_stages,
+            seq_k // BLOCK, out.stride(0), out.stride(1), out.stride(2))
+    constants = dict(D=q8.shape[-1], BLOCK_M=options.block_m, BLOCK_N=BLOCK, Q_BLOCK=BLOCK,
+                     P_LOG2=_P_LOG2 if fp8_pv else 0, TAIL=seq_k % BLOCK != 0, TMA=tma,
+                     num_warps=options.num_warps, num_stages=options.num_stages,
                      **({} if options.max_registers is None else {"maxnreg": options.max_registers}))
     if compile_only:
         return _fp8_attention_kernel.warmup(*args, grid=grid, **constants)
     return _fp8_attention_kernel[grid](*args, **constants)
 
 
-def _descriptors(q8: Tensor, k8: Tensor, v8: Tensor, block_m: int, block_n: int) -> tuple:
+def _descriptors(q8: Tensor, k8: Tensor, v8: Tensor, block_m: int) -> tuple:
     """Host-side tensor descriptors over the quantized buffers seen as 2-D: q and k `[B·H·S_pad, D]`,
     v (transposed) `[B·H·D, S_pad]`."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     dim = q8.shape[-1]
     return (TensorDescriptor.from_tensor(q8.view(-1, dim), [block_m, dim]),
-            TensorDescriptor.from_tensor(k8.view(-1, dim), [block_n, dim]),
-            TensorDescriptor.from_tensor(v8.view(-1, v8.shape[-1]), [dim, block_n]))
+            TensorDescriptor.from_tensor(k8.view(-1, dim), [BLOCK, dim]),
+            TensorDescriptor.from_tensor(v8.view(-1, v8.shape[-1]), [dim, BLOCK]))
