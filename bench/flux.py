@@ -75,6 +75,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--variants", default="ditserve:auto,diffusers:native,diffusers:_native_cudnn,"
                                               "ditserve:auto:compile,diffusers:native:compile")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode for both libraries' compiled rows (e.g. max-autotune-no-cudagraphs: "
+                             "inductor's own GEMM templates, tuned, with the elementwise work fused in)")
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -97,10 +100,11 @@ def main() -> int:
         try:
             model.set_attention_backend(backend)
             if mode and lib not in compiled:
+                mode_kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
                 if lib == "ditserve":
-                    model.compile_blocks()
+                    model.compile_blocks(**mode_kwargs)
                 else:
-                    model.compile_repeated_blocks(fullgraph=True)
+                    model.compile_repeated_blocks(fullgraph=True, **mode_kwargs)
                 compiled.add(lib)
         except Exception as err:  # noqa: BLE001 - a peer's backend missing here is a result
             print(f"skip {lib}:{backend}: {err}", flush=True)
@@ -113,7 +117,7 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats()
             ms = time_ms(run, args.repeats, warmup=3 if mode else 2)
             outputs[(lib, backend, mode)] = run().float()
-        label = ", compiled" if mode else ""
+        label = (f", compiled {args.compile_mode}" if args.compile_mode else ", compiled") if mode else ""
         row = {"variant": f"{lib} ({backend}{label})", "forward_ms": ms,
                "mfu": flops / (ms * 1e-3) / rate, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
         if lib == "ditserve":

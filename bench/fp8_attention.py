@@ -9,7 +9,7 @@ installed. Error = max |out - ref| / max |ref| and mean |out - ref| / mean |ref|
 queries, against float32 math. CUDA events, median of --repeats. `bench/fp8_attention_sass.py`
 compiles the same launch options without a GPU and shows their registers and tiles an SM.
 
-    python bench/fp8_attention.py [--shapes 1.3b,14b] [--markdown docs/performance.md]
+    python bench/fp8_attention.py [--shapes 1.3b,14b,14b-cross] [--markdown docs/performance.md]
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from report import publish, shown_args  # noqa: E402  (bench/report.py)
 from wan import time_ms  # noqa: E402  (bench/wan.py)
 
-SHAPES = {  # name -> (heads, tokens, head_dim): Wan2.1 self-attention, one sample
-    "1.3b": (12, 32760, 128),
-    "14b": (40, 75600, 128),
+SHAPES = {  # name -> (heads, query tokens, key tokens, head_dim): Wan2.1 attention, one sample
+    "1.3b": (12, 32760, 32760, 128),
+    "14b": (40, 75600, 75600, 128),
+    "14b-cross": (40, 75600, 512, 128),  # cross-attention to the 512 text tokens: pinned triton_fp8 runs it too
 }
 # fp8_attention's launch options per row; the first is its default on Hopper
 LAUNCH = (
@@ -42,7 +43,7 @@ LAUNCH = (
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="1.3b,14b")
+    parser.add_argument("--shapes", default="1.3b,14b,14b-cross")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--markdown")
     parser.add_argument("--json")
@@ -62,10 +63,11 @@ def main() -> int:
     cudnn = SdpaBackend("cudnn")
     rows = []
     for name in args.shapes.split(","):
-        heads, tokens, dim = SHAPES[name]
+        heads, tokens, keys, dim = SHAPES[name]
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(1, tokens, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
-        scale, flops = dim**-0.5, 4.0 * heads * tokens * tokens * dim
+        q = torch.randn(1, tokens, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v = (torch.randn(1, keys, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+        scale, flops = dim**-0.5, 4.0 * heads * tokens * keys * dim
         ref = dense_attention_math(q[:, :512].float(), k.float(), v.float(), scale, False)
         md = AttentionMetadata.dense_for(q, k)
         runs = {"bf16 cuDNN": lambda: cudnn.forward(q, k, v, md, scale)}

@@ -20,8 +20,9 @@ RECOMPILE_LIMIT = 64  # graphs a compiled block function may hold (torch's defau
 def compile_blocks(model: nn.Module, blocks: Iterable[nn.Module], **compile_kwargs: Any) -> None:
     """torch.compile each of `blocks` in place (blocks of one class share a graph) and make every
     `Attention` in `model` a graph break (`run_attention_eagerly`). With inductor (the default
-    backend) coordinate-descent tuning of the fused kernels' block sizes is on unless `options`
-    say otherwise: it makes compiling slower and the Wan2.1-1.3B forward 2-3% faster.
+    backend) coordinate-descent tuning of the fused kernels' block sizes is on unless `options` say
+    otherwise or a `mode` is given (torch takes one of the two): it makes compiling slower and the
+    Wan2.1-1.3B forward 2-3% faster.
 
     A block's first shape of each kind (packed, one sample, several stacked; the one-token warm-up)
     compiles static, later ones one graph with dynamic sizes: about ten graphs a block function in
@@ -29,7 +30,7 @@ def compile_blocks(model: nn.Module, blocks: Iterable[nn.Module], **compile_kwar
     limit is raised to `RECOMPILE_LIMIT` (process-wide; never lowered). All-dynamic compiling
     (`dynamic=True`) needs fewer graphs but runs the Flux forward 4% slower (docs/performance.md)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    if compile_kwargs.get("backend", "inductor") == "inductor":
+    if compile_kwargs.get("backend", "inductor") == "inductor" and compile_kwargs.get("mode") is None:
         compile_kwargs["options"] = {"coordinate_descent_tuning": True, **compile_kwargs.get("options", {})}
     run_attention_eagerly(model)
     for block in blocks:
