@@ -38,6 +38,7 @@ LAUNCH = (
     dict(block_m=64, num_warps=4, num_stages=2, tma=True, max_registers=None),
     dict(block_m=128, num_warps=8, num_stages=3, tma=True, max_registers=None),
     dict(block_m=128, num_warps=4, num_stages=3, tma=False, max_registers=None),
+    dict(pipelined=True),  # the Gluon kernel (kernels/fp8_attention_gluon.py)
 )
 
 
@@ -75,6 +76,10 @@ def main() -> int:
         if sageattn is not None:  # a peer's quantized kernel where it installs: SageAttention 1 (Triton, INT8 q·k)
             runs["SageAttention 1.0.6: int8 q·k, fp16 p·v"] = lambda: sageattn(q, k, v, tensor_layout="NHD", sm_scale=scale)
         for launch in LAUNCH:
+            if launch.get("pipelined"):
+                runs["fp8 q·k + p·v, Gluon: next q·k during the softmax, 64 queries, 2 stages, tma"] = (
+                    lambda launch=launch: fp8_attention(q, k, v, scale, **launch))
+                continue
             label = (f"fp8 q·k + p·v, {launch['block_m']} queries, 128 keys, "
                      f"{launch['num_warps']} warps, "
                      f"{launch['num_stages']} stages{', tma' if launch['tma'] else ''}"

@@ -16,11 +16,13 @@ dtype. It trades a measured amount of accuracy for speed; docs/performance.md ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ditserve.kernels.fp8_attention_gluon import launch_pipelined
 
 __all__ = ["BLOCK", "HEAD_DIMS", "LaunchOptions", "compile_only", "fp8_attention", "quantize_blocks", "triton_available"]
 
@@ -190,7 +192,13 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
     k8, k_scales = quantize_blocks(k - k.mean(dim=1, keepdim=True, dtype=torch.float32).to(k.dtype))
     v8, v_scales = quantize_blocks(v, transpose=True, fp8=fp8_pv, amax_floor=_V_AMAX_FLOOR)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    tma = options.tma if options.tma is not None else q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 0
+    if options.pipelined:
+        if major != 9 or not fp8_pv:
+            raise ValueError("pipelined=True runs on Hopper (compute capability 9.x) with fp8_pv=True only")
+        launch_pipelined(q8, k8, v8, (q_scales, k_scales, v_scales), out, seq_q, seq_k, heads // kv_heads, _P_LOG2)
+        return out
+    tma = options.tma if options.tma is not None else major >= 9
     _launch(q8, k8, v8, (q_scales, k_scales, v_scales), out, seq_q, seq_k, heads // kv_heads, options, tma,
             fp8_pv, compile_only=False)
     return out
@@ -205,7 +213,10 @@ class LaunchOptions:
     num_warps, num_stages: Triton's. block_m: queries per tile (64 or 128). tma: tiles loaded by the
     tensor memory accelerator instead of per-thread pointers (None: where the GPU has one, Hopper and
     newer). max_registers: a cap per thread (ptxas's maxnreg; None: no cap). The default 168 with two
-    stages lets three tiles share a Hopper SM instead of two.
+    stages lets three tiles share a Hopper SM instead of two. pipelined: the Gluon kernel instead
+    (`kernels.fp8_attention_gluon`: each tile's softmax runs during the next tile's q kᵀ), Hopper and
+    FP8 P·V only, with its own launch (64 queries, 4 warps, two TMA stages): the other options stay
+    at their defaults.
     """
 
     num_warps: int = 4
@@ -213,10 +224,15 @@ class LaunchOptions:
     block_m: int = 64
     tma: bool | None = None
     max_registers: int | None = 168
+    pipelined: bool = False
 
     def __post_init__(self) -> None:
         if self.block_m not in (64, BLOCK):
             raise ValueError(f"block_m must be 64 or {BLOCK}, got {self.block_m}")
+        others = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("pipelined", "tma")}
+        if self.pipelined and (self.tma is False or others != {f.name: f.default for f in fields(self) if f.name in others}):
+            raise ValueError("pipelined=True has its own launch (64 queries, 4 warps, TMA loads): leave the other "
+                             "options at their defaults")
 
 
 def compile_only(arch: int = 90, head_dim: int = 128, *, keys: int = 1024, fp8_pv: bool = True, **launch: Any) -> Any:
@@ -252,6 +268,10 @@ def compile_only(arch: int = 90, head_dim: int = 128, *, keys: int = 1024, fp8_p
     previous = triton.runtime.driver._active  # the real driver (or None: not made yet), put back after
     triton.runtime.driver.set_active(CompileOnlyDriver())
     try:
+        if options.pipelined:
+            if arch != 90 or not fp8_pv:
+                raise ValueError("pipelined=True compiles for sm_90 (Hopper) with fp8_pv=True only")
+            return launch_pipelined(q8, k8, v8, scales, out, BLOCK, keys, 1, _P_LOG2, compile_only=True)
         return _launch(q8, k8, v8, scales, out, BLOCK, keys, 1, options, options.tma is not False, fp8_pv,
                        compile_only=True)
     finally:
