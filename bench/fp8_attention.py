@@ -39,6 +39,7 @@ LAUNCH = (
     dict(block_m=128, num_warps=8, num_stages=3, tma=True, max_registers=None),
     dict(block_m=128, num_warps=4, num_stages=3, tma=False, max_registers=None),
     dict(pipelined=True),  # the Gluon kernel (kernels/fp8_attention_gluon.py)
+    dict(pipelined=True, block_m=128, num_warps=8),
 )
 
 
@@ -77,7 +78,8 @@ def main() -> int:
             runs["SageAttention 1.0.6: int8 q·k, fp16 p·v"] = lambda: sageattn(q, k, v, tensor_layout="NHD", sm_scale=scale)
         for launch in LAUNCH:
             if launch.get("pipelined"):
-                runs["fp8 q·k + p·v, Gluon: next q·k during the softmax, 64 queries, 2 stages, tma"] = (
+                runs[f"fp8 q·k + p·v, Gluon: next q·k during the softmax, {launch.get('block_m', 64)} queries, "
+                     f"{launch.get('num_warps', 4)} warps, 2 stages, tma"] = (
                     lambda launch=launch: fp8_attention(q, k, v, scale, **launch))
                 continue
             label = (f"fp8 q·k + p·v, {launch['block_m']} queries, 128 keys, "

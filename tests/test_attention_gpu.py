@@ -158,12 +158,15 @@ def test_fp8_attention_against_float32_math(case, fp8_pv):
     # the default register cap (three tiles an SM) and pipeline depth change where values live, not the math
     for options in ({"max_registers": None}, {"num_stages": 3, "max_registers": None}):
         assert torch.equal(fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv, **options), out), options
-    if fp8_pv and torch.cuda.get_device_capability()[0] == 9:  # the Gluon kernel: the same math, other summing order
-        piped = fp8_attention(q, k, v, d**-0.5, pipelined=True)
+    for launch in ({"block_m": 64, "num_warps": 4}, {"block_m": 128, "num_warps": 8}):
+        if not (fp8_pv and torch.cuda.get_device_capability()[0] == 9):
+            break  # the Gluon kernel (Hopper, FP8 P·V): the same math, another summing order
+        piped = fp8_attention(q, k, v, d**-0.5, pipelined=True, **launch)
         piped_err = (piped.float() - ref).abs()
-        assert (piped_err.max() / ref.abs().max()).item() <= 0.15 and (piped_err.mean() / ref.abs().mean()).item() <= 0.08
-        assert (piped.float() - out.float()).abs().max().item() <= 0.03 * ref.abs().max().item()
-        assert torch.equal(piped, fp8_attention(q, k, v, d**-0.5, pipelined=True))  # deterministic
+        worst, mean = (piped_err.max() / ref.abs().max()).item(), (piped_err.mean() / ref.abs().mean()).item()
+        assert worst <= 0.15 and mean <= 0.08, (launch, worst, mean)
+        assert (piped.float() - out.float()).abs().max().item() <= 0.03 * ref.abs().max().item(), launch
+        assert torch.equal(piped, fp8_attention(q, k, v, d**-0.5, pipelined=True, **launch))  # deterministic
     if fp8_pv:
         assert torch.equal(Attention("triton_fp8")(q, k, v), out)  # the pinned backend is this kernel
         md = AttentionMetadata.from_lengths([sq] * b, [sk] * b, "cuda")  # packed: one kernel call per sample

@@ -213,9 +213,9 @@ def test_bad_fp8_attention_launch_options_are_refused_by_name():
     assert LaunchOptions().max_registers == 168 and LaunchOptions(max_registers=None).max_registers is None
     with pytest.raises(ValueError, match=r"block_m must be 64 or 128, got 256"):
         LaunchOptions(block_m=256)
-    assert LaunchOptions(pipelined=True).pipelined
-    for other in ({"block_m": 128}, {"num_stages": 3}, {"tma": False}):
-        with pytest.raises(ValueError, match=r"pipelined=True has its own launch \(64 queries, 4 warps, TMA loads\)"):
+    assert LaunchOptions(pipelined=True).pipelined and LaunchOptions(pipelined=True, block_m=128, num_warps=8).pipelined
+    for other in ({"block_m": 128}, {"num_stages": 3}, {"tma": False}, {"max_registers": None}):
+        with pytest.raises(ValueError, match=r"pipelined=True has its own launch \(TMA loads, two stages, 4 warps"):
             LaunchOptions(pipelined=True, **other)
     for deleted in ("overlap", "block_n", "fma_exp2"):  # a deleted option is an error, not ignored
         with pytest.raises(TypeError, match=deleted):

@@ -22,6 +22,7 @@ LAUNCHES = [
     {"block_m": 128, "num_warps": 8, "max_registers": None},
     {"num_stages": 3, "max_registers": None},
     {"pipelined": True},  # the Gluon kernel
+    {"pipelined": True, "block_m": 128, "num_warps": 8},
 ]
 
 

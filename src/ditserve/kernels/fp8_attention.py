@@ -16,7 +16,7 @@ dtype. It trades a measured amount of accuracy for speed; docs/performance.md ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -196,7 +196,8 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
     if options.pipelined:
         if major != 9 or not fp8_pv:
             raise ValueError("pipelined=True runs on Hopper (compute capability 9.x) with fp8_pv=True only")
-        launch_pipelined(q8, k8, v8, (q_scales, k_scales, v_scales), out, seq_q, seq_k, heads // kv_heads, _P_LOG2)
+        launch_pipelined(q8, k8, v8, (q_scales, k_scales, v_scales), out, seq_q, seq_k, heads // kv_heads, _P_LOG2,
+                         block_m=options.block_m)
         return out
     tma = options.tma if options.tma is not None else major >= 9
     _launch(q8, k8, v8, (q_scales, k_scales, v_scales), out, seq_q, seq_k, heads // kv_heads, options, tma,
@@ -215,8 +216,7 @@ class LaunchOptions:
     newer). max_registers: a cap per thread (ptxas's maxnreg; None: no cap). The default 168 with two
     stages lets three tiles share a Hopper SM instead of two. pipelined: the Gluon kernel instead
     (`kernels.fp8_attention_gluon`: each tile's softmax runs during the next tile's q kᵀ), Hopper and
-    FP8 P·V only, with its own launch (64 queries, 4 warps, two TMA stages): the other options stay
-    at their defaults.
+    FP8 P·V only, with its own launch (two TMA stages; 4 warps a 64-query tile, 8 a 128-query one).
     """
 
     num_warps: int = 4
@@ -229,10 +229,10 @@ class LaunchOptions:
     def __post_init__(self) -> None:
         if self.block_m not in (64, BLOCK):
             raise ValueError(f"block_m must be 64 or {BLOCK}, got {self.block_m}")
-        others = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("pipelined", "tma")}
-        if self.pipelined and (self.tma is False or others != {f.name: f.default for f in fields(self) if f.name in others}):
-            raise ValueError("pipelined=True has its own launch (64 queries, 4 warps, TMA loads): leave the other "
-                             "options at their defaults")
+        if self.pipelined and (self.tma is False or self.num_warps != self.block_m // 16
+                               or (self.num_stages, self.max_registers) != (2, 168)):
+            raise ValueError("pipelined=True has its own launch (TMA loads, two stages, 4 warps for 64 queries or 8 "
+                             "for 128): set block_m and num_warps only")
 
 
 def compile_only(arch: int = 90, head_dim: int = 128, *, keys: int = 1024, fp8_pv: bool = True, **launch: Any) -> Any:
@@ -271,7 +271,8 @@ def compile_only(arch: int = 90, head_dim: int = 128, *, keys: int = 1024, fp8_p
         if options.pipelined:
             if arch != 90 or not fp8_pv:
                 raise ValueError("pipelined=True compiles for sm_90 (Hopper) with fp8_pv=True only")
-            return launch_pipelined(q8, k8, v8, scales, out, BLOCK, keys, 1, _P_LOG2, compile_only=True)
+            return launch_pipelined(q8, k8, v8, scales, out, BLOCK, keys, 1, _P_LOG2, block_m=options.block_m,
+                                    compile_only=True)
         return _launch(q8, k8, v8, scales, out, BLOCK, keys, 1, options, options.tma is not False, fp8_pv,
                        compile_only=True)
     finally:

@@ -5,7 +5,8 @@ places their waits explicitly; Triton waits on each product right away.
 
 Same inputs, math and output as `fp8_attention`'s Triton kernel (`quantize_blocks`' buffers; scores in log2
 units; probabilities x 2^P_LOG2 in e4m3; acc in units of the current V block's scale), with FP8 P·V only,
-64-query tiles of one warpgroup, TMA loads into two stages of K and V each. Chosen with
+tiles of 64 queries (one warpgroup) or 128 (two, sharing the K/V tiles), TMA loads into two stages of K and
+V each. Chosen with
 `fp8_attention(..., pipelined=True)` on Hopper.
 """
 
@@ -71,9 +72,10 @@ if gluon is not None:
         k_len = k_blocks * BLOCK_N
         n_tiles = gl.cdiv(seq_k, BLOCK_N)
 
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, BLOCK_N, 32])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, D, 32])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
 
@@ -146,14 +148,14 @@ if gluon is not None:
 
 
 def launch_pipelined(q8: Tensor, k8: Tensor, v8: Tensor, scales: tuple[Tensor, Tensor, Tensor], out: Tensor, seq_q: int,
-                     seq_k: int, group: int, p_log2: int, *, compile_only: bool = False) -> Any:
+                     seq_k: int, group: int, p_log2: int, *, block_m: int = 64, compile_only: bool = False) -> Any:
     """Launch (or only compile) the kernel over `quantize_blocks`' buffers: q8 `[B, H, S_pad, D]`, k8 the same
     for the K/V heads, v8 `[B, Hkv, D, S_pad]` (all e4m3), scales per 128-token block; out `[B, Sq, H, D]`."""
     if gluon is None:
         raise RuntimeError("the pipelined FP8 attention kernel needs Triton with Gluon (triton>=3.5)")
     batch, heads, _, dim = q8.shape
     q_blocks, k_blocks = q8.shape[2] // BLOCK, k8.shape[2] // BLOCK
-    block_m, fp8 = 64, gl.float8e4nv
+    fp8 = gl.float8e4nv
 
     def descriptor(view: Tensor, block: list[int]) -> TensorDescriptor:
         return TensorDescriptor.from_tensor(view, block, gl.NVMMASharedLayout.get_default_for(block, fp8))
@@ -163,7 +165,8 @@ def launch_pipelined(q8: Tensor, k8: Tensor, v8: Tensor, scales: tuple[Tensor, T
     grid = (q_blocks * BLOCK // block_m, batch * heads)
     args = (*descriptors, *scales, out, seq_q, seq_k, heads, group, q_blocks, k_blocks,
             out.stride(0), out.stride(1), out.stride(2))
-    constants = dict(D=dim, BLOCK_M=block_m, BLOCK_N=BLOCK, P_LOG2=p_log2, TAIL=seq_k % BLOCK != 0, num_warps=4)
+    constants = dict(D=dim, BLOCK_M=block_m, BLOCK_N=BLOCK, P_LOG2=p_log2, TAIL=seq_k % BLOCK != 0,
+                     num_warps=block_m // 16)  # 16 query rows a warp
     if compile_only:
         return _gluon_fp8_attention.warmup(*args, grid=grid, **constants)
     return _gluon_fp8_attention[grid](*args, **constants)
