@@ -217,6 +217,9 @@ def test_bad_fp8_attention_launch_options_are_refused_by_name():
     for other in ({"block_m": 128}, {"num_stages": 3}, {"tma": False}, {"max_registers": None}):
         with pytest.raises(ValueError, match=r"pipelined=True has its own launch \(TMA loads, two stages, 4 warps"):
             LaunchOptions(pipelined=True, **other)
+    for deleted in ("overlap", "block_n", "fma_exp2"):  # a deleted option is an error, not ignored
+        with pytest.raises(TypeError, match=deleted):
+            LaunchOptions(**{deleted: 64})
 
 
 def test_the_gluon_kernel_is_refused_off_hopper_before_any_work():
@@ -226,6 +229,3 @@ def test_the_gluon_kernel_is_refused_off_hopper_before_any_work():
     q = torch.randn(1, 8, 1, 32)
     with pytest.raises(ValueError, match=r"pipelined=True runs on Hopper \(compute capability 9.x\) with fp8_pv=True only"):
         fp8_attention(q, q, q, 0.1, pipelined=True)  # a CPU here: refused before any quantization
-    for deleted in ("overlap", "block_n", "fma_exp2"):  # a deleted option is an error, not ignored
-        with pytest.raises(TypeError, match=deleted):
-            LaunchOptions(**{deleted: 64})
