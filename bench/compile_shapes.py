@@ -1,7 +1,10 @@
-"""Static vs dynamic shapes in `compile_blocks`: what each costs the compiled forward, on one GPU.
+"""Ways to compile the blocks (`compile_blocks`) side by side: what each costs the compiled forward, on one GPU.
 
 A server's batches vary in size, so its compiled blocks see many shapes. Static graphs (torch's
-default: the first shape static, later ones dynamic) or all-dynamic graphs (`dynamic=True`)?
+default: the first shape static, later ones dynamic) or all-dynamic graphs (`dynamic=True`)? And the
+attention call, a graph break inside nested calls (block -> attention layer -> backend), splits each
+block into a graph per nesting level unless dynamo's `nested_graph_breaks` resumes inside the inner
+frame (`nested`: two graphs a block, one each side of the attention call, instead of five or six).
 Per mode, in a process of its own (a clean compile cache), random weights from the published
 configs, bf16: the FLUX.1-dev forward at 1024x1024, a packed FLUX forward of 1024+768+512+256 px
 and of 1024+1024+512 px (`forward_packed`), the Wan2.1-1.3B forward at 480x832x81 (batch 1 and
@@ -27,7 +30,11 @@ from flux import FLUX_DEV, TEXT_LEN, forward_inputs  # noqa: E402  (bench/flux.p
 from report import publish, shown_args  # noqa: E402  (bench/report.py)
 from wan import COMMON, WAN_CONFIGS, time_ms  # noqa: E402  (bench/wan.py)
 
-MODES = {"static": None, "dynamic": True}  # compile_blocks' `dynamic`
+MODES = {  # mode -> (compile_blocks' `dynamic`, torch._dynamo.config values set in the mode's process)
+    "static": (None, {}),
+    "dynamic": (True, {}),
+    "nested": (None, {"nested_graph_breaks": True}),
+}
 COLUMNS = ("flux_first_s", "flux_1024_ms", "packed_first_s", "packed_4_sizes_ms", "packed_3_ms", "wan_1_3b_ms",
            "wan_1_3b_cfg_ms")
 
@@ -90,15 +97,17 @@ def wan_columns(device: torch.device, dynamic: bool | None, repeats: int) -> dic
 
 def measure(mode: str, repeats: int) -> dict:
     """This process's row: every column for one compile mode (each model freed before the next)."""
-    device = torch.device("cuda")
-    row = {"mode": mode, **flux_columns(device, MODES[mode], repeats)}
+    device, (dynamic, config) = torch.device("cuda"), MODES[mode]
+    for name, value in config.items():
+        setattr(torch._dynamo.config, name, value)
+    row = {"mode": mode, **flux_columns(device, dynamic, repeats)}
     torch.cuda.empty_cache()
-    return {**row, **wan_columns(device, MODES[mode], repeats)}
+    return {**row, **wan_columns(device, dynamic, repeats)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default="static,dynamic", help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--modes", default="static,nested", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: measure this mode, print JSON
     parser.add_argument("--markdown")
@@ -120,7 +129,7 @@ def main() -> int:
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     device = torch.cuda.get_device_name()
-    lines = [f"#### `compile_blocks` static vs dynamic shapes — {datetime.date.today()}, {device}, torch {torch.__version__}",
+    lines = [f"#### `compile_blocks` modes side by side — {datetime.date.today()}, {device}, torch {torch.__version__}",
              "", f"Command: `python bench/compile_shapes.py {shown_args()}`. Random weights (published configs), bf16; "
              "each mode in its own process; first calls include compiling.", "",
              "| mode | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
