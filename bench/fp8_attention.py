@@ -46,6 +46,7 @@ LAUNCH = (
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="1.3b,14b,14b-cross")
+    parser.add_argument("--no-gluon", action="store_true", help="leave out the Gluon kernel's rows (pipelined=True)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--markdown")
     parser.add_argument("--json")
@@ -77,6 +78,8 @@ def main() -> int:
         if sageattn is not None:  # a peer's quantized kernel where it installs: SageAttention 1 (Triton, INT8 q·k)
             runs["SageAttention 1.0.6: int8 q·k, fp16 p·v"] = lambda: sageattn(q, k, v, tensor_layout="NHD", sm_scale=scale)
         for launch in LAUNCH:
+            if launch.get("pipelined") and args.no_gluon:
+                continue
             if launch.get("pipelined"):
                 runs[f"fp8 q·k + p·v, Gluon: next q·k during the softmax, {launch.get('block_m', 64)} queries, "
                      f"{launch.get('num_warps', 4)} warps, 2 stages, tma"] = (
