@@ -35,7 +35,7 @@ MODES = {  # mode -> (compile_blocks' `dynamic`, torch._dynamo.config values set
     "dynamic": (True, {}),
     "nested": (None, {"nested_graph_breaks": True}),
 }
-COLUMNS = ("flux_first_s", "flux_1024_ms", "packed_first_s", "packed_4_sizes_ms", "packed_3_ms", "wan_1_3b_ms",
+COLUMNS = ("flux_graphs", "flux_first_s", "flux_1024_ms", "packed_first_s", "packed_4_sizes_ms", "packed_3_ms", "wan_1_3b_ms",
            "wan_1_3b_cfg_ms")
 
 
@@ -76,7 +76,8 @@ def flux_columns(device: torch.device, dynamic: bool | None, repeats: int) -> di
                 "flux_1024_ms": time_ms(lambda: model(**dense), repeats),
                 "packed_first_s": first_call_s(lambda: model.forward_packed(four)),
                 "packed_4_sizes_ms": time_ms(lambda: model.forward_packed(four), repeats),
-                "packed_3_ms": time_ms(lambda: model.forward_packed(three), repeats)}
+                "packed_3_ms": time_ms(lambda: model.forward_packed(three), repeats),
+                "flux_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
 
 
 def wan_columns(device: torch.device, dynamic: bool | None, repeats: int) -> dict:
@@ -133,7 +134,8 @@ def main() -> int:
              "", f"Command: `python bench/compile_shapes.py {shown_args()}`. Random weights (published configs), bf16; "
              "each mode in its own process; first calls include compiling.", "",
              "| mode | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
-    lines += [f"| {r['mode']} | " + " | ".join(f"{r[c]:.2f}" if c.endswith("_s") else f"{r[c]:.1f}" for c in COLUMNS)
+    cell = {"s": "{:.2f}", "ms": "{:.1f}", "graphs": "{}"}
+    lines += [f"| {r['mode']} | " + " | ".join(cell[c.rsplit("_", 1)[1]].format(r[c]) for c in COLUMNS)
               + " |" for r in rows]
     publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
     return 0
