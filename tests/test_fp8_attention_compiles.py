@@ -1,13 +1,15 @@
 """The FP8 attention kernel compiles for Hopper (sm_90a) on any machine, GPU or not, with every launch
 option a benchmark sweeps: Triton's own compiler and ptxas, nothing run. A launch that would fail to
-compile fails here instead of in a GPU session. Skips where Triton is not installed (the CPU build of
-torch does not bring it; `pip install triton==3.6.0`)."""
+compile fails here instead of in a GPU session; the quantizing kernel's centering runs in Triton's
+interpreter. Skips where Triton is not installed (the CPU build of torch does not bring it;
+`pip install triton==3.6.0`)."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -75,3 +77,26 @@ def test_compile_only_leaves_the_real_driver_in_place():
 def test_compile_only_refuses_a_head_dim_the_kernel_does_not_take():
     with pytest.raises(ValueError, match=r"head_dim must be one of 32, 64, 128, got 96"):
         compile_only(90, 96)
+
+
+_CENTERED_QUANTIZE = """
+import torch
+from ditserve.kernels.fp8_attention import BLOCK, quantize_blocks
+torch.manual_seed(0)
+x, center = torch.randn(2, 200, 3, 32), torch.randn(2, 3, 32)
+for transpose in (False, True):
+    out, scales = quantize_blocks(x, 2.0, transpose=transpose, fp8=False, center=center)
+    want = torch.zeros(2, 3, 256, 32)
+    want[:, :, :200] = ((x - center[:, None]) * 2.0).transpose(1, 2)
+    assert torch.equal(out, want.transpose(2, 3) if transpose else want), transpose
+    assert torch.equal(scales, torch.ones(2, 3, 256 // BLOCK))
+print("ok")
+"""
+
+
+def test_quantize_blocks_takes_the_center_out_and_keeps_padding_zero():
+    """The per-channel center (k's mean) comes off inside the quantizing pass; padding rows stay zero so they
+    cannot raise a block's scale. Triton's interpreter, in a process of its own (it is chosen at import)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _CENTERED_QUANTIZE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -46,18 +46,22 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _quantize_kernel(x_ptr, out_ptr, scale_ptr, seq, heads, s_b, s_s, s_h, multiplier, amax_floor,
-                         BLOCK_S: tl.constexpr, D: tl.constexpr, TRANSPOSE: tl.constexpr, FP8: tl.constexpr, blocks):
-        """One block of BLOCK_S tokens of one (batch, head): amax -> scale, then e4m3 values (or, without
-        FP8, the values in the output's dtype and scale 1), written `[B, H, S_pad, D]` (or `[B, H, D, S_pad]`
-        with TRANSPOSE); padding rows are zeros."""
+    def _quantize_kernel(x_ptr, center_ptr, out_ptr, scale_ptr, seq, heads, s_b, s_s, s_h, multiplier, amax_floor,
+                         BLOCK_S: tl.constexpr, D: tl.constexpr, TRANSPOSE: tl.constexpr, FP8: tl.constexpr,
+                         CENTER: tl.constexpr, blocks):
+        """One block of BLOCK_S tokens of one (batch, head), less its per-channel center (CENTER) and times
+        `multiplier`: amax -> scale, then e4m3 values (or, without FP8, the values in the output's dtype and
+        scale 1), written `[B, H, S_pad, D]` (or `[B, H, D, S_pad]` with TRANSPOSE); padding rows are zeros."""
         block, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // heads, bh % heads
         rows = block * BLOCK_S + tl.arange(0, BLOCK_S)
         cols = tl.arange(0, D)
         mask = (rows < seq)[:, None]
         x = tl.load(x_ptr + b * s_b + h * s_h + rows[:, None].to(tl.int64) * s_s + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32) * multiplier
+                    other=0.0).to(tl.float32)
+        if CENTER:
+            x = tl.where(mask, x - tl.load(center_ptr + bh * D + cols)[None, :], 0.0)
+        x = x * multiplier
         if FP8:
             scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), amax_floor) / 448.0
             values = (x / scale).to(tl.float8e4nv)
@@ -151,10 +155,10 @@ if triton is not None:
 
 
 def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
-                    fp8: bool = True, amax_floor: float = 1e-30) -> tuple[Tensor, Tensor]:
-    """`x` `[B, S, H, D]` (times `multiplier`) -> (e4m3 `[B, H, S_pad, D]`, or `[B, H, D, S_pad]` when
-    `transpose`; float32 scales `[B, H, S_pad / BLOCK]`), S_pad the next multiple of BLOCK. Without `fp8`,
-    the same layout in x's dtype, scales 1."""
+                    fp8: bool = True, amax_floor: float = 1e-30, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`x` `[B, S, H, D]` (less `center`, float32 `[B, H, D]`, if given; times `multiplier`) -> (e4m3
+    `[B, H, S_pad, D]`, or `[B, H, D, S_pad]` when `transpose`; float32 scales `[B, H, S_pad / BLOCK]`),
+    S_pad the next multiple of BLOCK. Without `fp8`, the same layout in x's dtype, scales 1."""
     batch, seq, heads, dim = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -162,9 +166,11 @@ def quantize_blocks(x: Tensor, multiplier: float = 1.0, transpose: bool = False,
     shape = (batch, heads, dim, blocks * BLOCK) if transpose else (batch, heads, blocks * BLOCK, dim)
     out = torch.empty(shape, dtype=torch.float8_e4m3fn if fp8 else x.dtype, device=x.device)
     scales = (torch.empty if fp8 else torch.ones)((batch, heads, blocks), dtype=torch.float32, device=x.device)
-    _quantize_kernel[(blocks, batch * heads)](x, out, scales, seq, heads, x.stride(0), x.stride(1), x.stride(2),
+    if center is not None:
+        center = center.to(torch.float32).contiguous()
+    _quantize_kernel[(blocks, batch * heads)](x, center, out, scales, seq, heads, x.stride(0), x.stride(1), x.stride(2),
                                               multiplier, amax_floor, BLOCK_S=BLOCK, D=dim, TRANSPOSE=transpose, FP8=fp8,
-                                              blocks=blocks, num_warps=4)
+                                              CENTER=center is not None, blocks=blocks, num_warps=4)
     return out, scales
 
 
@@ -191,8 +197,8 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
         raise ValueError("pipelined=True runs on Hopper (compute capability 9.x) with fp8_pv=True only")
     q8, q_scales = quantize_blocks(q, scale * _LOG2E)  # scores come out in log2 units: exp2 in the kernel
     # A key channel's mean adds the same to every score of a query, so softmax ignores it; taking it out
-    # leaves k's blocks a smaller range to quantize (SageAttention's smoothing of K).
-    k8, k_scales = quantize_blocks(k - k.mean(dim=1, keepdim=True, dtype=torch.float32).to(k.dtype))
+    # (inside the quantizing pass) leaves k's blocks a smaller range to quantize (SageAttention's smoothing of K).
+    k8, k_scales = quantize_blocks(k, center=k.mean(dim=1, dtype=torch.float32))
     v8, v_scales = quantize_blocks(v, transpose=True, fp8=fp8_pv, amax_floor=_V_AMAX_FLOOR)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if options.pipelined:
