@@ -350,9 +350,12 @@ class FluxAttention(nn.Module):
         q, k, v = (proj(x).unflatten(-1, (self.heads, -1)) for proj in projs)
         return norms[0](q), norms[1](k), v
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, rotary: Rotary, layout: TokenLayout) -> Tensor:
-        """Rotary, then attention over the joint sequence; `[B, N, H * D]` in q's dtype."""
-        q, k = _rotate(q, rotary), _rotate(k, rotary)
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout) -> Tensor:
+        """Attention over the joint sequence (q and k rotated); `[B, N, H * D]` in q's dtype.
+
+        The attention call is a graph break, and without dynamo's nested graph breaks every caller's
+        frame ends its graph at its call into here: the rotary is applied by the callers, so that it
+        compiles into one kernel with the q/k norms before it."""
         metadata = layout.metadata
         if layout.sequence_split is not None:
             out = self._attend_split(q, k, v, layout.sequence_split, layout.text_tokens)
@@ -379,13 +382,14 @@ class FluxAttention(nn.Module):
 
     def forward(self, x: Tensor, rotary: Rotary, layout: TokenLayout) -> Tensor:
         """Single stream: x `[B, N, dim]` (the joint sequence) -> attention output `[B, N, inner]`."""
-        return self._attend(*self._qkv(x, added=False), rotary, layout)
+        q, k, v = self._qkv(x, added=False)
+        return self._attend(_rotate(q, rotary), _rotate(k, rotary), v, layout)
 
     def forward_joint(self, img: Tensor, txt: Tensor, rotary: Rotary, layout: TokenLayout) -> tuple[Tensor, Tensor]:
         """Double stream: image `[B, S, dim]` and text `[B, L, dim]` -> their attention outputs."""
         img_qkv, txt_qkv = self._qkv(img, added=False), self._qkv(txt, added=True)
         q, k, v = (layout.join(t, i) for t, i in zip(txt_qkv, img_qkv))
-        txt_out, img_out = layout.split(self._attend(q, k, v, rotary, layout), txt.shape[1])
+        txt_out, img_out = layout.split(self._attend(_rotate(q, rotary), _rotate(k, rotary), v, layout), txt.shape[1])
         return self.to_out[0](img_out), self.to_add_out(txt_out)
 
 
