@@ -127,7 +127,20 @@ def test_every_lse_backend_returns_the_log_sum_exp(case, causal):
     assert failures == {}, f"over {TOL}: {failures} (tested {tested})"
 
 
-@pytest.mark.parametrize("case", ["self", "cross", "gqa", "gqa-cross", "wan-14b-heads", "head-dim-32"])
+FP8_CASES = {**DENSE_CASES, "wan-14b-heads": (1, 4100, 40, 40, 4100, 128), "head-dim-32": (1, 300, 4, 4, 333, 32)}
+
+
+def _fp8_case(case: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 q, k, v of an FP8 attention case (k with a mean for the smoothing to take) and float32 math's output."""
+    b, sq, hq, hkv, sk, d = FP8_CASES[case]
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(b, sq, hq, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(b, sk, hkv, d, device="cuda", generator=gen, dtype=torch.bfloat16) + 3.0
+    v = torch.randn(b, sk, hkv, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    return q, k, v, dense_attention_math(q.float(), k.float(), v.float(), d**-0.5, False)
+
+
+@pytest.mark.parametrize("case", list(FP8_CASES))
 @pytest.mark.parametrize("launch", [{"block_m": 64, "num_warps": 4}, {"block_m": 128, "num_warps": 8}],
                          ids=["64-queries", "128-queries"])
 def test_gluon_fp8_attention_against_float32_math_and_the_triton_kernel(case, launch):
@@ -137,13 +150,8 @@ def test_gluon_fp8_attention_against_float32_math_and_the_triton_kernel(case, la
 
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is for Hopper (compute capability 9.x)")
-    b, sq, hq, hkv, sk, d = {**DENSE_CASES, "wan-14b-heads": (1, 4100, 40, 40, 4100, 128),
-                             "head-dim-32": (1, 300, 4, 4, 333, 32)}[case]
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    q = torch.randn(b, sq, hq, d, device="cuda", generator=gen, dtype=torch.bfloat16)
-    k = torch.randn(b, sk, hkv, d, device="cuda", generator=gen, dtype=torch.bfloat16) + 3.0
-    v = torch.randn(b, sk, hkv, d, device="cuda", generator=gen, dtype=torch.bfloat16)
-    ref = dense_attention_math(q.float(), k.float(), v.float(), d**-0.5, False)
+    q, k, v, ref = _fp8_case(case)
+    d = q.shape[-1]
     piped = fp8_attention(q, k, v, d**-0.5, pipelined=True, **launch)
     err = (piped.float() - ref).abs()
     worst, mean = (err.max() / ref.abs().max()).item(), (err.mean() / ref.abs().mean()).item()
@@ -153,7 +161,7 @@ def test_gluon_fp8_attention_against_float32_math_and_the_triton_kernel(case, la
     assert torch.equal(piped, fp8_attention(q, k, v, d**-0.5, pipelined=True, **launch))  # deterministic
 
 
-@pytest.mark.parametrize("case", ["self", "cross", "gqa", "gqa-cross", "wan-14b-heads", "head-dim-32"])
+@pytest.mark.parametrize("case", list(FP8_CASES))
 @pytest.mark.parametrize("fp8_pv", [True, False], ids=["fp8-pv", "bf16-pv"])
 def test_fp8_attention_against_float32_math(case, fp8_pv):
     """The lossy FP8 kernel (pinned only) against float32 math: dense, cross, grouped-query, key lengths
@@ -165,13 +173,8 @@ def test_fp8_attention_against_float32_math(case, fp8_pv):
 
     if fp8_unsupported_reason(torch.device("cuda")) is not None:
         pytest.skip("this GPU has no FP8 tensor cores")
-    b, sq, hq, hkv, sk, d = {**DENSE_CASES, "wan-14b-heads": (1, 4100, 40, 40, 4100, 128),
-                             "head-dim-32": (1, 300, 4, 4, 333, 32)}[case]
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    q = torch.randn(b, sq, hq, d, device="cuda", generator=gen, dtype=torch.bfloat16)
-    k = torch.randn(b, sk, hkv, d, device="cuda", generator=gen, dtype=torch.bfloat16) + 3.0  # a mean for smoothing to take
-    v = torch.randn(b, sk, hkv, d, device="cuda", generator=gen, dtype=torch.bfloat16)
-    ref = dense_attention_math(q.float(), k.float(), v.float(), d**-0.5, False)
+    q, k, v, ref = _fp8_case(case)
+    (b, sq), sk, d = q.shape[:2], k.shape[1], q.shape[-1]
     out = fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv)
     assert out.shape == ref.shape and out.dtype == torch.bfloat16
     err = (out.float() - ref).abs()
