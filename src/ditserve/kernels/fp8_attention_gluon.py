@@ -6,8 +6,7 @@ places their waits explicitly; Triton waits on each product right away.
 Same inputs, math and output as `fp8_attention`'s Triton kernel (`quantize_blocks`' buffers; scores in log2
 units; probabilities x 2^P_LOG2 in e4m3; acc in units of the current V block's scale), with FP8 P·V only,
 tiles of 64 queries (one warpgroup) or 128 (two, sharing the K/V tiles), TMA loads into two stages of K and
-V each. Chosen with
-`fp8_attention(..., pipelined=True)` on Hopper.
+V each. Chosen with `fp8_attention(..., pipelined=True)` on Hopper.
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ if gluon is not None:
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, m_new, l_i, alpha
 
-
     @gluon.jit
     def _load_tile(k_desc, v_desc, k_bar, v_bar, k_dst, v_dst, k_row, v_row, tile, BLOCK_N: gl.constexpr, pred):
         """Start the TMA loads of key tile `tile` and its value tile (transposed), each signalling its barrier."""
@@ -57,7 +55,6 @@ if gluon is not None:
         tma.async_copy_global_to_shared(k_desc, [k_row + tile * BLOCK_N, 0], k_bar, k_dst, pred=pred)
         mbarrier.expect(v_bar, v_desc.block_type.nbytes, pred=pred)
         tma.async_copy_global_to_shared(v_desc, [v_row, tile * BLOCK_N], v_bar, v_dst, pred=pred)
-
 
     @gluon.jit
     def _gluon_fp8_attention(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
