@@ -40,17 +40,13 @@ COLUMNS = ("flux_graphs", "flux_first_s", "flux_1024_ms", "packed_first_s", "pac
 
 
 def flux_sample(side: int, device: torch.device):
-    """One FLUX.1-dev sample of a packed forward: `side` x `side` pixels, 512 T5 tokens."""
+    """One FLUX.1-dev sample of a packed forward: `side` x `side` pixels, 512 T5 tokens (bench/flux.py's inputs)."""
     from ditserve.models.flux import FluxSample
 
-    grid = side // 16
-    ids = torch.zeros(grid, grid, 3, device=device)
-    ids[..., 1] += torch.arange(grid, device=device)[:, None]
-    ids[..., 2] += torch.arange(grid, device=device)[None, :]
-    bf16 = dict(device=device, dtype=torch.bfloat16)
-    return FluxSample(torch.randn(grid * grid, 64, **bf16), torch.randn(TEXT_LEN, 4096, **bf16), torch.randn(768, **bf16),
-                      torch.tensor(0.5, device=device), ids.reshape(-1, 3).bfloat16(),
-                      torch.zeros(TEXT_LEN, 3, **bf16), torch.tensor(3.5, device=device))
+    inputs = forward_inputs(side // 16, device)
+    return FluxSample(latents=inputs["hidden_states"][0], text=inputs["encoder_hidden_states"][0],
+                      pooled=inputs["pooled_projections"][0], timestep=inputs["timestep"][0], img_ids=inputs["img_ids"],
+                      txt_ids=inputs["txt_ids"], guidance=inputs["guidance"][0])
 
 
 def first_call_s(fn) -> float:
