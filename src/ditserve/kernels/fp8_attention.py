@@ -16,7 +16,7 @@ dtype. It trades a measured amount of accuracy for speed; docs/performance.md ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -235,8 +235,9 @@ class LaunchOptions:
     def __post_init__(self) -> None:
         if self.block_m not in (64, BLOCK):
             raise ValueError(f"block_m must be 64 or {BLOCK}, got {self.block_m}")
+        triton_only = {f.name: f.default for f in fields(self) if f.name in ("num_stages", "max_registers")}
         if self.pipelined and (self.tma is False or self.num_warps != self.block_m // 16
-                               or (self.num_stages, self.max_registers) != (2, 168)):
+                               or any(getattr(self, name) != default for name, default in triton_only.items())):
             raise ValueError("pipelined=True has its own launch (TMA loads, two stages, 4 warps for 64 queries or 8 "
                              "for 128): set block_m and num_warps only")
 
