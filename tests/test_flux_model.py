@@ -203,8 +203,12 @@ def test_compiled_blocks_keep_every_server_shape_compiled():
         graphs = counters["stats"]["unique_graphs"]
         for batch in _server_shapes(model, [5, 6, 7], seed=1):
             model.forward_packed(batch)
+        g = guidance_for(model, 3.5)
+        for count in range(5, 12):  # a busy server packs up to its batch limit
+            model.forward_packed([make_sample(2 + i % 3, 2 + i % 3, 4, 0.5, g, seed=count + i) for i in range(count)])
         assert counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
+
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ def _cu_from_lengths(lengths: Sequence[int], device: torch.device | str | None) 
     return torch.tensor(cu, dtype=torch.int32, device=device)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class AttentionMetadata:
     """What a backend needs to know about one attention call beyond q, k and v.
 
@@ -61,6 +61,10 @@ class AttentionMetadata:
     `causal` masks key j for query i when j > i + (len_k - len_q) (bottom-right aligned, as
     FlashAttention does). `attn_mask` is an optional dense mask `[batch|1, heads|1, Sq, Sk]`:
     boolean (True = attend) or additive float; only backends that declare masks take it.
+
+    Treat it as immutable (`filled` returns a copy). It is not a frozen dataclass because torch
+    2.11's dynamo turns every field of a frozen dataclass into a guard: a compiled block
+    recompiled for each new number of packed samples (`len(seq_lens_k) == n`).
     """
 
     max_seq_len_q: int | None = None
@@ -73,15 +77,14 @@ class AttentionMetadata:
     attn_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
         if self.cu_seqlens_k is not None and self.cu_seqlens_q is None:
             raise ValueError("cu_seqlens_k was given without cu_seqlens_q; a packed call needs both (or q alone for self-attention)")
         if self.cu_seqlens_q is not None:
             lens_q = _lengths_from_cu(self.cu_seqlens_q, "cu_seqlens_q") if self.seq_lens_q is None else _check_lengths(self.seq_lens_q, "seq_lens_q")
             if self.cu_seqlens_k is None:  # self-attention: keys are the queries' segments
-                set_(self, "cu_seqlens_k", self.cu_seqlens_q)
+                self.cu_seqlens_k = self.cu_seqlens_q
                 if self.seq_lens_k is None:
-                    set_(self, "seq_lens_k", lens_q)
+                    self.seq_lens_k = lens_q
             lens_k = _lengths_from_cu(self.cu_seqlens_k, "cu_seqlens_k") if self.seq_lens_k is None else _check_lengths(self.seq_lens_k, "seq_lens_k")
             if self.cu_seqlens_q.numel() != self.cu_seqlens_k.numel():
                 raise ValueError(
@@ -92,8 +95,8 @@ class AttentionMetadata:
                 raise ValueError("seq_lens_q/k must have one entry per sample of cu_seqlens_q/k")
             if any(nq > 0 and nk == 0 for nq, nk in zip(lens_q, lens_k)):
                 raise ValueError(f"every sample with queries needs at least one key, got kv lengths {list(lens_k)}")
-            set_(self, "seq_lens_q", lens_q)
-            set_(self, "seq_lens_k", lens_k)
+            self.seq_lens_q = lens_q
+            self.seq_lens_k = lens_k
         elif self.seq_lens_q is not None or self.seq_lens_k is not None:
             raise ValueError("seq_lens_q/k describe a packed batch and need cu_seqlens_q; use AttentionMetadata.from_lengths")
         for name in ("max_seq_len_q", "max_seq_len_k"):

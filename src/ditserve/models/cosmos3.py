@@ -380,7 +380,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(x))
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # immutable by convention, not frozen: see AttentionMetadata
 class KVLayout:
     """How a forward's keys are laid out: dense (every field None: `cat([text, vision], dim=1)`) or
     packed (each sample's text then vision K/V; `metadata` has ragged cu_seqlens for q and kv).

@@ -175,7 +175,7 @@ def _rotate(x: Tensor, rotary: Rotary) -> Tensor:
 # ----------------------------------------------------------------------------- layout
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # immutable by convention, not frozen: see AttentionMetadata
 class TokenLayout:
     """Where the tokens of each sample sit, and which conditioning row each token uses.
 

@@ -39,7 +39,7 @@ from ditserve.attention.parallel.wrapper import ParallelAttentionCalls
 __all__ = ["HybridAttention", "HybridSplit", "hybrid_split"]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)  # immutable by convention, not frozen: see AttentionMetadata
 class HybridSplit:
     """One forward's split over U x R ranks: `ring` (the sequence over the ring group) and
     `ulysses` (this rank's ring chunk over the Ulysses group). Models use it as a `SequenceSplit`:

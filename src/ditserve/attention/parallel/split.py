@@ -27,7 +27,7 @@ __all__ = ["Joint", "SequenceSplit", "resolve_split", "split_dense", "split_pack
 Joint = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)  # immutable by convention, not frozen: see AttentionMetadata
 class SequenceSplit:
     """One forward's split of a dense sequence or a packed batch across `world_size` ranks.
 
@@ -61,7 +61,7 @@ class SequenceSplit:
                 raise ValueError("joint_lengths describe a packed batch; dense joint tokens take their length from the tensor")
             if len(self.joint_lengths) != len(self.lengths) or any(n < 0 for n in self.joint_lengths):
                 raise ValueError(f"joint_lengths must hold one count >= 0 per sample, got {list(self.joint_lengths)}")
-        object.__setattr__(self, "chunks", tuple(-(-n // self.world_size) for n in self.lengths))
+        self.chunks = tuple(-(-n // self.world_size) for n in self.lengths)
 
     # ---- sizes ----------------------------------------------------------------------------
     def valid(self, rank: int) -> tuple[int, ...]:
