@@ -1,13 +1,13 @@
-"""FP8 attention (ours, Triton and Gluon) against bf16 cuDNN attention at Wan's shapes: TFLOP/s and error, per launch.
+"""FP8 attention (ours, in Triton) against bf16 cuDNN attention at Wan's shapes: TFLOP/s and error, per launch.
 
 For each shape: torch's cuDNN kernel in bf16 (the exact path `auto` takes there), then
 `kernels.fp8_attention` with both products in FP8 over a few launch options (queries per tile, warps,
-stages, tiles loaded by tensor descriptors, a register cap so that more tiles share an SM; the Gluon
-kernel, `pipelined=True`, unless --no-gluon), and with only q kᵀ in FP8 once; SageAttention 1 (a
-peer's Triton kernel: INT8 q kᵀ, fp16 P·V) where `sageattention` is installed. Error = max |out - ref|
-/ max |ref| and mean |out - ref| / mean |ref| on the first 512 queries, against float32 math. CUDA
-events, median of --repeats. `bench/fp8_attention_sass.py` compiles the same launch options without a
-GPU and shows their registers and tiles an SM.
+stages, tiles loaded by tensor descriptors, a register cap so that more tiles share an SM), and with
+only q kᵀ in FP8 once; SageAttention 1 (a peer's Triton kernel: INT8 q kᵀ, fp16 P·V) where
+`sageattention` is installed. Error = max |out - ref| / max |ref| and mean |out - ref| / mean |ref| on
+the first 512 queries, against float32 math. CUDA events, median of --repeats.
+`bench/fp8_attention_sass.py` compiles the same launch options without a GPU and shows their registers
+and tiles an SM.
 
     python bench/fp8_attention.py [--shapes 1.3b,14b,14b-cross] [--markdown docs/performance.md]
 """
@@ -38,15 +38,12 @@ LAUNCH = (
     dict(block_m=64, num_warps=4, num_stages=2, tma=True, max_registers=None),
     dict(block_m=128, num_warps=8, num_stages=3, tma=True, max_registers=None),
     dict(block_m=128, num_warps=4, num_stages=3, tma=False, max_registers=None),
-    dict(pipelined=True),  # the Gluon kernel (kernels/fp8_attention_gluon.py)
-    dict(pipelined=True, block_m=128, num_warps=8),
 )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="1.3b,14b,14b-cross")
-    parser.add_argument("--no-gluon", action="store_true", help="leave out the Gluon kernel's rows (pipelined=True)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--markdown")
     parser.add_argument("--json")
@@ -78,13 +75,6 @@ def main() -> int:
         if sageattn is not None:  # a peer's quantized kernel where it installs: SageAttention 1 (Triton, INT8 q·k)
             runs["SageAttention 1.0.6: int8 q·k, fp16 p·v"] = lambda: sageattn(q, k, v, tensor_layout="NHD", sm_scale=scale)
         for launch in LAUNCH:
-            if launch.get("pipelined"):
-                if args.no_gluon:
-                    continue
-                runs[f"fp8 q·k + p·v, Gluon: next q·k during the softmax, {launch.get('block_m', 64)} queries, "
-                     f"{launch.get('num_warps', 4)} warps, 2 stages, tma"] = (
-                    lambda launch=launch: fp8_attention(q, k, v, scale, **launch))
-                continue
             label = (f"fp8 q·k + p·v, {launch['block_m']} queries, 128 keys, "
                      f"{launch['num_warps']} warps, "
                      f"{launch['num_stages']} stages{', tma' if launch['tma'] else ''}"

@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -23,49 +22,21 @@ LAUNCHES = [
     {"tma": False},
     {"block_m": 128, "num_warps": 8, "max_registers": None},
     {"num_stages": 3, "max_registers": None},
-    {"pipelined": True},  # the Gluon kernel
-    {"pipelined": True, "block_m": 128, "num_warps": 8},
 ]
 
 
 @pytest.mark.parametrize("launch", LAUNCHES, ids=lambda launch: ",".join(f"{k}={v}" for k, v in launch.items()) or "default")
 @pytest.mark.parametrize("head_dim,keys,fp8_pv", [(128, 1024, True), (64, 1000, True), (32, 77, False)])
 def test_fp8_attention_compiles_for_hopper(launch: dict, head_dim: int, keys: int, fp8_pv: bool):
-    if launch.get("pipelined") and not fp8_pv:
-        with pytest.raises(ValueError, match=r"pipelined=True compiles for sm_90 \(Hopper\) with fp8_pv=True only"):
-            compile_only(90, head_dim, keys=keys, fp8_pv=fp8_pv, **launch)
-        return
     kernel = compile_only(90, head_dim, keys=keys, fp8_pv=fp8_pv, **launch)
     ptx = kernel.asm["ptx"]
     assert ".target sm_90a" in ptx and kernel.asm["cubin"]
     options = LaunchOptions(**launch)
     products = len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.f32\.e4m3\.e4m3", ptx))
     assert products > 0  # q kᵀ (and P·V with fp8_pv) on FP8 tensor cores
-    assert (".maxnreg 168" in ptx) == (options.max_registers == 168 and not options.pipelined)
+    assert (".maxnreg 168" in ptx) == (options.max_registers == 168)
     if not launch:  # the default's point: shared memory for three tiles an SM (the register cap does the rest)
         assert 3 * (kernel.metadata.shared + 1024) <= 228 * 1024
-
-
-def _products_beside_exponentials(kernel) -> int:
-    """Tensor-core instructions followed, before the next one, by exponentials and no wait for them: a
-    product that runs while the softmax does."""
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        sass = subprocess.run([nvdisasm, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
-    ops = [m.group(1) for m in re.finditer(r"\b(QGMMA|MUFU\.EX2|WARPGROUP\.DEPBAR)\b", sass)]
-    products = [i for i, op in enumerate(ops) if op == "QGMMA"]
-    return sum("MUFU.EX2" in ops[a + 1:b] and "WARPGROUP.DEPBAR" not in ops[a + 1:b]
-               for a, b in zip(products, products[1:]))
-
-
-def test_the_gluon_kernel_overlaps_the_next_product_with_the_softmax():
-    """Its point, read from the machine code: the next tile's q kᵀ runs during this tile's softmax. The
-    Triton kernel, capped or not, waits after every product instruction, so it shows none."""
-    assert _products_beside_exponentials(compile_only(90, 128, keys=1000, pipelined=True)) > 0
-    assert _products_beside_exponentials(compile_only(90, 128, keys=1000)) == 0
-    assert _products_beside_exponentials(compile_only(90, 128, keys=1000, max_registers=None)) == 0
 
 
 def test_compile_only_leaves_the_real_driver_in_place():

@@ -16,13 +16,11 @@ dtype. It trades a measured amount of accuracy for speed; docs/performance.md ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-
-from ditserve.kernels.fp8_attention_gluon import launch_pipelined
 
 __all__ = ["BLOCK", "HEAD_DIMS", "LaunchOptions", "compile_only", "fp8_attention", "quantize_blocks", "triton_available"]
 
@@ -193,18 +191,12 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
     major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 0
-    if options.pipelined and (major != 9 or not fp8_pv):
-        raise ValueError("pipelined=True runs on Hopper (compute capability 9.x) with fp8_pv=True only")
     q8, q_scales = quantize_blocks(q, scale * _LOG2E)  # scores come out in log2 units: exp2 in the kernel
     # A key channel's mean adds the same to every score of a query, so softmax ignores it; taking it out
     # (inside the quantizing pass) leaves k's blocks a smaller range to quantize (SageAttention's smoothing of K).
     k8, k_scales = quantize_blocks(k, center=k.mean(dim=1, dtype=torch.float32))
     v8, v_scales = quantize_blocks(v, transpose=True, fp8=fp8_pv, amax_floor=_V_AMAX_FLOOR)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if options.pipelined:
-        launch_pipelined(q8, k8, v8, (q_scales, k_scales, v_scales), out, seq_q, seq_k, heads // kv_heads, _P_LOG2,
-                         block_m=options.block_m)
-        return out
     tma = options.tma if options.tma is not None else major >= 9
     _launch(q8, k8, v8, (q_scales, k_scales, v_scales), out, seq_q, seq_k, heads // kv_heads, options, tma,
             fp8_pv, compile_only=False)
@@ -220,9 +212,7 @@ class LaunchOptions:
     num_warps, num_stages: Triton's. block_m: queries per tile (64 or 128). tma: tiles loaded by the
     tensor memory accelerator instead of per-thread pointers (None: where the GPU has one, Hopper and
     newer). max_registers: a cap per thread (ptxas's maxnreg; None: no cap). The default 168 with two
-    stages lets three tiles share a Hopper SM instead of two. pipelined: the Gluon kernel instead
-    (`kernels.fp8_attention_gluon`: each tile's softmax runs during the next tile's q kᵀ), Hopper and
-    FP8 P·V only, with its own launch (two TMA stages; 4 warps a 64-query tile, 8 a 128-query one).
+    stages lets three tiles share a Hopper SM instead of two.
     """
 
     num_warps: int = 4
@@ -230,16 +220,10 @@ class LaunchOptions:
     block_m: int = 64
     tma: bool | None = None
     max_registers: int | None = 168
-    pipelined: bool = False
 
     def __post_init__(self) -> None:
         if self.block_m not in (64, BLOCK):
             raise ValueError(f"block_m must be 64 or {BLOCK}, got {self.block_m}")
-        triton_only = {f.name: f.default for f in fields(self) if f.name in ("num_stages", "max_registers")}
-        if self.pipelined and (self.tma is False or self.num_warps != self.block_m // 16
-                               or any(getattr(self, name) != default for name, default in triton_only.items())):
-            raise ValueError("pipelined=True has its own launch (TMA loads, two stages, 4 warps for 64 queries or 8 "
-                             "for 128): set block_m and num_warps only")
 
 
 def compile_only(arch: int = 90, head_dim: int = 128, *, keys: int = 1024, fp8_pv: bool = True, **launch: Any) -> Any:
@@ -275,11 +259,6 @@ def compile_only(arch: int = 90, head_dim: int = 128, *, keys: int = 1024, fp8_p
     previous = triton.runtime.driver._active  # the real driver (or None: not made yet), put back after
     triton.runtime.driver.set_active(CompileOnlyDriver())
     try:
-        if options.pipelined:
-            if arch != 90 or not fp8_pv:
-                raise ValueError("pipelined=True compiles for sm_90 (Hopper) with fp8_pv=True only")
-            return launch_pipelined(q8, k8, v8, scales, out, BLOCK, keys, 1, _P_LOG2, block_m=options.block_m,
-                                    compile_only=True)
         return _launch(q8, k8, v8, scales, out, BLOCK, keys, 1, options, options.tma is not False, fp8_pv,
                        compile_only=True)
     finally:
