@@ -586,24 +586,6 @@ def test_a_folders_request_defaults_fill_what_the_client_leaves_out(tiny_wan_pat
         read_request_spec(folder)
 
 
-def test_warm_up_generates_the_smallest_request_the_model_takes(tiny_pipeline: Any) -> None:
-    from ditserve.server.main import warm_up
-
-    calls: list[dict[str, Any]] = []
-    real = tiny_pipeline.generate
-
-    def generate(**kwargs: Any) -> Any:
-        calls.append(kwargs)
-        return real(**kwargs)
-
-    tiny_pipeline.generate = generate
-    try:
-        assert warm_up(tiny_pipeline) > 0
-    finally:
-        del tiny_pipeline.generate
-    assert calls == [dict(prompt="warm-up", height=16, width=16, num_frames=1, num_inference_steps=1, seed=0)]
-
-
 def test_a_client_that_disconnects_from_an_image_cancels_it(tiny_pipeline: Any, tmp_path: Path) -> None:
     pipe = GatedPipeline(tiny_pipeline, gated=True)
     app = create_app(pipe, settings(tmp_path))

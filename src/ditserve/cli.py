@@ -560,8 +560,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--vae-dtype", default=None, choices=["bf16", "fp32"], help=VAE_DTYPE_HELP)
     srv.add_argument("--quantize", default=None, choices=["fp8"], help=QUANTIZE_HELP)
     srv.add_argument("--no-warm-up", action="store_true",
-                     help="report ready right after loading, without the one-frame, one-step warm-up generation "
-                          "that pays kernel compilation and the attention selector's trials before the first request")
+                     help="report ready right after loading, without the warm-up (each kind of batch at the smallest sizes, "
+                          "one step) that pays kernel and --compile compilation and the attention selector's trials "
+                          "before the first request")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_ray_flags(srv)
     srv.set_defaults(func=_serve)

@@ -54,7 +54,7 @@ class GeneratorReplica:
     """model: the pipeline folder (the same path on every node); load: `Pipeline.from_pretrained` options
     (device, dtype, attention_backend, compile); settings: the server's (output folder, batching limits,
     --max-queue per replica); hub_name / token: the job hub and the output folder's marker; threads:
-    torch intra-op threads; warm: one warm-up generation before the replica reports ready; log_level: ditserve's;
+    torch intra-op threads; warm: `warm_up` before the replica reports ready; log_level: ditserve's;
     ranks: (CFG, Ulysses, ring) degrees of the replica's own ranks (`ParallelLayout`; one rank: (1, 1, 1))."""
 
     def __init__(self, model: str, load: dict[str, Any], settings: ServerSettings, hub_name: str, token: str,
@@ -91,7 +91,7 @@ class GeneratorReplica:
             source = pipeline = Pipeline.from_pretrained(model, **load)
         check_writer(pipeline)
         if warm:
-            log.info("replica %s: warm-up generation took %.1f s", self._replica_id, warm_up(pipeline))
+            log.info("replica %s: warm-up took %.1f s", self._replica_id, warm_up(pipeline))
         self._metrics = RecordingMetrics()
         self._runner = JobRunner(self._folder, self._metrics, settings.max_queue,
                                  max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens)

@@ -76,16 +76,23 @@ class _Server(uvicorn.Server):
 
 
 def warm_up(pipeline: Any) -> float:
-    """One generation of the smallest size the model takes (one frame, one step); seconds it took.
+    """Every kind of batch the engine forms, once at two sizes or counts, one step each; seconds it took.
 
-    The first generation pays one-off costs (CUDA and cuDNN initialisation, JIT compilation of
-    the FlashAttention-4 kernels): paid here, before /health says ready, rather than by the
-    first client. Guidance and negative prompt are the model's defaults, so the CFG path warms.
+    The first generations pay one-off costs (CUDA and cuDNN initialisation, FlashAttention-4's JIT,
+    `auto`'s attention trials) and, with `--compile`, a graph per kind of batch the blocks see: one
+    request alone, several of one size (stacked), several sizes (packed). Each kind's second size or
+    count makes dynamo's graph with dynamic sizes for it, so neither compile falls in a client's step.
+    Sizes are the smallest with two tokens a side or more (a dimension of 1 would stay static);
+    guidance and negative prompt are the model's defaults, so the CFG path warms.
     """
     spec = pipeline.request_spec
+    height, width = spec.param("height"), spec.param("width")
+    small = [max(param.minimum, 2 * param.multiple) for param in (height, width)]
+    large = [min(size + param.multiple, param.maximum) for size, param in zip(small, (height, width))]
     start = time.perf_counter()
-    pipeline.generate(prompt="warm-up", height=spec.param("height").minimum, width=spec.param("width").minimum,
-                      num_frames=1, num_inference_steps=1, seed=0)
+    for sizes in ([small], [large], [small] * 2, [large] * 3, [small, large], [small, large, large]):
+        pipeline.generate_batch([dict(prompt="warm-up", height=h, width=w, num_frames=1, num_inference_steps=1, seed=i)
+                                 for i, (h, w) in enumerate(sizes)])
     return time.perf_counter() - start
 
 
@@ -165,7 +172,7 @@ def serve(
         if groups is not None:
             return parallel_family(pipeline, groups)
         if warm:
-            log.info("warm-up generation took %.1f s", warm_up(pipeline))
+            log.info("warm-up (every kind of batch, one step each) took %.1f s", warm_up(pipeline))
         return pipeline
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
