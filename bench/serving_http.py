@@ -1,8 +1,8 @@
 """A burst of image requests over HTTP against `ditserve serve`: batched vs one at a time.
 
 Starts a real server process per mode (the default continuous batching, then
-`--max-batch-size 1`), waits for /health, warms it up with the same burst at 2 steps (twice
-with `--server-args=--compile`), sends `--requests` image requests of mixed sizes at once from
+`--max-batch-size 1`), waits for /health (the server's own warm-up done), warms it up with the
+same burst at 2 steps, sends `--requests` image requests of mixed sizes at once from
 as many client threads, and reports throughput, p50/p95/max latency, how many
 were refused (429), and where the server spent the time (from its job records). Everything a client sees is measured: HTTP, admission, text encoding,
 denoising, VAE decode, PNG encoding and base64.
@@ -86,6 +86,7 @@ def burst(url: str, sizes: list[str], steps: int, count: int) -> dict:
             results[i] = (response.status_code, time.perf_counter() - start)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    started_at = datetime.datetime.now().isoformat(timespec="seconds")  # to find the burst in the server's log
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -93,7 +94,8 @@ def burst(url: str, sizes: list[str], steps: int, count: int) -> dict:
         t.join()
     wall = time.perf_counter() - start
     done = sorted(s for code, s in results if code == 200)
-    return {"wall_s": wall, "completed": len(done), "refused_429": sum(code == 429 for code, _ in results),
+    return {"started_at": started_at, "wall_s": wall, "completed": len(done),
+            "refused_429": sum(code == 429 for code, _ in results),
             "other_errors": sum(code not in (200, 429) for code, _ in results),
             "per_min": 60 * len(done) / wall, "p50_s": statistics.median(done) if done else None,
             "p95_s": done[min(len(done) - 1, int(0.95 * len(done)))] if done else None,
@@ -144,11 +146,10 @@ def main() -> int:
         out = Path(args.out) / mode.replace(" ", "-")
         proc, url = start_server(args.model, [*args.server_args.split(), *extra], out)
         try:
-            # Warm-up beyond the server's own: the burst itself at 2 steps, so that the packed shapes its
-            # batching makes (attention choices, cuDNN plans) are met before the clock starts; twice when
-            # compiled, since torch.compile turns a size dynamic only at its second distinct value.
-            for _ in range(2 if "--compile" in args.server_args.split() else 1):
-                burst(url, sizes, steps=min(2, args.steps), count=args.requests)
+            # Warm-up beyond the server's own (which compiles every kind of batch): the burst itself at 2
+            # steps, so that the packed shapes its batching makes (attention choices, cuDNN plans) are met
+            # before the clock starts.
+            burst(url, sizes, steps=min(2, args.steps), count=args.requests)
             row = {"mode": mode, **burst(url, sizes, args.steps, args.requests)}
             row["server"] = server_breakdown(out, row["completed"])
         finally:
