@@ -40,6 +40,9 @@ def main() -> int:
                         help="the FP8 model's attention instead (e.g. triton_fp8: FP8 attention too)")
     parser.add_argument("--fp8-launch", default="",
                         help="FP8 attention kernel launch options for `+launch` variants, e.g. max_registers=160,block_m=128")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile one forward of each variant: kernel time by kind (matrix products, "
+                             "attention, quantization, fused elementwise) and the idle time between kernels")
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -101,6 +104,9 @@ def main() -> int:
                "mfu_of_bf16_rate": flops / (ms * 1e-3) / rate, "max_err_vs_bf16_eager": err,
                "psnr_vs_bf16_eager_db": math.inf if mse == 0 else 10 * math.log10(span**2 / mse),
                "attention": sorted(set(model.attention_selector.choices.values()))}
+        if args.profile:
+            row["kernel_ms_by_kind"] = _profile(run, variant)
+            row["idle_between_kernels_ms"] = ms - sum(row["kernel_ms_by_kind"].values())
         rows.append(row)
         print(json.dumps(row), flush=True)
         gc.collect()
@@ -121,8 +127,28 @@ def main() -> int:
         lines.append(f"| {r['variant']} → {'/'.join(r['attention']) or args.attention_backend} | {r['forward_ms']:.0f} | {base['forward_ms'] / r['forward_ms']:.2f}x | "
                      f"{r['mfu_of_bf16_rate']:.0%} | {r['peak_gib']:.1f} | {r['max_err_vs_bf16_eager']:.2e} | "
                      f"{r['psnr_vs_bf16_eager_db']:.1f} |")
+    if args.profile:
+        kinds = sorted({k for r in rows for k in r["kernel_ms_by_kind"]})
+        lines += ["", "GPU time of one forward by kernel kind (ms, `torch.profiler`), and the time between kernels:", "",
+                  "| variant | " + " | ".join(kinds) + " | idle between kernels |", "|---|" + "---|" * (len(kinds) + 1)]
+        for r in rows:
+            cells = [f"{r['kernel_ms_by_kind'].get(k, 0.0):.0f}" for k in kinds]
+            lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['idle_between_kernels_ms']:.0f} |")
     publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
     return 0
+
+
+def _profile(run, variant: str) -> dict[str, float]:
+    """One forward under the profiler: its kernels' GPU time by kind (ms), printed with the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from profile_wan import print_kernel_time  # bench/profile_wan.py
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    print(f"profile of {variant}:", flush=True)
+    return print_kernel_time(prof, top=15)
 
 
 def _launch_options(text: str) -> dict:

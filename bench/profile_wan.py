@@ -39,6 +39,8 @@ COMPILE_OPTIONS = {
 
 def kind(name: str) -> str:
     lowered = name.lower()
+    if "quantize" in lowered:  # the FP8 attention's block quantization (kernels/fp8_attention.py)
+        return "fp8 quantization (attention inputs)"
     if any(s in lowered for s in ("flash", "fmha", "cudnn", "attention", "sdpa")):
         return "attention"
     if any(s in lowered for s in ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul")):
@@ -46,6 +48,25 @@ def kind(name: str) -> str:
     if "triton" in lowered:
         return "fused elementwise (triton)"
     return "other"
+
+
+def print_kernel_time(prof, top: int) -> dict[str, float]:
+    """The `top` kernels by GPU time and the total by `kind` (ms), printed; the totals returned."""
+    totals: dict[str, float] = defaultdict(float)
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if us <= 0:
+            continue
+        totals[kind(e.key)] += us / 1e3
+        rows.append((us, e.count, e.key))
+    rows.sort(reverse=True)
+    print(f"{'ms':>8} {'calls':>6}  kernel")
+    for us, count, key in rows[:top]:
+        print(f"{us / 1e3:8.2f} {count:6d}  {key[:150]}")
+    print("by kind (ms):", {k: round(v, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])})
+    print("sum of kernel time (ms):", round(sum(totals.values()), 1))
+    return dict(totals)
 
 
 def time_forward(model, args, repeats: int) -> tuple[float, float, float]:
@@ -118,21 +139,8 @@ def main() -> int:
             torch.cuda.synchronize()
     wan_module.qk_rms_norm_rotary = fused_qk
 
-    totals: dict[str, float] = defaultdict(float)
-    rows = []
-    for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        if us <= 0:
-            continue
-        totals[kind(e.key)] += us
-        rows.append((us, e.count, e.key))
-    rows.sort(reverse=True)
     print(f"profile of the last variant ({variant}):")
-    print(f"{'ms':>8} {'calls':>6}  kernel")
-    for us, count, key in rows[: args.top]:
-        print(f"{us / 1e3:8.2f} {count:6d}  {key[:150]}")
-    print("by kind (ms):", {k: round(v / 1e3, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])})
-    print("sum of kernel time (ms):", round(sum(totals.values()) / 1e3, 1))
+    print_kernel_time(prof, args.top)
     print("summary (ms):", {k: round(v, 1) for k, v in results.items()})
     return 0
 
