@@ -24,10 +24,10 @@ def compile_blocks(model: nn.Module, blocks: Iterable[nn.Module], **compile_kwar
     otherwise or a `mode` is given (torch takes one of the two): it makes compiling slower and the
     Wan2.1-1.3B forward 2-3% faster.
 
-    A block's first shape of each kind (packed, one sample, several stacked; the one-token warm-up)
-    compiles static, later ones one graph with dynamic sizes: about ten graphs a block function in
-    a server. torch's default limit (8 a function) would send the shapes after it to eager, so the
-    limit is raised to `RECOMPILE_LIMIT` (process-wide; never lowered). All-dynamic compiling
+    A block's first shape of each kind (packed, one sample, several stacked) compiles static, later
+    ones one graph with dynamic sizes (the server's `warm_up` makes them all): about ten graphs a
+    block function in a server. torch's default limit (8 a function) would send the shapes after it
+    to eager, so the limit is raised to `RECOMPILE_LIMIT` (process-wide; never lowered). All-dynamic compiling
     (`dynamic=True`) needs fewer graphs but runs the Flux forward 4% slower (docs/performance.md)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     if compile_kwargs.get("backend", "inductor") == "inductor" and compile_kwargs.get("mode") is None:
