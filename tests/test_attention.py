@@ -209,6 +209,23 @@ def test_missing_fields_are_filled_from_shapes_and_callers_metadata_is_untouched
     assert given.max_seq_len_q is None and given.max_seq_len_k is None  # the caller's object is not mutated
 
 
+def test_metadata_cannot_be_changed_once_built():
+    """No backend (or layer) can change what the caller built: assigning a field raises, on the caller's
+    object and on the filled copies a backend receives; `dataclasses.replace` makes a changed copy."""
+    import dataclasses
+
+    packed = AttentionMetadata.from_lengths([3, 5])
+    filled = packed.filled(_rand(8, 2, 8), _rand(8, 2, 8))
+    for metadata in (AttentionMetadata(), packed, filled, AttentionMetadata.dense_for(_rand(1, 4, 2, 8), _rand(1, 6, 2, 8))):
+        with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'max_seq_len_q'"):
+            metadata.max_seq_len_q = 99
+    assert packed.max_seq_len_q is None and filled.max_seq_len_q == 5
+    changed = dataclasses.replace(packed, max_seq_len_q=16)
+    assert changed.max_seq_len_q == 16 and changed.seq_lens_k == (3, 5) and packed.max_seq_len_q is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        changed.causal = True
+
+
 def test_only_the_missing_field_is_filled():
     layer, rec = _recording_layer()
     q, k = _rand(1, 12, 2, 8), _rand(1, 30, 2, 8)

@@ -8,7 +8,8 @@ never look anywhere else.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError, dataclass
+from typing import Any
 
 import torch
 
@@ -62,9 +63,10 @@ class AttentionMetadata:
     FlashAttention does). `attn_mask` is an optional dense mask `[batch|1, heads|1, Sq, Sk]`:
     boolean (True = attend) or additive float; only backends that declare masks take it.
 
-    Treat it as immutable (`filled` returns a copy). It is not a frozen dataclass because torch
-    2.11's dynamo turns every field of a frozen dataclass into a guard: a compiled block
-    recompiled for each new number of packed samples (`len(seq_lens_k) == n`).
+    Immutable once built: assigning a field raises (`filled` and `dataclasses.replace` make
+    copies). It is sealed by hand rather than a frozen dataclass because torch 2.11's dynamo turns
+    every field of a frozen dataclass into a guard: a compiled block recompiled for each new number
+    of packed samples (`len(seq_lens_k) == n`).
     """
 
     max_seq_len_q: int | None = None
@@ -110,6 +112,13 @@ class AttentionMetadata:
                     raise ValueError(f"{name}={value} is smaller than the longest sample ({max(lens)}); it must be an upper bound")
         if self.attn_mask is not None and self.packed:
             raise ValueError("attn_mask is only supported for dense (unpacked) calls; packed samples are already isolated by cu_seqlens")
+        self._sealed = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_sealed", False):
+            raise FrozenInstanceError(f"cannot assign to field {name!r}: AttentionMetadata is immutable "
+                                      "(dataclasses.replace makes a changed copy)")
+        object.__setattr__(self, name, value)
 
     @classmethod
     def from_lengths(
