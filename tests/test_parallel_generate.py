@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -53,40 +54,39 @@ MODES = {"ulysses2": ("wan", 1, 2, 1), "cfg2": ("wan", 2, 1, 1), "cfg2xulysses2"
          "cosmos3-cfg2": ("cosmos3", 2, 1, 1),  # what --num-gpus 2 picks for Cosmos3 (CFG by default)
          "cosmos3-ulysses2": ("cosmos3", 1, 2, 1), "cosmos3-ring2": ("cosmos3", 1, 1, 2),
          "cosmos3-ulysses2xring2": ("cosmos3", 1, 2, 2)}
-SPAWN_TIMEOUT_S = 120
+SPAWN_TIMEOUT_S = 120  # a spawn's start-up; each mode it runs adds MODE_TIMEOUT_S
+MODE_TIMEOUT_S = 30
 
 
-def _worker(rank: int, family: str, samples: int, ulysses: int, ring: int, model: str, store: str, out: str) -> None:
+def _world(mode: str) -> int:
+    _, samples, ulysses, ring = MODES[mode]
+    return samples * ulysses * ring
+
+
+def _worker(rank: int, modes: list[str], folders: dict[str, str], store: str, out: str) -> None:
+    """Every mode of one world size on this rank, in the same order on every rank (each mode's groups are
+    new groups of the one process group): one request, then a packed batch of three sizes."""
     from ditserve.distributed import ParallelLayout, build_groups
 
-    layout = ParallelLayout(samples, ulysses, ring)
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=layout.world,
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=_world(modes[0]),
                                          timeout=timedelta(seconds=60))
     try:
         import ditserve
 
-        sample_group, sequence = build_groups(layout, rank)
-        pipe = ditserve.Pipeline.from_pretrained(model, device="cpu", dtype="fp32")
-        pipe.parallelize(sample_group=sample_group, sequence=sequence)
-        request, mixed = REQUESTS[family]
-        frames = pipe.generate(**request).frames
-        np.save(os.path.join(out, f"rank{rank}.npy"), frames)
-        for i, result in enumerate(pipe.generate_batch(mixed)):  # a packed batch: each sample split on its own
-            np.save(os.path.join(out, f"rank{rank}-mixed{i}.npy"), result.frames)
+        for mode in modes:
+            family, samples, ulysses, ring = MODES[mode]
+            sample_group, sequence = build_groups(ParallelLayout(samples, ulysses, ring), rank)
+            pipe = ditserve.Pipeline.from_pretrained(folders[family], device="cpu", dtype="fp32")
+            pipe.parallelize(sample_group=sample_group, sequence=sequence)
+            request, mixed = REQUESTS[family]
+            folder = os.path.join(out, mode)
+            os.makedirs(folder, exist_ok=True)
+            np.save(os.path.join(folder, f"rank{rank}.npy"), pipe.generate(**request).frames)
+            for i, result in enumerate(pipe.generate_batch(mixed)):  # a packed batch: each sample split on its own
+                np.save(os.path.join(folder, f"rank{rank}-mixed{i}.npy"), result.frames)
     finally:
         torch.distributed.destroy_process_group()
-
-
-def _spawn(mode: str, model: Path, tmp: Path) -> list[list[np.ndarray]]:
-    family, samples, ulysses, ring = MODES[mode]
-    world = samples * ulysses * ring
-    tmp.mkdir(parents=True)
-    run_ranks(_worker, world, (family, samples, ulysses, ring, str(model), str(tmp / "store"), str(tmp)),
-              SPAWN_TIMEOUT_S)
-    mixed = len(REQUESTS[family][1])
-    return [[np.load(tmp / f"rank{r}.npy"), *(np.load(tmp / f"rank{r}-mixed{i}.npy") for i in range(mixed))]
-            for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +108,44 @@ def models(tiny_wan_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     return out
 
 
+@pytest.fixture(scope="module")
+def per_rank(models: dict, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], list[list[np.ndarray]]]:
+    """mode -> each rank's videos. The modes of one world size run in one spawn of that many ranks, so
+    process start-up and imports are paid once per world size rather than once per mode."""
+    done: dict[int, Path | BaseException] = {}
+    folders = {family: str(folder) for family, (folder, _) in models.items()}
+
+    def videos(mode: str) -> list[list[np.ndarray]]:
+        world = _world(mode)
+        if world not in done:
+            out = tmp_path_factory.mktemp(f"world{world}")
+            modes = [m for m in sorted(MODES) if _world(m) == world]
+            try:
+                run_ranks(_worker, world, (modes, folders, str(out / "store"), str(out)),
+                          SPAWN_TIMEOUT_S + MODE_TIMEOUT_S * len(modes))
+                done[world] = out
+            except BaseException as e:  # every mode of this world size reports it, without spawning again
+                done[world] = e
+        if isinstance(done[world], BaseException):
+            raise done[world]
+        folder = done[world] / mode
+        mixed = len(REQUESTS[MODES[mode][0]][1])
+        return [[np.load(folder / f"rank{r}.npy"), *(np.load(folder / f"rank{r}-mixed{i}.npy") for i in range(mixed))]
+                for r in range(world)]
+
+    return videos
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_several_ranks_make_the_same_output_as_one(mode: str, models: dict, tmp_path: Path) -> None:
+def test_several_ranks_make_the_same_output_as_one(mode: str, models: dict, per_rank: Callable) -> None:
     """One request, then a batch of three sizes (tokens not divisible by the ranks: padded chunks)."""
-    folder, alone = models[MODES[mode][0]]
-    per_rank = _spawn(mode, folder, tmp_path / mode)
-    for rank, videos in enumerate(per_rank):
+    _, alone = models[MODES[mode][0]]
+    videos_per_rank = per_rank(mode)
+    for rank, videos in enumerate(videos_per_rank):
         for i, (frames, ref) in enumerate(zip(videos, alone)):
             assert frames.shape == ref.shape, (rank, i)
             assert np.abs(frames - ref).max() <= 1e-5 * np.abs(ref).max(), f"rank {rank}, video {i}"
-            assert np.array_equal(frames, per_rank[0][i])  # every rank ends with the same video
+            assert np.array_equal(frames, videos_per_rank[0][i])  # every rank ends with the same video
 
 
 def test_num_gpus_alone_splits_cfg_first_for_models_that_guide_by_default(tmp_path: Path) -> None:
