@@ -55,7 +55,7 @@ def inspect(compiled: object, arch: int, launch: dict) -> dict:
                               check=True).stdout
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
-    by_registers, by_shared = tiles_per_sm(registers, launch.get("num_warps", 4), compiled.metadata.shared)
+    by_registers, by_shared = tiles_per_sm(registers, launch["num_warps"], compiled.metadata.shared)
     warnings = sorted(set(re.findall(r"\((C\d+)\) Potential Performance Loss: ([^.;']+)", report)))
     return {"registers": registers, "spill_bytes": spills, "shared_kib": compiled.metadata.shared / 1024,
             "tiles_by_registers": by_registers, "tiles_by_shared": by_shared, "warnings": warnings,

@@ -175,7 +175,7 @@ def test_compile_blocks_matches_eager(ref_model):
 
 
 def _server_shapes(model, sides: list[int], seed: int) -> list[list[FluxSample]]:
-    """The batches a server's engine gives the DiT: its one-token warm-up, one image alone, several of
+    """The batches a server's engine gives the DiT: a one-token image, one image alone, several of
     one size stacked, and packs of mixed sizes and sample counts (text 4 tokens, as a fixed T5 length)."""
     g = guidance_for(model, 3.5)
 
@@ -208,7 +208,6 @@ def test_compiled_blocks_keep_every_server_shape_compiled():
             model.forward_packed([make_sample(2 + i % 3, 2 + i % 3, 4, 0.5, g, seed=count + i) for i in range(count)])
         assert counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
-
 
 
 @torch.no_grad()

@@ -190,14 +190,13 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, fp8_pv: bool
                          f"got {dim} and {v.shape[-1]}")
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
-    major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 0
     q8, q_scales = quantize_blocks(q, scale * _LOG2E)  # scores come out in log2 units: exp2 in the kernel
     # A key channel's mean adds the same to every score of a query, so softmax ignores it; taking it out
     # (inside the quantizing pass) leaves k's blocks a smaller range to quantize (SageAttention's smoothing of K).
     k8, k_scales = quantize_blocks(k, center=k.mean(dim=1, dtype=torch.float32))
     v8, v_scales = quantize_blocks(v, transpose=True, fp8=fp8_pv, amax_floor=_V_AMAX_FLOOR)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    tma = options.tma if options.tma is not None else major >= 9
+    tma = options.tma if options.tma is not None else q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
     _launch(q8, k8, v8, (q_scales, k_scales, v_scales), out, seq_q, seq_k, heads // kv_heads, options, tma,
             fp8_pv, compile_only=False)
     return out
