@@ -1,10 +1,10 @@
 """FP8 (e4m3) linear layers: weights quantized once per output row, activations per token.
 
 A `Float8Linear` keeps `weight` as float8 e4m3 with one float32 scale per output row, and
-quantizes its input per row (token) on the fly, then runs torch's scaled matrix product
-(`torch._scaled_mm`, row-wise scales), which multiplies in FP8 and accumulates in float32.
-Per-row scales keep an outlier in one token or one output channel from costing precision in
-the others. Under `torch.compile` the input's quantization fuses into the kernel that makes it.
+quantizes its input per row (token) on the fly (`kernels.fp8_rows`: one pass over each row on
+CUDA), then runs torch's scaled matrix product (`torch._scaled_mm`, row-wise scales), which
+multiplies in FP8 and accumulates in float32. Per-row scales keep an outlier in one token or one
+output channel from costing precision in the others.
 
 Opt-in (`quantize="fp8"`): it trades a measured amount of quality for speed on GPUs with FP8
 tensor cores (compute capability 8.9 and newer). CPUs run it too (slowly), which is what the
@@ -18,11 +18,11 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from ditserve.kernels.fp8_rows import FP8_DTYPE, quantize_rows
+
 __all__ = ["FP8_DTYPE", "QUANTIZE_MODES", "Float8Linear", "fp8_unsupported_reason", "quantizable", "quantize_linears",
            "quantize_rows"]
 
-FP8_DTYPE = torch.float8_e4m3fn
-_FP8_MAX = torch.finfo(FP8_DTYPE).max
 QUANTIZE_MODES = ("fp8",)
 _SIZE_MULTIPLE = 16  # the GPU's FP8 product takes inner and output sizes in multiples of 16
 
@@ -46,18 +46,6 @@ def fp8_unsupported_reason(device: torch.device) -> str | None:
     return None
 
 
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """`x` `[rows, cols]` -> (e4m3 values, float32 scale `[rows, 1]`) with x ~= values * scale.
-
-    Each row's largest magnitude maps to e4m3's largest value; an all-zero row gets scale 1, and a row
-    whose largest magnitude is so small that the scale would underflow gets float32's smallest normal.
-    """
-    amax = x.abs().amax(dim=-1, keepdim=True).float()
-    scale = torch.where(amax > 0, (amax / _FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
-    values = (x.float() / scale).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)
-    return values, scale
-
-
 class Float8Linear(nn.Module):
     """`y = x W^T + b` with W in e4m3 (a scale per output row) and x quantized per row at run time.
 
@@ -77,9 +65,11 @@ class Float8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear) -> Float8Linear:
         return cls(linear.weight, linear.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, gelu_first: bool = False) -> Tensor:
+        """`gelu_first`: the layer of tanh-GELU(x), the GELU applied inside the input's quantizing pass (an
+        FFN's second layer), which spares a read and write of the widest activation."""
         rows = x.reshape(-1, self.in_features)
-        values, scale = quantize_rows(rows)
+        values, scale = quantize_rows(rows, gelu_first)
         # row-wise scaled products output bf16 on CUDA (the bias added in the kernel's epilogue, in bf16);
         # the CPU kernel also takes float32
         out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
