@@ -58,8 +58,8 @@ for rows, cols, stride in ((5, 100, 100), (3, 1000, 1100), (2, 5120, 5120)):
         quantize_rows_triton(x, out, scale, gelu)
         row = F.gelu(x.float(), approximate="tanh") if gelu else x.float()
         _, want_scale = quantize_rows_reference(x, gelu)
-        want = (row / want_scale).clamp(-FP8_MAX, FP8_MAX)
-        if gelu:  # the kernel's tanh is written with exp
+        want = (row * (1.0 / want_scale)).clamp(-FP8_MAX, FP8_MAX)
+        if gelu:  # the kernel's GELU is written with exp2 and an approximate division
             assert torch.allclose(scale, want_scale[:, 0], rtol=1e-6, atol=0), (cols, gelu)
             assert torch.allclose(out, want, rtol=1e-5, atol=1e-4), (cols, gelu)
         else:
@@ -81,8 +81,8 @@ def test_the_triton_kernel_computes_the_torch_paths_values_before_rounding():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cols", [64, 3072, 5120, 13824, MAX_TRITON_COLS + 16])
 def test_gpu_kernel_rounds_as_the_torch_path_does(cols: int):
-    """Bit for bit without the GELU (the kernel divides exactly and rounds to nearest even, as torch does);
-    with it, no value more than one e4m3 step away (the kernel's tanh differs in the last float32 bits).
+    """Bit for bit without the GELU (the same exact reciprocal and product, rounded to nearest even, as torch
+    does); with it, no value more than one e4m3 step away (the kernel's GELU differs in the last float32 bits).
     The widest rows take the torch path."""
     if fp8_unsupported_reason(torch.device("cuda")) is not None:
         pytest.skip("this GPU has no FP8 tensor cores")

@@ -33,10 +33,10 @@ MAX_TRITON_COLS = 32_768  # a row held in one program's registers (64 float32 va
 def quantize_rows_reference(x: Tensor, gelu_tanh: bool = False) -> tuple[Tensor, Tensor]:
     """`x` `[rows, cols]` -> (e4m3 values, float32 scale `[rows, 1]`) with (GELU of) x ~= values * scale. Each row's largest magnitude maps to e4m3's largest value; an
     all-zero row gets scale 1, and a row whose scale would underflow gets float32's smallest normal."""
-    x = F.gelu(x.float(), approximate="tanh") if gelu_tanh else x
-    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    x = F.gelu(x.float(), approximate="tanh") if gelu_tanh else x.float()
+    amax = x.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(_TINY), torch.ones_like(amax))
-    values = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    values = (x * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # times the reciprocal, as the kernel does
     return values, scale
 
 
@@ -50,23 +50,26 @@ if triton is not None:
         offsets = tl.arange(0, BLOCK)
         mask = offsets < cols
         x = tl.load(x_ptr + row * x_row_stride + offsets, mask=mask, other=0.0).to(tl.float32)
-        if GELU:  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), tanh(u) = 1 - 2 / (exp(2u) + 1)
-            inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-            x = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0))
+        if GELU:  # 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3); fast exp and divide
+            inner = x + 0.044715 * x * x * x
+            t = tl.exp2(tl.minimum(-2.3022082 * inner, 126.0))  # exp(-2u) = 2^(-2 sqrt(2/pi) log2(e) inner)
+            x = tl.math.fdiv(x, 1.0 + t, ieee_rounding=False)
         amax = tl.max(tl.abs(x), axis=0)
-        scale = tl.where(amax > 0, tl.maximum(amax / fp8_max, tiny), 1.0)
-        values = tl.clamp(tl.math.div_rn(x, scale), -fp8_max, fp8_max)
+        scale = tl.where(amax > 0, tl.maximum(tl.math.div_rn(amax, fp8_max), tiny), 1.0)
+        # one exact reciprocal a row, then a product per value (a division per value made the kernel ALU-bound)
+        values = tl.clamp(x * tl.math.div_rn(1.0, scale), -fp8_max, fp8_max)
         tl.store(out_ptr + row * cols + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
 
 
-def quantize_rows_triton(x: Tensor, out: Tensor, scale: Tensor, gelu_tanh: bool) -> None:
+def quantize_rows_triton(x: Tensor, out: Tensor, scale: Tensor, gelu_tanh: bool, num_warps: int | None = None) -> None:
     """The Triton kernel over `x` `[rows, cols]` (unit column stride) into `out` `[rows, cols]` (e4m3, or
-    float32 to read the unrounded values, as the CPU tests do in Triton's interpreter) and `scale` `[rows]`."""
+    float32 to read the unrounded values, as the CPU tests do in Triton's interpreter) and `scale` `[rows]`.
+    `num_warps`: a benchmark's sweep (default: 32 values a thread, 4 to 16 warps)."""
     rows, cols = x.shape
     block = triton.next_power_of_2(cols)
     _quantize_rows_kernel[(rows,)](x, out, scale, cols, x.stride(0), FP8_MAX, _TINY, GELU=gelu_tanh, BLOCK=block,
-                                   num_warps=max(4, min(16, block // 512)))
+                                   num_warps=num_warps or max(4, min(16, block // 1024)))
 
 
 @torch.library.custom_op("ditserve::fp8_quantize_rows", mutates_args=())
