@@ -5,13 +5,15 @@ pipeline does), bf16. Variants `bf16` and `fp8` (`quantize_fp8`: every linear la
 blocks in e4m3, weights per output row, activations per token), each eager or `:compile`
 (`compile_blocks`, as shipped); a variant ending `+launch` runs the FP8 attention kernel
 (`--fp8-attention triton_fp8`) with `--fp8-launch`'s options instead of its defaults, to try a
-launch at full size before it becomes the default. Per variant: forward median over --repeats after warm-up, peak
+launch at full size before it becomes the default; one ending `+fastaccum` runs the FP8 linear layers'
+products in Hopper's fast accumulation mode (`Float8Linear.fast_accum`). Per variant: forward median over --repeats after warm-up, peak
 memory, MFU against the bf16 matrix rate measured in this run, and the output's error against
 the eager bf16 forward (max |diff| / max |ref|, and PSNR over the output's range).
 
     python bench/fp8.py --config 14b --variants bf16:compile,fp8:compile --markdown docs/performance.md
     python bench/fp8.py --config 14b --fp8-attention triton_fp8 --variants bf16:compile,fp8:compile,fp8:compile+launch \
         --fp8-launch max_registers=160,block_m=128
+    python bench/fp8.py --config 14b --fp8-attention triton_fp8 --variants bf16:compile,fp8:compile,fp8:compile+fastaccum
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def main() -> int:
         print(f"quantized {models['fp8'].quantize_fp8()} linear layers", flush=True)
 
     from ditserve.kernels import fp8_attention as fp8_kernel
+    from ditserve.models.fp8 import Float8Linear
 
     launch = _launch_options(args.fp8_launch)
     default_kernel = fp8_kernel.fp8_attention
@@ -85,6 +88,9 @@ def main() -> int:
         # the attention backend looks the kernel up at each call, and attention runs outside the compiled graphs
         fp8_kernel.fp8_attention = functools.partial(default_kernel, **launch) if extra == "launch" else default_kernel
         model = models[kind]
+        for layer in model.modules():
+            if isinstance(layer, Float8Linear):
+                layer.fast_accum = extra == "fastaccum"
         if mode == "compile" and kind not in compiled:
             model.compile_blocks()
             compiled.add(kind)

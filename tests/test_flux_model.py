@@ -174,42 +174,6 @@ def test_compile_blocks_matches_eager(ref_model):
     torch._dynamo.reset()
 
 
-def _server_shapes(model, sides: list[int], seed: int) -> list[list[FluxSample]]:
-    """The batches a server's engine gives the DiT: a one-token image, one image alone, several of
-    one size stacked, and packs of mixed sizes and sample counts (text 4 tokens, as a fixed T5 length)."""
-    g = guidance_for(model, 3.5)
-
-    def one(side: int, offset: int = 0) -> FluxSample:
-        return make_sample(side, side, 4, 0.5, g, seed=seed + side + offset)
-
-    a, b, c = sides
-    return [[one(1)], [one(a)], [one(b)], [one(a), one(a, 1)], [one(b), one(b, 1), one(b, 2)],
-            [one(a), one(b)], [one(c), one(a), one(b)], [one(a), one(c), one(c, 1), one(b)], [one(c)]]
-
-
-def test_compiled_blocks_keep_every_server_shape_compiled():
-    """A server's batch kinds and sizes compile a bounded set of graphs, none falls back to eager
-    (torch's recompile limit made a hard error here), and new sizes of the same kinds compile nothing."""
-    torch._dynamo.reset()
-    model = FluxTransformer2DModel(**build_tiny_flux_transformer_config()).eval()
-    with torch.no_grad():
-        reference = [model.forward_packed(batch) for batch in _server_shapes(model, [2, 3, 4], seed=0)]
-    model.compile_blocks(backend="eager")
-    counters = torch._dynamo.utils.counters
-    with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        for batch, expected in zip(_server_shapes(model, [2, 3, 4], seed=0), reference):
-            for got, want in zip(model.forward_packed(batch), expected):
-                assert torch.equal(got, want)
-        graphs = counters["stats"]["unique_graphs"]
-        for batch in _server_shapes(model, [5, 6, 7], seed=1):
-            model.forward_packed(batch)
-        g = guidance_for(model, 3.5)
-        for count in range(5, 12):  # a busy server packs up to its batch limit
-            model.forward_packed([make_sample(2 + i % 3, 2 + i % 3, 4, 0.5, g, seed=count + i) for i in range(count)])
-        assert counters["stats"]["unique_graphs"] == graphs
-    torch._dynamo.reset()
-
-
 @torch.no_grad()
 def test_interrupt_stops_between_blocks(ours):
     total = ours.config.num_layers + ours.config.num_single_layers

@@ -27,7 +27,10 @@ except ImportError:  # pragma: no cover - depends on the install
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max
 _TINY = torch.finfo(torch.float32).tiny
-MAX_TRITON_COLS = 32_768  # a row held in one program's registers (64 float32 values a thread at 16 warps)
+# amax times 1/448, not amax / 448: torch's CUDA division by a number multiplies by its float32 reciprocal, and a
+# product is the same on every device and in the kernel
+_INV_FP8_MAX = 1.0 / FP8_MAX
+MAX_TRITON_COLS = 32_768  # a row held in one program's registers (64 float32 values a thread, 16 warps)
 
 
 def quantize_rows_reference(x: Tensor, gelu_tanh: bool = False) -> tuple[Tensor, Tensor]:
@@ -35,7 +38,7 @@ def quantize_rows_reference(x: Tensor, gelu_tanh: bool = False) -> tuple[Tensor,
     all-zero row gets scale 1, and a row whose scale would underflow gets float32's smallest normal."""
     x = F.gelu(x.float(), approximate="tanh") if gelu_tanh else x.float()
     amax = x.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(_TINY), torch.ones_like(amax))
+    scale = torch.where(amax > 0, (amax * _INV_FP8_MAX).clamp_min(_TINY), torch.ones_like(amax))
     values = (x * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # times the reciprocal, as the kernel does
     return values, scale
 
@@ -43,7 +46,7 @@ def quantize_rows_reference(x: Tensor, gelu_tanh: bool = False) -> tuple[Tensor,
 if triton is not None:
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, cols, x_row_stride, fp8_max, tiny,
+    def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, cols, x_row_stride, fp8_max, inv_fp8_max, tiny,
                               GELU: tl.constexpr, BLOCK: tl.constexpr):
         """One program per row: load it once, (GELU,) amax, scale, round to the output's dtype."""
         row = tl.program_id(0).to(tl.int64)
@@ -55,7 +58,7 @@ if triton is not None:
             t = tl.exp2(tl.minimum(-2.3022082 * inner, 126.0))  # exp(-2u) = 2^(-2 sqrt(2/pi) log2(e) inner)
             x = tl.math.fdiv(x, 1.0 + t, ieee_rounding=False)
         amax = tl.max(tl.abs(x), axis=0)
-        scale = tl.where(amax > 0, tl.maximum(tl.math.div_rn(amax, fp8_max), tiny), 1.0)
+        scale = tl.where(amax > 0, tl.maximum(amax * inv_fp8_max, tiny), 1.0)
         # one exact reciprocal a row, then a product per value (a division per value made the kernel ALU-bound)
         values = tl.clamp(x * tl.math.div_rn(1.0, scale), -fp8_max, fp8_max)
         tl.store(out_ptr + row * cols + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
@@ -65,11 +68,12 @@ if triton is not None:
 def quantize_rows_triton(x: Tensor, out: Tensor, scale: Tensor, gelu_tanh: bool, num_warps: int | None = None) -> None:
     """The Triton kernel over `x` `[rows, cols]` (unit column stride) into `out` `[rows, cols]` (e4m3, or
     float32 to read the unrounded values, as the CPU tests do in Triton's interpreter) and `scale` `[rows]`.
-    `num_warps`: a benchmark's sweep (default: 32 values a thread, 4 to 16 warps)."""
+    `num_warps`: a benchmark's sweep (default: 64 values a thread, 4 to 16 warps, the fastest of the sweep
+    in docs/performance.md at both of Wan2.1-14B's widths)."""
     rows, cols = x.shape
     block = triton.next_power_of_2(cols)
-    _quantize_rows_kernel[(rows,)](x, out, scale, cols, x.stride(0), FP8_MAX, _TINY, GELU=gelu_tanh, BLOCK=block,
-                                   num_warps=num_warps or max(4, min(16, block // 1024)))
+    _quantize_rows_kernel[(rows,)](x, out, scale, cols, x.stride(0), FP8_MAX, _INV_FP8_MAX, _TINY, GELU=gelu_tanh,
+                                   BLOCK=block, num_warps=num_warps or max(4, min(16, block // 2048)))
 
 
 @torch.library.custom_op("ditserve::fp8_quantize_rows", mutates_args=())

@@ -60,6 +60,9 @@ class Float8Linear(nn.Module):
         self.register_buffer("weight", values)  # [out, in]; `.t()` is the column-major operand _scaled_mm takes
         self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # [1, out]
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # Hopper's fast FP8 accumulation (no periodic promotion to float32 inside the product): faster, less
+        # exact; off, and set only by bench/fp8.py's `+fastaccum` variants, which measure both
+        self.fast_accum = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Float8Linear:
@@ -75,7 +78,7 @@ class Float8Linear(nn.Module):
         out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
         bias = None if self.bias is None else self.bias.to(out_dtype)
         out = torch._scaled_mm(values, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=bias,
-                               out_dtype=out_dtype)
+                               out_dtype=out_dtype, use_fast_accum=self.fast_accum)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
