@@ -39,7 +39,9 @@ COMPILE_OPTIONS = {
 
 def kind(name: str) -> str:
     lowered = name.lower()
-    if "quantize" in lowered:  # the FP8 attention's block quantization (kernels/fp8_attention.py)
+    if lowered.startswith("_quantize_rows"):  # FP8 linear layers' inputs, one pass a row (kernels/fp8_rows.py)
+        return "fp8 quantization (linear inputs)"
+    if lowered.startswith("_quantize"):  # the FP8 attention's block quantization (kernels/fp8_attention.py)
         return "fp8 quantization (attention inputs)"
     if any(s in lowered for s in ("flash", "fmha", "cudnn", "attention", "sdpa")):
         return "attention"
