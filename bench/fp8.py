@@ -5,10 +5,11 @@ pipeline does), bf16. Variants `bf16` and `fp8` (`quantize_fp8`: every linear la
 blocks in e4m3, weights per output row, activations per token), each eager or `:compile`
 (`compile_blocks`, as shipped); a variant ending `+launch` runs the FP8 attention kernel
 (`--fp8-attention triton_fp8`) with `--fp8-launch`'s options instead of its defaults, to try a
-launch at full size before it becomes the default; one ending `+fastaccum` runs the FP8 linear layers'
-products in Hopper's fast accumulation mode (`Float8Linear.fast_accum`). Per variant: forward median over --repeats after warm-up, peak
-memory, MFU against the bf16 matrix rate measured in this run, and the output's error against
-the eager bf16 forward (max |diff| / max |ref|, and PSNR over the output's range).
+launch at full size before it becomes the default; one ending `+fastaccum` runs the FP8 linear
+layers' products in Hopper's fast accumulation mode (`Float8Linear.fast_accum`). Per variant:
+forward median over --repeats after warm-up, peak memory, MFU against the bf16 matrix rate
+measured in this run, and the output's error against the eager bf16 forward (max |diff| / max
+|ref|, and PSNR over the output's range).
 
     python bench/fp8.py --config 14b --variants bf16:compile,fp8:compile --markdown docs/performance.md
     python bench/fp8.py --config 14b --fp8-attention triton_fp8 --variants bf16:compile,fp8:compile,fp8:compile+launch \

@@ -34,8 +34,10 @@ MAX_TRITON_COLS = 32_768  # a row held in one program's registers (64 float32 va
 
 
 def quantize_rows_reference(x: Tensor, gelu_tanh: bool = False) -> tuple[Tensor, Tensor]:
-    """`x` `[rows, cols]` -> (e4m3 values, float32 scale `[rows, 1]`) with (GELU of) x ~= values * scale. Each row's largest magnitude maps to e4m3's largest value; an
-    all-zero row gets scale 1, and a row whose scale would underflow gets float32's smallest normal."""
+    """`x` `[rows, cols]` -> (e4m3 values, float32 scale `[rows, 1]`) with (GELU of) x ~= values * scale.
+
+    Each row's largest magnitude maps to e4m3's largest value; an all-zero row gets scale 1, and a row
+    whose scale would underflow gets float32's smallest normal."""
     x = F.gelu(x.float(), approximate="tanh") if gelu_tanh else x.float()
     amax = x.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, (amax * _INV_FP8_MAX).clamp_min(_TINY), torch.ones_like(amax))
