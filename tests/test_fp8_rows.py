@@ -46,6 +46,22 @@ def test_the_ffn_of_an_fp8_model_quantizes_the_gelu_it_would_have_applied():
         assert ((ffn(x) - exact).norm() / exact.norm()).item() < 0.1  # two layers, each to e4m3 precision
 
 
+
+def test_the_op_traces_whole_under_compile():
+    """The custom op's fake (shapes and dtypes for tracing) agrees with what it computes: a compiled FP8 FFN
+    is one graph and gives the eager output."""
+    torch.manual_seed(0)
+    ffn = FeedForward(32, 64)
+    ffn.net[0].proj = Float8Linear.from_linear(ffn.net[0].proj)
+    ffn.net[2] = Float8Linear.from_linear(ffn.net[2])
+    x = torch.randn(3, 5, 32)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            assert torch.equal(torch.compile(ffn, backend="aot_eager", fullgraph=True)(x), ffn(x))
+    finally:
+        torch._dynamo.reset()
+
 _INTERPRETED = """
 import torch, torch.nn.functional as F
 from ditserve.kernels.fp8_rows import FP8_MAX, quantize_rows_reference, quantize_rows_triton
