@@ -3,7 +3,9 @@
 Random weights from the published config (bench/wan.py's `build_models`, q/k/v fused as the
 pipeline does), bf16. Variants `bf16` and `fp8` (`quantize_fp8`: every linear layer of the
 blocks in e4m3, weights per output row, activations per token), each eager or `:compile`
-(`compile_blocks`, as shipped); a variant ending `+launch` runs the FP8 attention kernel
+(`compile_blocks`, as shipped) or `:autotune` (compiled with inductor's
+`max-autotune-no-cudagraphs`, which times its Triton GEMM templates against cuBLAS, on a model
+instance of its own); a variant ending `+launch` runs the FP8 attention kernel
 (`--fp8-attention triton_fp8`) with `--fp8-launch`'s options instead of its defaults, to try a
 launch at full size before it becomes the default; one ending `+fastaccum` runs the FP8 linear
 layers' products in Hopper's fast accumulation mode (`Float8Linear.fast_accum`). Per variant:
@@ -35,7 +37,8 @@ from wan import COMMON, NAMES, SIZES, TEXT_LEN, WAN_CONFIGS, build_models, forwa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(WAN_CONFIGS), default="14b")
-    parser.add_argument("--variants", default="bf16:compile,fp8:compile", help="comma-separated bf16|fp8[:compile]")
+    parser.add_argument("--variants", default="bf16:compile,fp8:compile",
+                        help="comma-separated bf16|fp8[:compile|:autotune][+launch|+fastaccum]")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--attention-backend", default="auto", help="both models' attention (e.g. fa4 where installed)")
@@ -69,12 +72,15 @@ def main() -> int:
     timestep = torch.tensor([999.0], device=device)
     with torch.inference_mode():
         reference = bf16(latents, timestep, text, return_dict=False)[0].float()
-    models = {"bf16": bf16}
-    if any(v.startswith("fp8") for v in args.variants.split(",")):
-        models["fp8"], _ = build_models(cfg, device, need_diffusers=False)  # seeded: the same weights
-        assert torch.equal(models["fp8"].proj_out.weight, bf16.proj_out.weight)
-        models["fp8"].set_attention_backend(args.fp8_attention or args.attention_backend)
-        print(f"quantized {models['fp8'].quantize_fp8()} linear layers", flush=True)
+    # one model per kind, and one more per kind for `autotune` (compiling is in place, in one mode)
+    models = {("bf16", False): bf16}
+    for kind, autotune in sorted({_model_key(v) for v in args.variants.split(",")} - {("bf16", False)}):
+        model, _ = build_models(cfg, device, need_diffusers=False)  # seeded: the same weights
+        assert torch.equal(model.proj_out.weight, bf16.proj_out.weight)
+        if kind == "fp8":
+            model.set_attention_backend(args.fp8_attention or args.attention_backend)
+            print(f"quantized {model.quantize_fp8()} linear layers", flush=True)
+        models[kind, autotune] = model
 
     from ditserve.kernels import fp8_attention as fp8_kernel
     from ditserve.models.fp8 import Float8Linear
@@ -82,19 +88,21 @@ def main() -> int:
     launch = _launch_options(args.fp8_launch)
     default_kernel = fp8_kernel.fp8_attention
     rows, compiled = [], set()
-    variants = sorted(args.variants.split(","), key=lambda v: ":compile" in v)  # compiling is in place
+    variants = sorted(args.variants.split(","), key=lambda v: ":" in v.partition("+")[0])  # compiling is in place
     for variant in variants:
         name, _, extra = variant.partition("+")
         kind, _, mode = name.partition(":")
+        if mode not in ("", "compile", "autotune"):
+            raise SystemExit(f"variant {variant!r}: the mode after ':' is compile or autotune")
         # the attention backend looks the kernel up at each call, and attention runs outside the compiled graphs
         fp8_kernel.fp8_attention = functools.partial(default_kernel, **launch) if extra == "launch" else default_kernel
-        model = models[kind]
+        model = models[_model_key(variant)]
         for layer in model.modules():
             if isinstance(layer, Float8Linear):
                 layer.fast_accum = extra == "fastaccum"
-        if mode == "compile" and kind not in compiled:
-            model.compile_blocks()
-            compiled.add(kind)
+        if mode and id(model) not in compiled:
+            model.compile_blocks(**({"mode": "max-autotune-no-cudagraphs"} if mode == "autotune" else {}))
+            compiled.add(id(model))
         torch.cuda.reset_peak_memory_stats()
 
         def run(model=model):
@@ -143,6 +151,14 @@ def main() -> int:
             lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['idle_between_kernels_ms']:.0f} |")
     publish("\n".join(lines) + "\n", rows, args.markdown, args.json)
     return 0
+
+
+def _model_key(variant: str) -> tuple[str, bool]:
+    """(kind, autotuned) of a variant `kind[:mode][+extra]`: which model instance runs it."""
+    kind, _, mode = variant.partition("+")[0].partition(":")
+    if kind not in ("bf16", "fp8"):
+        raise SystemExit(f"variant {variant!r}: the kind is bf16 or fp8")
+    return kind, mode == "autotune"
 
 
 def _profile(run, variant: str) -> dict[str, float]:
