@@ -52,6 +52,7 @@ def main() -> int:
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     args = parser.parse_args()
+    model_keys = {_model_key(v) for v in args.variants.split(",")}  # checks every variant before any work
     if not torch.cuda.is_available():
         print("bench/fp8.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -74,7 +75,7 @@ def main() -> int:
         reference = bf16(latents, timestep, text, return_dict=False)[0].float()
     # one model per kind, and one more per kind for `autotune` (compiling is in place, in one mode)
     models = {("bf16", False): bf16}
-    for kind, autotune in sorted({_model_key(v) for v in args.variants.split(",")} - {("bf16", False)}):
+    for kind, autotune in sorted(model_keys - {("bf16", False)}):
         model, _ = build_models(cfg, device, need_diffusers=False)  # seeded: the same weights
         assert torch.equal(model.proj_out.weight, bf16.proj_out.weight)
         if kind == "fp8":
@@ -83,7 +84,7 @@ def main() -> int:
         models[kind, autotune] = model
 
     from ditserve.kernels import fp8_attention as fp8_kernel
-    from ditserve.models.fp8 import Float8Linear
+    from ditserve.models.fp8 import set_fast_accum
 
     launch = _launch_options(args.fp8_launch)
     default_kernel = fp8_kernel.fp8_attention
@@ -91,15 +92,11 @@ def main() -> int:
     variants = sorted(args.variants.split(","), key=lambda v: ":" in v.partition("+")[0])  # compiling is in place
     for variant in variants:
         name, _, extra = variant.partition("+")
-        kind, _, mode = name.partition(":")
-        if mode not in ("", "compile", "autotune"):
-            raise SystemExit(f"variant {variant!r}: the mode after ':' is compile or autotune")
+        mode = name.partition(":")[2]
         # the attention backend looks the kernel up at each call, and attention runs outside the compiled graphs
         fp8_kernel.fp8_attention = functools.partial(default_kernel, **launch) if extra == "launch" else default_kernel
         model = models[_model_key(variant)]
-        for layer in model.modules():
-            if isinstance(layer, Float8Linear):
-                layer.fast_accum = extra == "fastaccum"
+        set_fast_accum([model], extra == "fastaccum")
         if mode and id(model) not in compiled:
             model.compile_blocks(**({"mode": "max-autotune-no-cudagraphs"} if mode == "autotune" else {}))
             compiled.add(id(model))
@@ -154,10 +151,13 @@ def main() -> int:
 
 
 def _model_key(variant: str) -> tuple[str, bool]:
-    """(kind, autotuned) of a variant `kind[:mode][+extra]`: which model instance runs it."""
+    """(kind, autotuned) of a variant `kind[:mode][+extra]`: which model instance runs it; a bad kind or mode
+    stops the bench here."""
     kind, _, mode = variant.partition("+")[0].partition(":")
     if kind not in ("bf16", "fp8"):
         raise SystemExit(f"variant {variant!r}: the kind is bf16 or fp8")
+    if mode not in ("", "compile", "autotune"):
+        raise SystemExit(f"variant {variant!r}: the mode after ':' is compile or autotune")
     return kind, mode == "autotune"
 
 

@@ -113,17 +113,6 @@ def dense_loop(pipe, request: dict) -> tuple[np.ndarray, float, list[float]]:
     return frames, time.perf_counter() - start, steps
 
 
-
-def set_fast_accum(pipeline, on: bool) -> bool:
-    """Every FP8 linear layer of the pipeline's DiTs to Hopper's fast accumulation (`on`) or not; whether any changed."""
-    from ditserve.models.fp8 import Float8Linear
-
-    changed = False
-    for layer in (m for d in pipeline.denoisers() for m in d.modules() if isinstance(m, Float8Linear)):
-        changed |= layer.fast_accum != on
-        layer.fast_accum = on
-    return changed
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(PRESETS), default="1.3b")
@@ -141,6 +130,7 @@ def main() -> int:
     import diffusers
 
     from ditserve.engine.step_cache import parse_step_cache
+    from ditserve.models.fp8 import set_fast_accum
     from ditserve.loading import instantiate_on_meta
     from ditserve.models.wan import WanTransformer3DModel as OurDiT
     from ditserve.pipelines.wan import WanPipeline as OurPipeline
@@ -205,14 +195,14 @@ def main() -> int:
                 ours.step_cache = parse_step_cache(cache and cache.replace(";", ":"))  # ditserve:cache=uniform;3
                 for denoiser in ours.denoisers() if attn else ():
                     denoiser.set_attention_backend(attn)
-                if set_fast_accum(ours, ":fastaccum" in variant) and compiled:
+                if set_fast_accum(ours.denoisers(), ":fastaccum" in variant) and compiled:
                     ours.generate(**{**request, "num_inference_steps": 2}, seed=0)  # the compiled blocks' new graphs
                 result = ours.generate(**request, seed=0)
                 for denoiser in ours.denoisers() if attn else ():
                     denoiser.set_attention_backend("auto")
                 ours.step_cache = None
                 out, total, steps = result.frames, result.timings["total_s"], result.timings["per_step_s"]
-                set_fast_accum(ours, False)
+                set_fast_accum(ours.denoisers(), False)
                 decode = result.timings.get("decode_s", float("nan"))
         frames[variant] = out
         row = {

@@ -6,16 +6,14 @@ interpreter. Skips where Triton is not installed (the CPU build of torch does no
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 triton = pytest.importorskip("triton")
 
 from ditserve.kernels.fp8_attention import LaunchOptions, compile_only  # noqa: E402
+from helpers.triton_interpreter import run_interpreted  # noqa: E402
 
 LAUNCHES = [
     {},  # the defaults: 2 stages, at most 168 registers
@@ -68,6 +66,5 @@ print("ok")
 def test_quantize_blocks_takes_the_center_out_and_keeps_padding_zero():
     """The per-channel center (k's mean) comes off inside the quantizing pass; padding rows stay zero so they
     cannot raise a block's scale. Triton's interpreter, in a process of its own (it is chosen at import)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", _CENTERED_QUANTIZE], env=env, capture_output=True, text=True, timeout=300)
+    done = run_interpreted(_CENTERED_QUANTIZE)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

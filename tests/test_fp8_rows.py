@@ -4,17 +4,14 @@ interpreter's e4m3 rounding is not the GPU's) and on a GPU (e4m3, marked), and t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ditserve.kernels.fp8_rows import FP8_DTYPE, FP8_MAX, MAX_TRITON_COLS, quantize_rows, quantize_rows_reference
-from ditserve.models.fp8 import Float8Linear, fp8_unsupported_reason
+from ditserve.models.fp8 import Float8Linear, fp8_unsupported_reason, quantize_linears, set_fast_accum
 from ditserve.models.wan import FeedForward
+from helpers.triton_interpreter import run_interpreted
 
 _E4M3_REL = 2.0**-4  # half a unit in the last place of e4m3's 3 mantissa bits, relative
 
@@ -36,8 +33,7 @@ def test_the_ffn_of_an_fp8_model_quantizes_the_gelu_it_would_have_applied():
     ffn = FeedForward(32, 64)
     reference = FeedForward(32, 64)
     reference.load_state_dict(ffn.state_dict())
-    ffn.net[0].proj = Float8Linear.from_linear(ffn.net[0].proj)
-    ffn.net[2] = Float8Linear.from_linear(ffn.net[2])
+    assert quantize_linears([ffn]) == 2
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         hidden = F.gelu(ffn.net[0].proj(x), approximate="tanh")
@@ -52,8 +48,7 @@ def test_the_op_traces_whole_under_compile():
     is one graph and gives the eager output."""
     torch.manual_seed(0)
     ffn = FeedForward(32, 64)
-    ffn.net[0].proj = Float8Linear.from_linear(ffn.net[0].proj)
-    ffn.net[2] = Float8Linear.from_linear(ffn.net[2])
+    assert quantize_linears([ffn]) == 2
     x = torch.randn(3, 5, 32)
     torch._dynamo.reset()
     try:
@@ -61,6 +56,16 @@ def test_the_op_traces_whole_under_compile():
             assert torch.equal(torch.compile(ffn, backend="aot_eager", fullgraph=True)(x), ffn(x))
     finally:
         torch._dynamo.reset()
+
+
+def test_set_fast_accum_reaches_every_fp8_layer_and_reports_a_change():
+    ffn = FeedForward(32, 64)
+    quantize_linears([ffn])
+    layers = [m for m in ffn.modules() if isinstance(m, Float8Linear)]
+    assert len(layers) == 2 and not any(layer.fast_accum for layer in layers)
+    assert set_fast_accum([ffn], True) and all(layer.fast_accum for layer in layers)
+    assert not set_fast_accum([ffn], True)
+    assert set_fast_accum([ffn], False) and not any(layer.fast_accum for layer in layers)
 
 _INTERPRETED = """
 import torch, torch.nn.functional as F
@@ -88,8 +93,7 @@ print("ok")
 def test_the_triton_kernel_computes_the_torch_paths_values_before_rounding():
     """Strided rows, widths that are not powers of two, an all-zero row, with and without the GELU."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    done = run_interpreted(_INTERPRETED)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
@@ -121,8 +125,7 @@ def test_gpu_compiled_fp8_ffn_matches_eager():
         pytest.skip("this GPU has no FP8 tensor cores")
     torch.manual_seed(0)
     ffn = FeedForward(256, 1024)
-    ffn.net[0].proj = Float8Linear.from_linear(ffn.net[0].proj)
-    ffn.net[2] = Float8Linear.from_linear(ffn.net[2])
+    assert quantize_linears([ffn]) == 2
     ffn = ffn.to("cuda", torch.bfloat16)
     x = torch.randn(4, 333, 256, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ditserve.kernels.fp8_rows import FP8_DTYPE, quantize_rows
 
 __all__ = ["FP8_DTYPE", "QUANTIZE_MODES", "Float8Linear", "fp8_unsupported_reason", "quantizable", "quantize_linears",
-           "quantize_rows"]
+           "quantize_rows", "set_fast_accum"]
 
 QUANTIZE_MODES = ("fp8",)
 _SIZE_MULTIPLE = 16  # the GPU's FP8 product takes inner and output sizes in multiples of 16
@@ -61,7 +61,7 @@ class Float8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # [1, out]
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         # Hopper's fast FP8 accumulation (no periodic promotion to float32 inside the product): faster, less
-        # exact; off, and set only by bench/fp8.py's `+fastaccum` variants, which measure both
+        # exact; off, and set only by the benches' fastaccum variants (`set_fast_accum`), which measure both
         self.fast_accum = False
 
     @classmethod
@@ -112,3 +112,12 @@ def quantize_linears(modules: Iterable[nn.Module]) -> int:
                     setattr(parent, name, Float8Linear.from_linear(child))
                     replaced += 1
     return replaced
+
+
+def set_fast_accum(modules: Iterable[nn.Module], on: bool) -> bool:
+    """Every `Float8Linear` inside `modules` to fast accumulation (`on`) or not; whether any changed."""
+    changed = False
+    for layer in (m for root in modules for m in root.modules() if isinstance(m, Float8Linear)):
+        changed |= layer.fast_accum != on
+        layer.fast_accum = on
+    return changed
