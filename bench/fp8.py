@@ -7,8 +7,7 @@ blocks in e4m3, weights per output row, activations per token), each eager or `:
 `max-autotune-no-cudagraphs`, which times its Triton GEMM templates against cuBLAS, on a model
 instance of its own); a variant ending `+launch` runs the FP8 attention kernel
 (`--fp8-attention triton_fp8`) with `--fp8-launch`'s options instead of its defaults, to try a
-launch at full size before it becomes the default; one ending `+fastaccum` runs the FP8 linear
-layers' products in Hopper's fast accumulation mode (`Float8Linear.fast_accum`). Per variant:
+launch at full size before it becomes the default. Per variant:
 forward median over --repeats after warm-up, peak memory, MFU against the bf16 matrix rate
 measured in this run, and the output's error against the eager bf16 forward (max |diff| / max
 |ref|, and PSNR over the output's range).
@@ -16,7 +15,6 @@ measured in this run, and the output's error against the eager bf16 forward (max
     python bench/fp8.py --config 14b --variants bf16:compile,fp8:compile --markdown docs/performance.md
     python bench/fp8.py --config 14b --fp8-attention triton_fp8 --variants bf16:compile,fp8:compile,fp8:compile+launch \
         --fp8-launch max_registers=160,block_m=128
-    python bench/fp8.py --config 14b --fp8-attention triton_fp8 --variants bf16:compile,fp8:compile,fp8:compile+fastaccum
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(WAN_CONFIGS), default="14b")
     parser.add_argument("--variants", default="bf16:compile,fp8:compile",
-                        help="comma-separated bf16|fp8[:compile|:autotune][+launch|+fastaccum]")
+                        help="comma-separated bf16|fp8[:compile|:autotune][+launch]")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--attention-backend", default="auto", help="both models' attention (e.g. fa4 where installed)")
@@ -84,7 +82,6 @@ def main() -> int:
         models[kind, autotune] = model
 
     from ditserve.kernels import fp8_attention as fp8_kernel
-    from ditserve.models.fp8 import set_fast_accum
 
     launch = _launch_options(args.fp8_launch)
     default_kernel = fp8_kernel.fp8_attention
@@ -96,7 +93,6 @@ def main() -> int:
         # the attention backend looks the kernel up at each call, and attention runs outside the compiled graphs
         fp8_kernel.fp8_attention = functools.partial(default_kernel, **launch) if extra == "launch" else default_kernel
         model = models[_model_key(variant)]
-        set_fast_accum([model], extra == "fastaccum")
         if mode and id(model) not in compiled:
             model.compile_blocks(**({"mode": "max-autotune-no-cudagraphs"} if mode == "autotune" else {}))
             compiled.add(id(model))
@@ -153,11 +149,14 @@ def main() -> int:
 def _model_key(variant: str) -> tuple[str, bool]:
     """(kind, autotuned) of a variant `kind[:mode][+extra]`: which model instance runs it; a bad kind or mode
     stops the bench here."""
-    kind, _, mode = variant.partition("+")[0].partition(":")
+    name, _, extra = variant.partition("+")
+    kind, _, mode = name.partition(":")
     if kind not in ("bf16", "fp8"):
         raise SystemExit(f"variant {variant!r}: the kind is bf16 or fp8")
     if mode not in ("", "compile", "autotune"):
         raise SystemExit(f"variant {variant!r}: the mode after ':' is compile or autotune")
+    if extra not in ("", "launch"):
+        raise SystemExit(f"variant {variant!r}: the only part after '+' is launch")
     return kind, mode == "autotune"
 
 

@@ -16,8 +16,7 @@ list it after the exact variants. Variant part `vae=bf16` turns the shared VAE t
 decode) for that variant and every later one (diffusers' too): list those last. Parts combine, with
 `compile` last: `ditserve:cache=uniform;3:vae=bf16:compile` is every lever that pays at this size.
 Variant part `attn=BACKEND` pins our DiT's attention for that variant only (e.g. `ditserve:fp8:attn=triton_fp8:compile`,
-FP8 linear layers and FP8 attention); part `fastaccum` runs the FP8 products in Hopper's fast accumulation
-mode for that variant only (`Float8Linear.fast_accum`; compiled, a 2-step warm-up first makes its graphs).
+FP8 linear layers and FP8 attention).
 Every ditserve variant's PSNR and max error against the first exact ditserve variant (`ditserve`
 or `ditserve:compile`) are reported too (the exact path on the same seed).
 
@@ -130,7 +129,6 @@ def main() -> int:
     import diffusers
 
     from ditserve.engine.step_cache import parse_step_cache
-    from ditserve.models.fp8 import set_fast_accum
     from ditserve.loading import instantiate_on_meta
     from ditserve.models.wan import WanTransformer3DModel as OurDiT
     from ditserve.pipelines.wan import WanPipeline as OurPipeline
@@ -195,14 +193,11 @@ def main() -> int:
                 ours.step_cache = parse_step_cache(cache and cache.replace(";", ":"))  # ditserve:cache=uniform;3
                 for denoiser in ours.denoisers() if attn else ():
                     denoiser.set_attention_backend(attn)
-                if set_fast_accum(ours.denoisers(), ":fastaccum" in variant) and compiled:
-                    ours.generate(**{**request, "num_inference_steps": 2}, seed=0)  # the compiled blocks' new graphs
                 result = ours.generate(**request, seed=0)
                 for denoiser in ours.denoisers() if attn else ():
                     denoiser.set_attention_backend("auto")
                 ours.step_cache = None
                 out, total, steps = result.frames, result.timings["total_s"], result.timings["per_step_s"]
-                set_fast_accum(ours.denoisers(), False)
                 decode = result.timings.get("decode_s", float("nan"))
         frames[variant] = out
         row = {

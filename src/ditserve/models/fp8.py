@@ -3,8 +3,10 @@
 A `Float8Linear` keeps `weight` as float8 e4m3 with one float32 scale per output row, and
 quantizes its input per row (token) on the fly (`kernels.fp8_rows`: one pass over each row on
 CUDA), then runs torch's scaled matrix product (`torch._scaled_mm`, row-wise scales), which
-multiplies in FP8 and accumulates in float32. Per-row scales keep an outlier in one token or one
-output channel from costing precision in the others.
+multiplies in FP8 and accumulates in float32, in Hopper's fast accumulation mode (no periodic
+promotion inside the tensor cores: faster, and after 50 steps as close to bf16 as the exact mode,
+per docs/performance.md). Per-row scales keep an outlier in one token or one output channel from
+costing precision in the others.
 
 Opt-in (`quantize="fp8"`): it trades a measured amount of quality for speed on GPUs with FP8
 tensor cores (compute capability 8.9 and newer). CPUs run it too (slowly), which is what the
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 from ditserve.kernels.fp8_rows import FP8_DTYPE, quantize_rows
 
 __all__ = ["FP8_DTYPE", "QUANTIZE_MODES", "Float8Linear", "fp8_unsupported_reason", "quantizable", "quantize_linears",
-           "quantize_rows", "set_fast_accum"]
+           "quantize_rows"]
 
 QUANTIZE_MODES = ("fp8",)
 _SIZE_MULTIPLE = 16  # the GPU's FP8 product takes inner and output sizes in multiples of 16
@@ -60,9 +62,6 @@ class Float8Linear(nn.Module):
         self.register_buffer("weight", values)  # [out, in]; `.t()` is the column-major operand _scaled_mm takes
         self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # [1, out]
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        # Hopper's fast FP8 accumulation (no periodic promotion to float32 inside the product): faster, less
-        # exact; off, and set only by the benches' fastaccum variants (`set_fast_accum`), which measure both
-        self.fast_accum = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Float8Linear:
@@ -78,7 +77,7 @@ class Float8Linear(nn.Module):
         out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
         bias = None if self.bias is None else self.bias.to(out_dtype)
         out = torch._scaled_mm(values, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=bias,
-                               out_dtype=out_dtype, use_fast_accum=self.fast_accum)
+                               out_dtype=out_dtype, use_fast_accum=True)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
@@ -113,11 +112,3 @@ def quantize_linears(modules: Iterable[nn.Module]) -> int:
                     replaced += 1
     return replaced
 
-
-def set_fast_accum(modules: Iterable[nn.Module], on: bool) -> bool:
-    """Every `Float8Linear` inside `modules` to fast accumulation (`on`) or not; whether any changed."""
-    changed = False
-    for layer in (m for root in modules for m in root.modules() if isinstance(m, Float8Linear)):
-        changed |= layer.fast_accum != on
-        layer.fast_accum = on
-    return changed
