@@ -3,9 +3,7 @@
 Random weights from the published config (bench/wan.py's `build_models`, q/k/v fused as the
 pipeline does), bf16. Variants `bf16` and `fp8` (`quantize_fp8`: every linear layer of the
 blocks in e4m3, weights per output row, activations per token), each eager or `:compile`
-(`compile_blocks`, as shipped) or `:autotune` (compiled with inductor's
-`max-autotune-no-cudagraphs`, which times its Triton GEMM templates against cuBLAS, on a model
-instance of its own); a variant ending `+launch` runs the FP8 attention kernel
+(`compile_blocks`, as shipped); a variant ending `+launch` runs the FP8 attention kernel
 (`--fp8-attention triton_fp8`) with `--fp8-launch`'s options instead of its defaults, to try a
 launch at full size before it becomes the default. Per variant:
 forward median over --repeats after warm-up, peak memory, MFU against the bf16 matrix rate
@@ -36,7 +34,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(WAN_CONFIGS), default="14b")
     parser.add_argument("--variants", default="bf16:compile,fp8:compile",
-                        help="comma-separated bf16|fp8[:compile|:autotune][+launch]")
+                        help="comma-separated bf16|fp8[:compile][+launch]")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--attention-backend", default="auto", help="both models' attention (e.g. fa4 where installed)")
@@ -50,7 +48,7 @@ def main() -> int:
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     args = parser.parse_args()
-    model_keys = {_model_key(v) for v in args.variants.split(",")}  # checks every variant before any work
+    kinds = {_kind(v) for v in args.variants.split(",")}  # checks every variant before any work
     if not torch.cuda.is_available():
         print("bench/fp8.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -71,15 +69,13 @@ def main() -> int:
     timestep = torch.tensor([999.0], device=device)
     with torch.inference_mode():
         reference = bf16(latents, timestep, text, return_dict=False)[0].float()
-    # one model per kind, and one more per kind for `autotune` (compiling is in place, in one mode)
-    models = {("bf16", False): bf16}
-    for kind, autotune in sorted(model_keys - {("bf16", False)}):
+    models = {"bf16": bf16}
+    if "fp8" in kinds:
         model, _ = build_models(cfg, device, need_diffusers=False)  # seeded: the same weights
         assert torch.equal(model.proj_out.weight, bf16.proj_out.weight)
-        if kind == "fp8":
-            model.set_attention_backend(args.fp8_attention or args.attention_backend)
-            print(f"quantized {model.quantize_fp8()} linear layers", flush=True)
-        models[kind, autotune] = model
+        model.set_attention_backend(args.fp8_attention or args.attention_backend)
+        print(f"quantized {model.quantize_fp8()} linear layers", flush=True)
+        models["fp8"] = model
 
     from ditserve.kernels import fp8_attention as fp8_kernel
 
@@ -92,9 +88,9 @@ def main() -> int:
         mode = name.partition(":")[2]
         # the attention backend looks the kernel up at each call, and attention runs outside the compiled graphs
         fp8_kernel.fp8_attention = functools.partial(default_kernel, **launch) if extra == "launch" else default_kernel
-        model = models[_model_key(variant)]
+        model = models[_kind(variant)]
         if mode and id(model) not in compiled:
-            model.compile_blocks(**({"mode": "max-autotune-no-cudagraphs"} if mode == "autotune" else {}))
+            model.compile_blocks()
             compiled.add(id(model))
         torch.cuda.reset_peak_memory_stats()
 
@@ -146,18 +142,18 @@ def main() -> int:
     return 0
 
 
-def _model_key(variant: str) -> tuple[str, bool]:
-    """(kind, autotuned) of a variant `kind[:mode][+extra]`: which model instance runs it; a bad kind or mode
-    stops the bench here."""
+def _kind(variant: str) -> str:
+    """The kind (model instance) of a variant `kind[:mode][+extra]`; a bad kind, mode or extra stops the
+    bench here, before any model is built."""
     name, _, extra = variant.partition("+")
     kind, _, mode = name.partition(":")
     if kind not in ("bf16", "fp8"):
         raise SystemExit(f"variant {variant!r}: the kind is bf16 or fp8")
-    if mode not in ("", "compile", "autotune"):
-        raise SystemExit(f"variant {variant!r}: the mode after ':' is compile or autotune")
+    if mode not in ("", "compile"):
+        raise SystemExit(f"variant {variant!r}: the only mode after ':' is compile")
     if extra not in ("", "launch"):
         raise SystemExit(f"variant {variant!r}: the only part after '+' is launch")
-    return kind, mode == "autotune"
+    return kind
 
 
 def _profile(run, variant: str) -> dict[str, float]:
