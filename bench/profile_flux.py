@@ -5,7 +5,13 @@ Random FLUX.1-dev weights (published config), 1024x1024, bf16, batch 1, both mod
 attention backend given. Prints, per model, the GPU time by kind (matrix products, attention,
 fused elementwise, other) and the top kernels, so a gap between the two shows where it is.
 
+`--packed 1024,768,512,256`: ours only, a serving batch instead. The packed forward of those sizes
+(`forward_packed`, as the batching engine runs it) against each size alone, kind by kind, so that
+what packing costs beyond the sum of its samples (the gathers that interleave text and image
+tokens, per-token modulation, the packed attention kernel) shows where it is.
+
     python bench/profile_flux.py --ours auto --theirs native
+    python bench/profile_flux.py --packed 1024,768,512,256
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from flux import build_models, forward_inputs  # noqa: E402  (bench/flux.py)
+from compile_shapes import flux_sample  # noqa: E402  (bench/compile_shapes.py)
+from flux import FLUX_DEV, build_models, forward_inputs  # noqa: E402  (bench/flux.py)
 from profile_wan import kind, time_forward  # noqa: E402  (bench/profile_wan.py)
 
 
-def breakdown(name: str, run: Callable[[], object], repeats: int, top: int) -> None:
-    """Time `run` (one forward), then profile one call: GPU time by kind and the top kernels."""
+def breakdown(name: str, run: Callable[[], object], repeats: int, top: int) -> dict[str, float]:
+    """Time `run` (one forward), then profile one call: GPU time by kind and the top kernels; returns
+    the median wall (`wall`) and each kind's GPU time, in ms."""
     median, low, high = time_forward(run, (), repeats)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
@@ -42,6 +50,29 @@ def breakdown(name: str, run: Callable[[], object], repeats: int, top: int) -> N
     print("sum of kernel time (ms):", round(sum(totals.values()) / 1e3, 1))
     for us, count, key in rows[:top]:
         print(f"{us / 1e3:8.2f} {count:6d}  {key[:140]}")
+    return {"wall": median, **{k: v / 1e3 for k, v in totals.items()}}
+
+
+def packed_against_alone(sides: list[int], backend: str, repeats: int, top: int) -> None:
+    """Our compiled packed forward of `sides` against the sum of each side alone, kind by kind."""
+    from ditserve.models.flux import FluxTransformer2DModel
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = FluxTransformer2DModel.from_config(dict(FLUX_DEV)).to(torch.bfloat16).eval()
+    model.set_attention_backend(backend)
+    model.compile_blocks()
+    samples = [flux_sample(side, device) for side in sides]
+    with torch.inference_mode():
+        packed = breakdown(f"packed {'+'.join(map(str, sides))}", lambda: model.forward_packed(samples), repeats, top)
+        print("attention choices:", sorted(set(model.attention_selector.choices.values())))
+        alone = [breakdown(f"{side} alone", lambda s=s: model.forward_packed([s]), repeats, 0)
+                 for side, s in zip(sides, samples)]
+    print("\n| kind | packed (ms) | sum alone (ms) | packed - sum |\n|---|---|---|---|")
+    for name in sorted(set(packed) | {k for a in alone for k in a}, key=lambda k: (k != "wall", -packed.get(k, 0))):
+        total = sum(a.get(name, 0.0) for a in alone)
+        print(f"| {name} | {packed.get(name, 0.0):.1f} | {total:.1f} | {packed.get(name, 0.0) - total:+.1f} |")
 
 
 def main() -> int:
@@ -51,7 +82,14 @@ def main() -> int:
     parser.add_argument("--side", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--packed", help="comma-separated sides (px) of one packed batch, e.g. 1024,768,512,256")
     args = parser.parse_args()
+    if args.packed:
+        sides = [int(side) for side in args.packed.split(",")]
+        if any(side <= 0 or side % 16 for side in sides):
+            parser.error(f"--packed takes sides in pixels, multiples of 16, got {args.packed!r}")
+        packed_against_alone(sides, args.ours, args.repeats, args.top)
+        return 0
     device = torch.device("cuda")
     ours, theirs = build_models(device)
     ours.set_attention_backend(args.ours)
