@@ -3,9 +3,9 @@
 A `Float8Linear` keeps `weight` as float8 e4m3 with one float32 scale per output row, and
 quantizes its input per row (token) on the fly (`kernels.fp8_rows`: one pass over each row on
 CUDA), then runs torch's scaled matrix product (`torch._scaled_mm`, row-wise scales), which
-multiplies in FP8 and accumulates in float32, in Hopper's fast accumulation mode (no periodic
-promotion inside the tensor cores: faster, and after 50 steps as close to bf16 as the exact mode,
-per docs/performance.md). Per-row scales keep an outlier in one token or one output channel from
+multiplies in FP8 and accumulates in the tensor cores' fast mode (`use_fast_accum`: no periodic
+promotion of the partial sums to float32; faster, and after 50 steps as close to bf16 as the
+exact mode, per docs/performance.md). Per-row scales keep an outlier in one token or one output channel from
 costing precision in the others.
 
 Opt-in (`quantize="fp8"`): it trades a measured amount of quality for speed on GPUs with FP8
