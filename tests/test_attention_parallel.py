@@ -1,9 +1,10 @@
 """Sequence-parallel attention (Ulysses, ring) in real gloo processes, 2 and 4 ranks, against float64
 maths on the whole sequence; plus the single-process pieces (splits, log-sum-exp merging, errors).
 
-The multi-process runs are few and shared: one spawn per (world size, run) executes every case
-and saves what each rank got; the tests then judge those results. Each world size runs twice, so
-that bit-identical results across runs are checked between separate process groups.
+The multi-process runs are few and shared: one spawn per world size executes every case and
+saves what each rank got; the tests then judge those results. Each spawn runs everything twice,
+each time in a process group of its own (destroyed and made anew from another store), so that
+bit-identical results across runs are checked between separate process groups.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ditserve.attention.parallel import (
 )
 
 SPAWN_TIMEOUT_S = 120
+RUNS = (0, 1)  # each world size runs every case twice, in two process groups
 LENGTHS = (7, 13, 5)  # packed samples: none divisible by 2 or 4; 5 over 4 ranks leaves rank 3 an empty chunk
 JOINT_LENGTHS = (3, 0, 4)  # a sample without joint tokens too
 
@@ -195,8 +197,14 @@ def _run_agreement(rank: int, size: int) -> dict[str, object]:
     return {"choice": agree_on_choice(f"rank{rank}"), "choices": wrapper.backends.choices, "out": out}
 
 
-def _worker(rank: int, size: int, store_path: str, out_dir: str) -> None:
+def _worker(rank: int, size: int, out_dir: str) -> None:
     torch.set_num_threads(1)  # 2 to 4 ranks on 2 cores
+    for run in RUNS:
+        _run_in_a_new_group(rank, size, os.path.join(out_dir, f"store{run}"), os.path.join(out_dir, f"rank{rank}_run{run}.pt"))
+
+
+def _run_in_a_new_group(rank: int, size: int, store_path: str, out_path: str) -> None:
+    """Every case, the errors and the agreement in a process group made for this run, saved to `out_path`."""
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{store_path}", rank=rank, world_size=size, timeout=timedelta(seconds=30)
     )
@@ -213,22 +221,23 @@ def _worker(rank: int, size: int, store_path: str, out_dir: str) -> None:
             results["cases"][case.name]["seconds"] = time.perf_counter() - start
         results["errors"] = _run_errors(rank, size)
         results["agreement"] = _run_agreement(rank, size)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(results, out_path)
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _spawn(size: int, tmp: Path) -> list[dict]:
+def _spawn(size: int, tmp: Path) -> dict[int, list[dict]]:
+    """Run number -> each rank's results, from one spawn of `size` ranks."""
     tmp.mkdir(parents=True)
-    run_ranks(_worker, size, (size, str(tmp / "store"), str(tmp)), SPAWN_TIMEOUT_S)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(size)]
+    run_ranks(_worker, size, (size, str(tmp)), SPAWN_TIMEOUT_S)
+    return {run: [torch.load(tmp / f"rank{r}_run{run}.pt", weights_only=False) for r in range(size)] for run in RUNS}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], list[dict]]:
     """(world size, run number) -> each rank's results."""
     base = tmp_path_factory.mktemp("parallel")
-    return {(size, run): _spawn(size, base / f"p{size}_run{run}") for size in (2, 4) for run in (0, 1)}
+    return {(size, run): results for size in (2, 4) for run, results in _spawn(size, base / f"p{size}").items()}
 
 
 # ---- multi-process tests --------------------------------------------------------------------------

@@ -138,18 +138,25 @@ def test_gpus_without_fp8_tensor_cores_are_refused(monkeypatch: pytest.MonkeyPat
     assert fp8_unsupported_reason(torch.device("cpu")) is None
 
 
-def test_generate_cli_takes_quantize(tmp_path: Path):
-    src = Path(__file__).resolve().parent.parent / "src"
-    env = {"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}
+def _refused_by_argparse(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """The command line's exit status must be 2 (argparse's refusal); its stderr."""
+    from ditserve import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_generate_cli_takes_quantize(tmp_path: Path, capsys: pytest.CaptureFixture):
+    from ditserve import cli
+
     out = tmp_path / "ball.png"
-    done = subprocess.run([sys.executable, "-m", "ditserve", "generate", "--prompt", "a red ball", "--num-frames", "1",
-                           "--steps", "2", "--device", "cpu", "--quantize", "fp8", "--quiet", "--output", str(out)],
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert cli.main(["generate", "--prompt", "a red ball", "--num-frames", "1", "--steps", "2", "--device", "cpu",
+                     "--quantize", "fp8", "--quiet", "--output", str(out)]) == 0
     assert out.stat().st_size > 0
-    bad = subprocess.run([sys.executable, "-m", "ditserve", "generate", "--prompt", "x", "--quantize", "int4"],
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--quantize: invalid choice: 'int4'" in bad.stderr and "fp8" in bad.stderr.splitlines()[-1]
+    err = _refused_by_argparse(["generate", "--prompt", "x", "--quantize", "int4"], capsys)
+    assert "--quantize: invalid choice: 'int4'" in err and "fp8" in err.splitlines()[-1]
 
 
 @pytest.mark.gpu
@@ -179,7 +186,7 @@ def test_eval_tiny_scores_the_quantized_model(capsys: pytest.CaptureFixture[str]
     assert ", quantize fp8" in capsys.readouterr().out
 
 
-def test_serve_takes_quantize(tmp_path: Path):
+def test_serve_takes_quantize(tmp_path: Path, capsys: pytest.CaptureFixture):
     """A real `ditserve serve --quantize fp8` on loopback completes a job; a bad value exits 2 before serving."""
     import httpx
 
@@ -202,9 +209,7 @@ def test_serve_takes_quantize(tmp_path: Path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    bad = subprocess.run([sys.executable, "-m", "ditserve", "serve", "--quantize", "int8"], env=source_env(),
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--quantize: invalid choice: 'int8'" in bad.stderr
+    assert "--quantize: invalid choice: 'int8'" in _refused_by_argparse(["serve", "--quantize", "int8"], capsys)
 
 
 def test_bad_fp8_attention_launch_options_are_refused_by_name():

@@ -167,8 +167,9 @@ def test_num_gpus_alone_splits_cfg_first_for_models_that_guide_by_default(tmp_pa
 
 def test_ditserve_generate_under_torchrun(tiny_wan_path: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture) -> None:
-    """`torchrun --nproc_per_node 2 -m ditserve generate --cfg-parallel 2`, and `ditserve generate --num-gpus 2
-    --ulysses-degree 2` (its ranks started by the command), write what one process writes."""
+    """`torchrun --nproc_per_node 2 -m ditserve generate --cfg-parallel 2` (with step caching), and `ditserve generate
+    --num-gpus 2 --ulysses-degree 2` (its ranks started by the command; compiled, and with FP8), write what one
+    process writes."""
     import subprocess
     import sys
 
@@ -176,56 +177,45 @@ def test_ditserve_generate_under_torchrun(tiny_wan_path: Path, tmp_path: Path,
 
     from ditserve import cli
 
-    flags = ["--model", str(tiny_wan_path), "--prompt", REQUEST["prompt"], "--negative-prompt", "blurry",
-             "--height", "32", "--width", "48", "--num-frames", "9", "--steps", "3", "--guidance-scale", "5",
-             "--seed", "3", "--device", "cpu", "--dtype", "fp32", "--quiet"]
-    assert cli.main(["generate", *flags, "--output", str(tmp_path / "one.png")]) == 0
-    port = free_port()
+    def frames(name: str) -> np.ndarray:
+        return np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16)
+
     env = source_env()
+    # torchrun's two CFG ranks with step caching, which decides from each request's predictions: the ranks decide
+    # alike, so they match one process (on the embedded model, whose predictions change enough that a reused
+    # step shows in the frames)
+    embedded = ["--prompt", REQUEST["prompt"], "--negative-prompt", "blurry", "--height", "32", "--width", "48",
+                "--num-frames", "9", "--guidance-scale", "5", "--seed", "3", "--device", "cpu", "--dtype", "fp32",
+                "--quiet"]
+    six = [*embedded, "--steps", "6"]
+    assert cli.main(["generate", *six, "--output", str(tmp_path / "exact6.png")]) == 0
+    assert cli.main(["generate", *six, "--cache", "0.5", "--output", str(tmp_path / "cached6.png")]) == 0
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         "-m", "ditserve", "generate", *flags, "--cfg-parallel", "2", "--output", str(tmp_path / "two.png")],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "ditserve", "generate", *six, "--cache", "0.5", "--cfg-parallel", "2",
+         "--output", str(tmp_path / "cached6x2.png")],
         env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("frame(s)") == 1  # rank 0 reports and writes; rank 1 stays quiet
-    one = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16)
-    two = np.asarray(Image.open(tmp_path / "two.png"), dtype=np.int16)
-    assert np.abs(one - two).max() <= 1  # the same frame (uint8 rounding aside)
+    assert np.abs(frames("exact6") - frames("cached6")).max() > 1  # some steps were reused
+    assert np.abs(frames("cached6") - frames("cached6x2")).max() <= 1  # the same frame (uint8 rounding aside)
+    # ranks started by the command, compiled blocks with Ulysses inside them (the parallel attention is a graph
+    # break, as attention is)
+    flags = ["--model", str(tiny_wan_path), *embedded, "--steps", "3"]
+    assert cli.main(["generate", *flags, "--output", str(tmp_path / "one.png")]) == 0
     done = subprocess.run([sys.executable, "-m", "ditserve", "generate", *flags, "--num-gpus", "2", "--ulysses-degree",
-                           "2", "--output", str(tmp_path / "three.png")], env=env, capture_output=True, text=True,
-                          timeout=180)
+                           "2", "--compile", "--output", str(tmp_path / "compiled.png")],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    three = np.asarray(Image.open(tmp_path / "three.png"), dtype=np.int16)
-    assert np.abs(one - three).max() <= 1
-    # compiled blocks with Ulysses inside them: the parallel attention is a graph break, as attention is
-    done = subprocess.run([sys.executable, "-m", "ditserve", "generate", *flags, "--num-gpus", "2", "--ulysses-degree",
-                           "2", "--compile",
-                           "--output", str(tmp_path / "compiled.png")], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    compiled = np.asarray(Image.open(tmp_path / "compiled.png"), dtype=np.int16)
-    assert np.abs(one - compiled).max() <= 1
-    # FP8 under Ulysses (on the embedded model, whose layers take FP8; the tiny test DiT's do not)
-    fp8 = [*flags[2:], "--quantize", "fp8"]  # flags without --model: the embedded model
+    assert np.abs(frames("one") - frames("compiled")).max() <= 1
+    # eager Ulysses through the same launcher, with FP8 (on the embedded model, whose layers take FP8; the tiny
+    # test DiT's do not)
+    fp8 = [*embedded, "--steps", "3", "--quantize", "fp8"]
     assert cli.main(["generate", *fp8, "--output", str(tmp_path / "fp8.png")]) == 0
     done = subprocess.run([sys.executable, "-m", "ditserve", "generate", *fp8, "--num-gpus", "2", "--ulysses-degree", "2",
                            "--output", str(tmp_path / "fp8x2.png")], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    fp8_one, fp8_two = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("fp8", "fp8x2"))
-    assert np.abs(fp8_one - fp8_two).max() <= 1
-    # step caching decides from each request's predictions: two CFG ranks decide alike, so they match one process
-    # (on the embedded model, whose predictions change enough that a reused step shows in the frames)
-    six = [*flags[2:], "--steps", "6"]  # flags without --model: the embedded model
-    assert cli.main(["generate", *six, "--output", str(tmp_path / "exact6.png")]) == 0
-    assert cli.main(["generate", *six, "--cache", "0.5", "--output", str(tmp_path / "cached6.png")]) == 0
-    done = subprocess.run([sys.executable, "-m", "ditserve", "generate", *six, "--cache", "0.5", "--num-gpus", "2",
-                           "--cfg-parallel", "2", "--output", str(tmp_path / "cached6x2.png")],
-                          env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    exact6, cached6, cached6x2 = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16)
-                                  for n in ("exact6", "cached6", "cached6x2"))
-    assert np.abs(exact6 - cached6).max() > 1  # some steps were reused
-    assert np.abs(cached6 - cached6x2).max() <= 1
+    assert np.abs(frames("fp8") - frames("fp8x2")).max() <= 1
     assert cli.main(["generate", *flags, "--num-gpus", "4", "--cfg-parallel", "3", "--output", str(tmp_path / "y.png")]) == 2
     assert "--cfg-parallel 3 x --ulysses-degree 1 x --ring-degree 1 = 3 does not divide --num-gpus 4" in \
         capsys.readouterr().err
