@@ -49,6 +49,15 @@ def flux_sample(side: int, device: torch.device):
                       txt_ids=inputs["txt_ids"], guidance=inputs["guidance"][0])
 
 
+def our_flux_dev(device: torch.device):
+    """Our FLUX.1-dev transformer alone, random weights (seed 0), bf16, on `device`."""
+    from ditserve.models.flux import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return FluxTransformer2DModel.from_config(dict(FLUX_DEV)).to(torch.bfloat16).eval()
+
+
 def first_call_s(fn) -> float:
     began = time.perf_counter()
     fn()
@@ -58,11 +67,7 @@ def first_call_s(fn) -> float:
 
 def flux_columns(device: torch.device, dynamic: bool | None, repeats: int) -> dict:
     """The FLUX.1-dev columns: dense 1024x1024 and two packs, first calls and medians."""
-    from ditserve.models.flux import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = FluxTransformer2DModel.from_config(dict(FLUX_DEV)).to(torch.bfloat16).eval()
+    model = our_flux_dev(device)
     model.compile_blocks(dynamic=dynamic)
     dense = forward_inputs(64, device)
     four = [flux_sample(side, device) for side in (1024, 768, 512, 256)]

@@ -25,8 +25,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from compile_shapes import flux_sample  # noqa: E402  (bench/compile_shapes.py)
-from flux import FLUX_DEV, build_models, forward_inputs  # noqa: E402  (bench/flux.py)
+from compile_shapes import flux_sample, our_flux_dev  # noqa: E402  (bench/compile_shapes.py)
+from flux import build_models, forward_inputs  # noqa: E402  (bench/flux.py)
 from profile_wan import kind, time_forward  # noqa: E402  (bench/profile_wan.py)
 
 
@@ -55,12 +55,8 @@ def breakdown(name: str, run: Callable[[], object], repeats: int, top: int) -> d
 
 def packed_against_alone(sides: list[int], backend: str, repeats: int, top: int) -> None:
     """Our compiled packed forward of `sides` against the sum of each side alone, kind by kind."""
-    from ditserve.models.flux import FluxTransformer2DModel
-
     device = torch.device("cuda")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = FluxTransformer2DModel.from_config(dict(FLUX_DEV)).to(torch.bfloat16).eval()
+    model = our_flux_dev(device)
     model.set_attention_backend(backend)
     model.compile_blocks()
     samples = [flux_sample(side, device) for side in sides]

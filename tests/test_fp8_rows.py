@@ -42,7 +42,6 @@ def test_the_ffn_of_an_fp8_model_quantizes_the_gelu_it_would_have_applied():
         assert ((ffn(x) - exact).norm() / exact.norm()).item() < 0.1  # two layers, each to e4m3 precision
 
 
-
 def test_the_op_traces_whole_under_compile():
     """The custom op's fake (shapes and dtypes for tracing) agrees with what it computes: a compiled FP8 FFN
     is one graph and gives the eager output."""
@@ -123,4 +122,3 @@ def test_gpu_compiled_fp8_ffn_matches_eager():
         eager = ffn(x)
         compiled = torch.compile(ffn, fullgraph=True)(x)
     assert torch.equal(eager, compiled)
-

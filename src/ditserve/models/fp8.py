@@ -5,8 +5,8 @@ quantizes its input per row (token) on the fly (`kernels.fp8_rows`: one pass ove
 CUDA), then runs torch's scaled matrix product (`torch._scaled_mm`, row-wise scales), which
 multiplies in FP8 and accumulates in the tensor cores' fast mode (`use_fast_accum`: no periodic
 promotion of the partial sums to float32; faster, and after 50 steps as close to bf16 as the
-exact mode, per docs/performance.md). Per-row scales keep an outlier in one token or one output channel from
-costing precision in the others.
+exact mode, per docs/performance.md). Per-row scales keep an outlier in one token or one output
+channel from costing precision in the others.
 
 Opt-in (`quantize="fp8"`): it trades a measured amount of quality for speed on GPUs with FP8
 tensor cores (compute capability 8.9 and newer). CPUs run it too (slowly), which is what the
@@ -111,4 +111,3 @@ def quantize_linears(modules: Iterable[nn.Module]) -> int:
                     setattr(parent, name, Float8Linear.from_linear(child))
                     replaced += 1
     return replaced
-
