@@ -17,7 +17,9 @@ tokens, per-token modulation, the packed attention kernel) shows where it is.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -30,9 +32,9 @@ from flux import build_models, forward_inputs  # noqa: E402  (bench/flux.py)
 from profile_wan import kind, time_forward  # noqa: E402  (bench/profile_wan.py)
 
 
-def breakdown(name: str, run: Callable[[], object], repeats: int, top: int) -> dict[str, float]:
+def breakdown(name: str, run: Callable[[], object], repeats: int, top: int, gaps: bool = True) -> dict[str, float]:
     """Time `run` (one forward), then profile one call: GPU time by kind and the top kernels; returns
-    the median wall (`wall`) and each kind's GPU time, in ms."""
+    the median wall (`wall`) and each kind's GPU time, in ms. `gaps`: also `host_side`."""
     median, low, high = time_forward(run, (), repeats)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
@@ -50,7 +52,44 @@ def breakdown(name: str, run: Callable[[], object], repeats: int, top: int) -> d
     print("sum of kernel time (ms):", round(sum(totals.values()) / 1e3, 1))
     for us, count, key in rows[:top]:
         print(f"{us / 1e3:8.2f} {count:6d}  {key[:140]}")
+    if gaps:
+        host_side(run)
     return {"wall": median, **{k: v / 1e3 for k, v in totals.items()}}
+
+
+_SYNCING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
+
+
+def host_side(run: Callable[[], object], repeats: int = 5) -> None:
+    """Why the GPU waits: the host's time to enqueue one forward against its wall time (enqueue
+    close to wall = the host holds the GPU back, or a sync inside), then one profile with host
+    activity: the calls that can block the host, and the GPU's idle gaps by the kernel that ends them."""
+    enqueue, wall = [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        queued = time.perf_counter()
+        torch.cuda.synchronize()
+        enqueue.append((queued - start) * 1e3)
+        wall.append((time.perf_counter() - start) * 1e3)
+    print(f"host: enqueue {statistics.median(enqueue):.1f} ms of wall {statistics.median(wall):.1f} ms")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    for e in prof.key_averages():
+        if e.key in _SYNCING:
+            print(f"  {e.key}: {e.count} calls, {e.cpu_time_total / 1e3:.2f} ms host")
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    idle: dict[str, list[float]] = defaultdict(list)
+    for (_, end, _), (start, _, name) in zip(kernels, kernels[1:]):
+        if start - end > 10:  # us; back-to-back kernels are ~2-5 us apart
+            idle[name[:90]].append(start - end)
+    total = sum(sum(v) for v in idle.values())
+    print(f"  GPU idle > 10 us between kernels: {total / 1e3:.1f} ms in {sum(map(len, idle.values()))} gaps; by the kernel after:")
+    for name, waits in sorted(idle.items(), key=lambda kv: -sum(kv[1]))[:8]:
+        print(f"  {sum(waits) / 1e3:7.2f} ms {len(waits):5d} gaps  {name}")
 
 
 def packed_against_alone(sides: list[int], backend: str, repeats: int, top: int) -> None:

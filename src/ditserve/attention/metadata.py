@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ditserve.transfer import to_device
+
 __all__ = ["AttentionMetadata"]
 
 
@@ -45,7 +47,7 @@ def _cu_from_lengths(lengths: Sequence[int], device: torch.device | str | None) 
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=torch.int32, device=device)
+    return to_device(torch.tensor(cu, dtype=torch.int32), device)
 
 
 @dataclass(eq=False)

@@ -62,6 +62,7 @@ from ditserve.attention.parallel import (
 from ditserve.engine.errors import StepInterrupted
 from ditserve.models.common import DiTModel
 from ditserve.models.wan import MLP, timestep_embedding
+from ditserve.transfer import to_device
 
 __all__ = ["Cosmos3OmniTransformer", "Cosmos3Output", "Cosmos3Sample", "Cosmos3TransformerConfig", "TextKV",
            "mrope_cos_sin", "text_position_ids", "vision_position_ids"]
@@ -402,7 +403,7 @@ class KVLayout:
             start += text + vision
         kv_lens = [t + v for t, v in zip(text_lens, vision_lens)]
         return cls(AttentionMetadata.from_lengths(vision_lens, kv_lens, device=device),
-                   torch.cat(text_slots).to(device), torch.cat(vision_slots).to(device), start)
+                   to_device(torch.cat(text_slots), device), to_device(torch.cat(vision_slots), device), start)
 
     def join(self, text: Tensor, vision: Tensor) -> Tensor:
         """Text `[B, L, Hkv, D]` / `[sum L, Hkv, D]` and vision K or V -> the keys attention reads."""
@@ -731,7 +732,7 @@ class Cosmos3OmniTransformer(DiTModel):
 
         vision_lens = [s.positions.shape[1] for s in samples]
         rows = torch.repeat_interleave(torch.arange(len(samples), device=device),
-                                       torch.tensor(vision_lens, device=device), output_size=sum(vision_lens))
+                                       to_device(torch.tensor(vision_lens), device), output_size=sum(vision_lens))
         x = self.proj_in(torch.cat([self._patchify(s.latents.to(device, dtype)) for s in samples]))
         x = x + temb[rows]
         rotary = self._rotary(torch.cat([s.positions.to(device) for s in samples], dim=1), x.dtype)

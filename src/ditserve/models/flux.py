@@ -59,6 +59,7 @@ from ditserve.attention.parallel import (
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import rotate_pairs
 from ditserve.models.common import DiTModel
+from ditserve.transfer import to_device
 from ditserve.models.wan import MLP, FeedForward, linear_gelu_tanh, timestep_embedding
 
 __all__ = ["FluxSample", "FluxTransformer2DModel", "FluxTransformerConfig", "FluxTransformerOutput", "TokenLayout",
@@ -213,8 +214,8 @@ class TokenLayout:
         joint_lens = [t + i for t, i in zip(txt_lens, img_lens)]
         return cls(
             metadata=AttentionMetadata.from_lengths(joint_lens, device=device),
-            order=order.to(device),
-            inverse=inverse.to(device),
+            order=to_device(order, device),
+            inverse=to_device(inverse, device),
             txt_rows=_sample_rows(txt_lens, device),
             img_rows=_sample_rows(img_lens, device),
             joint_rows=_sample_rows(joint_lens, device),
@@ -244,7 +245,7 @@ class TokenLayout:
 def _sample_rows(lens: Sequence[int], device: torch.device) -> Tensor:
     """Each token's sample `[1, sum(lens)]` for samples of `lens` tokens one after another."""
     lens = list(lens)
-    return torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens), output_size=sum(lens))[None].to(device)
+    return to_device(torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens), output_size=sum(lens))[None], device)
 
 
 def _per_token(values: Tensor, rows: Tensor | None) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from ditserve.attention.backends import AttentionBackend, AttentionBackendError, describe_call
 from ditserve.attention.metadata import AttentionMetadata
+from ditserve.transfer import to_device
 
 __all__ = ["BlockPlan", "PartialSum", "attend_block", "dense_block_plan", "merge_partials", "packed_block_plan"]
 
@@ -62,8 +63,8 @@ def packed_block_plan(
     take = [i for i in range(n) if not (q_lens[i] > 0 and kv_valid[i] == 0)]
     if not any(q_lens[i] for i in take):
         return BlockPlan(empty=True)
-    q_rows = None if len(take) == n else _rows(_offsets(q_lens), q_lens, take).to(device)
-    kv_rows = None if tuple(kv_valid) == tuple(kv_layout) else _rows(_offsets(kv_layout), kv_valid, take).to(device)
+    q_rows = None if len(take) == n else to_device(_rows(_offsets(q_lens), q_lens, take), device)
+    kv_rows = None if tuple(kv_valid) == tuple(kv_layout) else to_device(_rows(_offsets(kv_layout), kv_valid, take), device)
     metadata = AttentionMetadata.from_lengths([q_lens[i] for i in take], [kv_valid[i] for i in take], device)
     return BlockPlan(metadata=metadata, q_rows=q_rows, kv_rows=kv_rows)
 
