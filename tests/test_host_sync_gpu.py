@@ -19,9 +19,11 @@ import torch
 import ditserve
 from ditserve.engine.step import advance
 from ditserve.models import WanTransformer3DModel
+from ditserve.models.cosmos3 import Cosmos3OmniTransformer, Cosmos3Sample, vision_position_ids
 from ditserve.models.flux import FluxSample, FluxTransformer2DModel
 
 from helpers.checkpoints import build_tiny_flux_pipeline, build_tiny_flux_transformer
+from helpers.cosmos3_checkpoints import build_tiny_cosmos3_transformer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -89,6 +91,22 @@ def test_wan_packed_forward_never_syncs() -> None:
         with syncs_are_errors():
             out = model.forward_packed(latents, steps, texts)
     assert [tuple(o.shape) for o in out] == [(16, 3, 8, 12), (16, 1, 16, 16)]
+
+
+def test_cosmos3_packed_forward_never_syncs() -> None:
+    ref = build_tiny_cosmos3_transformer(300, seed=0, backbone="nano")
+    model = Cosmos3OmniTransformer.from_config(dict(ref.config)).to("cuda", torch.bfloat16).eval()
+    g = torch.Generator("cuda").manual_seed(0)
+    with torch.inference_mode():
+        texts = model.encode_text([torch.randint(0, 300, (n,), device="cuda", generator=g) for n in (7, 11)])
+        samples = [Cosmos3Sample(torch.randn(48, *grid, device="cuda", generator=g), torch.tensor(500.0, device="cuda"),
+                                 text, vision_position_ids(tuple(-(-d // 2) if i else d for i, d in enumerate(grid)),
+                                                           text.length, 24.0, model.config, 4).to("cuda"))
+                   for grid, text in zip([(2, 3, 5), (1, 4, 4)], texts)]
+        model.forward_packed(samples)
+        with syncs_are_errors():
+            out = model.forward_packed(samples)
+    assert [tuple(o.shape) for o in out] == [(48, 2, 3, 5), (48, 1, 4, 4)]
 
 
 def test_a_flux_engine_step_of_two_sizes_never_syncs(tmp_path: Path) -> None:

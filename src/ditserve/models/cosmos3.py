@@ -237,8 +237,8 @@ def mrope_cos_sin(positions: Tensor, head_dim: int, theta: float, axes_dim: Sequ
     in float32 (one rounding, as its K=1 matmul); cos/sin taken in float32, then rounded.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    axis = _mrope_axes(head_dim, axes_dim).to(positions.device)
-    angles = positions.float()[axis].transpose(0, 1) * inv_freq.to(positions.device)  # [N, D/2]
+    axis = to_device(_mrope_axes(head_dim, axes_dim), positions.device)
+    angles = positions.float()[axis].transpose(0, 1) * to_device(inv_freq, positions.device)  # [N, D/2]
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
