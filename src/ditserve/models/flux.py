@@ -59,8 +59,8 @@ from ditserve.attention.parallel import (
 from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import rotate_pairs
 from ditserve.models.common import DiTModel
-from ditserve.transfer import to_device
 from ditserve.models.wan import MLP, FeedForward, linear_gelu_tanh, timestep_embedding
+from ditserve.transfer import to_device
 
 __all__ = ["FluxSample", "FluxTransformer2DModel", "FluxTransformerConfig", "FluxTransformerOutput", "TokenLayout",
            "flux_rotary_cos_sin"]
