@@ -457,6 +457,7 @@ def test_varlen_refuses_cuda_head_dims_its_kernel_cannot_take():
     [
         pytest.param([1, 7, 64, 33], [5, 12, 3, 40], 4, 4, id="cross-ragged"),
         pytest.param([9, 0, 20], [9, 4, 20], 6, 2, id="gqa-with-empty-sample"),
+        pytest.param([6, 6, 3, 6, 6, 6], [6, 6, 3, 9, 6, 6], 4, 2, id="runs-of-equal-lengths"),
     ],
 )
 @pytest.mark.parametrize("causal", [False, True])
@@ -478,6 +479,31 @@ def test_per_sample_backend_runs_a_dense_kernel_per_sample(dense, q_lens, k_lens
         _, ref_lse = ReferenceBackend().forward(q, k, v, md, scale, return_lse=True)
         seen = ref_lse.isfinite()
         assert _rel(out, ref) <= 1e-12 and torch.allclose(lse[seen].double(), ref_lse[seen].double(), atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_per_sample_runs_adjacent_samples_of_one_length_as_one_batched_call(causal):
+    """Adjacent samples with equal query and key lengths reach the dense kernel as one `[B, n, H, D]`
+    call (a pack of many small images fills the GPU); samples of other lengths, and equal ones that
+    are not adjacent, each their own; the result is each sample's attention, output and log-sum-exp."""
+    from ditserve.attention.backends.per_sample import per_sample
+
+    q_lens, k_lens = [6, 6, 3, 6, 6, 6, 0], [6, 6, 3, 9, 6, 6, 2]
+    d, scale = 16, 16**-0.5
+    q, k, v = _rand(sum(q_lens), 4, d), _rand(sum(k_lens), 2, d), _rand(sum(k_lens), 2, d)
+    md = AttentionMetadata.from_lengths(q_lens, k_lens, causal=causal).filled(q, k)
+    calls = []
+
+    def attend(qs, ks, vs):
+        calls.append((qs.shape[0], qs.shape[1], ks.shape[1]))
+        return dense_attention_math(qs, ks, vs, scale, causal, return_lse=True)
+
+    out, lse = per_sample(attend, q, k, v, md, return_lse=True)
+    assert calls == [(2, 6, 6), (1, 3, 3), (1, 6, 9), (2, 6, 6)]  # the empty sample runs nothing
+    assert _rel(out, _math_packed(q, k, v, q_lens, k_lens, scale, causal)) <= 1e-12
+    _, ref_lse = ReferenceBackend().forward(q, k, v, md, scale, return_lse=True)
+    seen = ref_lse.isfinite()
+    assert torch.equal(seen, lse.isfinite()) and torch.allclose(lse[seen].double(), ref_lse[seen].double(), atol=1e-12)
 
 
 def test_per_sample_backend_refuses_what_its_dense_kernel_refuses():

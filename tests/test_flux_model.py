@@ -3,6 +3,7 @@ Flux pipeline folder builder."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from helpers.checkpoints import (  # noqa: E402
 
 from ditserve.engine.errors import StepInterrupted  # noqa: E402
 from ditserve.loading import load_component  # noqa: E402
-from ditserve.models.flux import FluxSample, FluxTransformer2DModel  # noqa: E402
+from ditserve.models.flux import FluxSample, FluxTransformer2DModel, TokenLayout  # noqa: E402
 
 TOL = 1e-5
 TINY = build_tiny_flux_transformer_config()
@@ -144,8 +145,50 @@ def test_sample_output_independent_of_pack(ours):
     a, b = three_samples(ours)[:2]
     same_shape = make_sample(3, 4, 5, 0.2, guidance_for(ours, 2.0), seed=9)  # a's shapes and ids: stacked dense
     alone = ours.forward_packed([a])[0]
-    for pack, index in (([a, b], 0), ([b, a], 1), ([a, same_shape], 0), ([b, same_shape, a], 2)):
+    for pack, index in (([a, b], 0), ([b, a], 1), ([a, same_shape], 0), ([b, same_shape, a], 2), ([a, b, same_shape], 0)):
         assert rel_err(ours.forward_packed(pack)[index], alone) <= TOL
+
+
+def test_packed_layout_puts_samples_of_one_length_side_by_side():
+    """The joint sequence holds the samples shortest first (equal lengths adjacent, in batch order), so
+    per-sample attention runs each length once; rows still name each token's sample in the batch, and
+    split undoes join."""
+    txt_lens, img_lens = [5, 7, 5, 3], [12, 4, 12, 4]  # joint lengths 17, 11, 17, 7
+    layout = TokenLayout.packed(txt_lens, img_lens, torch.device("cpu"))
+    assert layout.metadata.seq_lens_q == (7, 11, 17, 17)
+    assert layout.joint_rows[0].tolist() == [3] * 7 + [1] * 11 + [0] * 17 + [2] * 17
+    assert layout.txt_rows[0].tolist() == [0] * 5 + [1] * 7 + [2] * 5 + [3] * 3
+    assert layout.img_rows[0].tolist() == [0] * 12 + [1] * 4 + [2] * 12 + [3] * 4
+    txt = torch.arange(sum(txt_lens)).float()[None, :, None]
+    img = 100 + torch.arange(sum(img_lens)).float()[None, :, None]
+    joint = layout.join(txt, img)
+    assert joint[0, :7, 0].tolist() == [17, 18, 19, 128, 129, 130, 131]  # sample 3: its text, then its image
+    assert all(torch.equal(x, y) for x, y in zip(layout.split(joint, txt.shape[1]), (txt, img)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["sdpa_cudnn_per_sample", "varlen"])
+@torch.no_grad()
+def test_gpu_packed_samples_of_one_size_match_each_alone(ref_model, backend):
+    """bf16 on a GPU, a pack that interleaves two sizes (each size twice): the joint sequence groups
+    them, so cuDNN per sample runs one batched call a size; each output is what the sample gets alone
+    (dense, through cuDNN)."""
+    model = ours_from(ref_model, backend).to("cuda", torch.bfloat16)
+
+    def on_gpu(s: FluxSample) -> FluxSample:
+        return dataclasses.replace(
+            s, latents=s.latents.to("cuda", torch.bfloat16), text=s.text.to("cuda", torch.bfloat16),
+            pooled=s.pooled.to("cuda", torch.bfloat16), timestep=s.timestep.cuda(), img_ids=s.img_ids.cuda(),
+            txt_ids=s.txt_ids.cuda(), guidance=None if s.guidance is None else s.guidance.cuda())
+
+    g = guidance_for(model, 3.5)
+    samples = [on_gpu(make_sample(h, w, n, t, g, seed)) for h, w, n, t, seed in
+               ((3, 4, 5, 0.9, 21), (2, 2, 7, 0.4, 22), (3, 4, 5, 0.3, 23), (2, 2, 7, 0.6, 24))]
+    packed = model.forward_packed(samples)
+    model.set_attention_backend("sdpa_cudnn")
+    for s, out in zip(samples, packed):
+        assert rel_err(out.float(), model.forward_packed([s])[0].float()) <= 3e-2  # bf16 rounding; a wrong layout is ~1
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ output head and every rank returns the whole prediction.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -183,7 +184,9 @@ class TokenLayout:
     Dense (every field None): the joint sequence is `cat([txt, img], dim=1)` and modulation
     rows broadcast per sample. Packed: `order[j]` is the index in `cat([txt, img], dim=1)` of
     joint token j (each sample's text then its image tokens, so its tokens are contiguous for
-    cu_seqlens), `inverse` undoes it, and `*_rows` give each token's sample (`[1, tokens]`).
+    cu_seqlens; the samples shortest first, so that samples of one length sit side by side and
+    per-sample attention runs them as one batched call), `inverse` undoes it, and `*_rows` give
+    each token's sample (`[1, tokens]`, the sample's index in the batch).
 
     Sequence parallel (`sequence_split` set, see `parallel`): the joint sequence is
     `cat([whole text, this rank's image slice], dim=1)` in both layouts, never reordered, the
@@ -201,24 +204,24 @@ class TokenLayout:
 
     @classmethod
     def packed(cls, txt_lens: Sequence[int], img_lens: Sequence[int], device: torch.device) -> TokenLayout:
-        """The layout of samples with these text and image token counts, one after another."""
-        total_txt = sum(txt_lens)
-        pieces, txt_start, img_start = [], 0, total_txt
-        for txt_len, img_len in zip(txt_lens, img_lens):
-            pieces += [torch.arange(txt_start, txt_start + txt_len), torch.arange(img_start, img_start + img_len)]
-            txt_start += txt_len
-            img_start += img_len
-        order = torch.cat(pieces)
+        """The layout of samples with these text and image token counts (the streams hold them in
+        this order; the joint sequence shortest first)."""
+        txt_starts = list(itertools.accumulate(txt_lens, initial=0))
+        img_starts = list(itertools.accumulate(img_lens, initial=txt_starts[-1]))
+        joint_lens = [t + i for t, i in zip(txt_lens, img_lens)]
+        by_length = sorted(range(len(joint_lens)), key=joint_lens.__getitem__)  # stable: equal lengths keep their order
+        order = torch.cat([piece for s in by_length for piece in (
+            torch.arange(txt_starts[s], txt_starts[s] + txt_lens[s]), torch.arange(img_starts[s], img_starts[s] + img_lens[s]))])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel())
-        joint_lens = [t + i for t, i in zip(txt_lens, img_lens)]
+        lens = [joint_lens[s] for s in by_length]
         return cls(
-            metadata=AttentionMetadata.from_lengths(joint_lens, device=device),
+            metadata=AttentionMetadata.from_lengths(lens, device=device),
             order=to_device(order, device),
             inverse=to_device(inverse, device),
             txt_rows=_sample_rows(txt_lens, device),
             img_rows=_sample_rows(img_lens, device),
-            joint_rows=_sample_rows(joint_lens, device),
+            joint_rows=_sample_rows(lens, device, by_length),
         )
 
     @classmethod
@@ -242,10 +245,12 @@ class TokenLayout:
         return joint[:, :text_tokens], joint[:, text_tokens:]
 
 
-def _sample_rows(lens: Sequence[int], device: torch.device) -> Tensor:
-    """Each token's sample `[1, sum(lens)]` for samples of `lens` tokens one after another."""
+def _sample_rows(lens: Sequence[int], device: torch.device, samples: Sequence[int] | None = None) -> Tensor:
+    """Each token's sample `[1, sum(lens)]` for samples of `lens` tokens one after another; `samples`:
+    their indices (default 0, 1, ...)."""
     lens = list(lens)
-    return to_device(torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens), output_size=sum(lens))[None], device)
+    ids = torch.arange(len(lens)) if samples is None else torch.tensor(list(samples))
+    return to_device(torch.repeat_interleave(ids, torch.tensor(lens), output_size=sum(lens))[None], device)
 
 
 def _per_token(values: Tensor, rows: Tensor | None) -> Tensor:
@@ -758,14 +763,14 @@ class FluxTransformer2DModel(DiTModel):
         img, txt, temb = self._embed(torch.cat([s.latents for s in samples])[None],
                                      torch.cat([s.text for s in samples])[None], timestep, guidance, pooled)
         split = self._sequence_split(img_lens, txt_lens)
+        # position ids in the order of cat([txt, img]): all the text (sample by sample), then all the image tokens
+        ids = torch.cat([s.txt_ids for s in samples] + [s.img_ids for s in samples]).to(img.device)
         if split is None:
             layout = TokenLayout.packed(txt_lens, img_lens, dev)
-            ids = torch.cat([ids for s in samples for ids in (s.txt_ids, s.img_ids)]).to(img.device)
-            rotary = flux_rotary_cos_sin(ids, self.config.axes_dims_rope)
+            rotary = flux_rotary_cos_sin(ids[layout.order], self.config.axes_dims_rope)  # in the joint order
             img = self._blocks(img, txt, temb, rotary, layout, interrupt)
             img_rows = layout.img_rows
-        else:  # all the text (sample by sample), then all the image tokens: the order of cat([txt, img])
-            ids = torch.cat([s.txt_ids for s in samples] + [s.img_ids for s in samples]).to(img.device)
+        else:  # the sequence split keeps the order of cat([txt, img])
             rotary = flux_rotary_cos_sin(ids, self.config.axes_dims_rope)
             img_rows = _sample_rows(img_lens, img.device)
             img = self._split_blocks(split, img, txt, temb, rotary, _sample_rows(txt_lens, img.device), img_rows,

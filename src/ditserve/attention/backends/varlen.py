@@ -92,7 +92,7 @@ class VarlenBackend(AttentionBackend):
 
     @staticmethod
     def _per_segment(query, key, value, metadata, scale):
-        def attend(q, k, v):  # one sample, [1, n, heads, dim]
+        def attend(q, k, v):  # samples of one length, [B, n, heads, dim]
             group = q.shape[2] // k.shape[2]
             q = q.transpose(1, 2)
             k, v = (x.transpose(1, 2).repeat_interleave(group, dim=1) for x in (k, v))
