@@ -48,6 +48,10 @@ SHAPES = [
     Shape("head_dim 64 (B1 H16 S4096 D64)", 16, 64, (4096,)),
     Shape("cross-attention (H12 Sq32760 Sk512 D128)", 12, 128, (32760,), (512,)),
     Shape("packed 8000+6000+4000+2000 (H12 D128)", 12, 128, (8000, 6000, 4000, 2000), packed=True),
+    # a FLUX serving step of 8 256x256 and 7 512x512 images (512 text tokens each): sizes interleaved, and
+    # grouped as FLUX's packed layout orders them (per-sample attention: 15 calls, or one per size)
+    Shape("FLUX pack 8x(256^2) + 7x(512^2) interleaved (H24 D128)", 24, 128, (768, 1536) * 7 + (768,), packed=True),
+    Shape("FLUX pack 8x(256^2) + 7x(512^2) grouped (H24 D128)", 24, 128, (768,) * 8 + (1536,) * 7, packed=True),
 ]
 
 
