@@ -168,6 +168,6 @@ def test_fp8_attention_against_float32_math(case, fp8_pv):
         assert torch.equal(fp8_attention(q, k, v, d**-0.5, fp8_pv=fp8_pv, **options), out), options
     if fp8_pv:
         assert torch.equal(Attention("triton_fp8")(q, k, v), out)  # the pinned backend is this kernel
-        md = AttentionMetadata.from_lengths([sq] * b, [sk] * b, "cuda")  # packed: one kernel call per sample
+        md = AttentionMetadata.from_lengths([sq] * b, [sk] * b, "cuda")  # packed, equal lengths: one batched call
         packed = Attention("triton_fp8")(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), md)
         assert torch.equal(packed, out.flatten(0, 1))
