@@ -62,7 +62,7 @@ from ditserve.attention.parallel import (
 from ditserve.engine.errors import StepInterrupted
 from ditserve.models.common import DiTModel
 from ditserve.models.wan import MLP, timestep_embedding
-from ditserve.transfer import to_device
+from ditserve.transfer import to_device, token_samples
 
 __all__ = ["Cosmos3OmniTransformer", "Cosmos3Output", "Cosmos3Sample", "Cosmos3TransformerConfig", "TextKV",
            "mrope_cos_sin", "text_position_ids", "vision_position_ids"]
@@ -731,8 +731,7 @@ class Cosmos3OmniTransformer(DiTModel):
             return [self._unpatchify(o, s.latents.shape) for o, s in zip(out, samples)]
 
         vision_lens = [s.positions.shape[1] for s in samples]
-        rows = torch.repeat_interleave(torch.arange(len(samples), device=device),
-                                       to_device(torch.tensor(vision_lens), device), output_size=sum(vision_lens))
+        rows = token_samples(vision_lens, device)
         x = self.proj_in(torch.cat([self._patchify(s.latents.to(device, dtype)) for s in samples]))
         x = x + temb[rows]
         rotary = self._rotary(torch.cat([s.positions.to(device) for s in samples], dim=1), x.dtype)

@@ -61,7 +61,7 @@ from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import rotate_pairs
 from ditserve.models.common import DiTModel
 from ditserve.models.wan import MLP, FeedForward, linear_gelu_tanh, timestep_embedding
-from ditserve.transfer import to_device
+from ditserve.transfer import to_device, token_samples
 
 __all__ = ["FluxSample", "FluxTransformer2DModel", "FluxTransformerConfig", "FluxTransformerOutput", "TokenLayout",
            "flux_rotary_cos_sin"]
@@ -219,9 +219,9 @@ class TokenLayout:
             metadata=AttentionMetadata.from_lengths(lens, device=device),
             order=to_device(order, device),
             inverse=to_device(inverse, device),
-            txt_rows=_sample_rows(txt_lens, device),
-            img_rows=_sample_rows(img_lens, device),
-            joint_rows=_sample_rows(lens, device, by_length),
+            txt_rows=token_samples(txt_lens, device)[None],
+            img_rows=token_samples(img_lens, device)[None],
+            joint_rows=token_samples(lens, device, by_length)[None],
         )
 
     @classmethod
@@ -243,14 +243,6 @@ class TokenLayout:
         if self.inverse is not None:
             joint = joint[:, self.inverse]
         return joint[:, :text_tokens], joint[:, text_tokens:]
-
-
-def _sample_rows(lens: Sequence[int], device: torch.device, samples: Sequence[int] | None = None) -> Tensor:
-    """Each token's sample `[1, sum(lens)]` for samples of `lens` tokens one after another; `samples`:
-    their indices (default 0, 1, ...)."""
-    lens = list(lens)
-    ids = torch.arange(len(lens)) if samples is None else torch.tensor(list(samples))
-    return to_device(torch.repeat_interleave(ids, torch.tensor(lens), output_size=sum(lens))[None], device)
 
 
 def _per_token(values: Tensor, rows: Tensor | None) -> Tensor:
@@ -772,7 +764,7 @@ class FluxTransformer2DModel(DiTModel):
             img_rows = layout.img_rows
         else:  # the sequence split keeps the order of cat([txt, img])
             rotary = flux_rotary_cos_sin(ids, self.config.axes_dims_rope)
-            img_rows = _sample_rows(img_lens, img.device)
-            img = self._split_blocks(split, img, txt, temb, rotary, _sample_rows(txt_lens, img.device), img_rows,
+            img_rows = token_samples(img_lens, img.device)[None]
+            img = self._split_blocks(split, img, txt, temb, rotary, token_samples(txt_lens, img.device)[None], img_rows,
                                      interrupt)
         return list(self._head(img, temb, img_rows)[0].split(img_lens))

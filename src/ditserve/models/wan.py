@@ -48,7 +48,7 @@ from ditserve.engine.errors import StepInterrupted
 from ditserve.kernels.qk_norm_rotary import qk_rms_norm_rotary
 from ditserve.models.common import DiTModel
 from ditserve.models.fp8 import Float8Linear, quantizable
-from ditserve.transfer import to_device
+from ditserve.transfer import token_samples
 
 __all__ = ["WanTransformer3DModel", "WanTransformerConfig", "WanTransformerOutput"]
 
@@ -763,9 +763,7 @@ class WanTransformer3DModel(DiTModel):
         cross_metadata = AttentionMetadata.from_lengths(counts, text_lens, device=device)
         if per_token is None:  # one row per sample: token -> its sample
             table = timesteps
-            rows = torch.repeat_interleave(
-                torch.arange(n, device=device), to_device(torch.tensor(counts), device), output_size=sum(counts)
-            )
+            rows = token_samples(counts, device)
         else:  # a table of the distinct timesteps of all tokens
             table, rows = _timestep_table(torch.cat(per_token))
 
